@@ -1,0 +1,1 @@
+"""Triton kernels for the LoRA-Pre and LoRA-Pro optimizer steps (importable as ``lit_lowrank.kernels``)."""
