@@ -41,7 +41,8 @@ class LoRAConfig:
         r: rank of each adapter pair.
         alpha: scale numerator; the update is ``alpha / r * B @ A`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: dropout on the adapter input (not applied to ``nn.MultiheadAttention`` adapters).
-        target_modules: ``"all-linear"``, a list of name suffixes, or a regex over full module names.
+        target_modules: ``"all-linear"``, a list of name suffixes, or a regex over full module names
+            (``"default"``: the backbone's default targets, resolved by the lit_lowrank tasks).
         exclude_modules: names to leave alone, same forms as ``target_modules``.
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init: a name registered in :data:`lit_lowrank.adapters.inits.LORA_INITS` ("default", "gaussian", ...).
@@ -167,6 +168,9 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> List[_Target]:
     """The layers ``config`` adapts in ``model``; raises with the candidate names when nothing matches."""
     candidates = adaptable_layers(model)
     spec = config.target_modules
+    if spec == "default":
+        raise ValueError("target_modules='default' means the backbone's default targets and is resolved by the "
+                         "lit_lowrank tasks. HINT: with inject_lora, pass backbone.lora_targets or explicit names.")
     if spec == "all-linear":
         heads = head_module_names(model)
         chosen = [t for t in candidates if not _is_under(t.name, heads)]

@@ -1,0 +1,115 @@
+"""What every task shares: the backbone, optional adapters, injected optimizer/scheduler, FSDP2 sharding."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lit_lowrank.adapters import LoRAConfig, inject_lora
+from lit_lowrank.backbones import Backbone
+from lit_lowrank.optim.factory import build_optimizer
+
+#: ``LoRAConfig(target_modules="default")`` in a task means: the backbone's own default targets.
+DEFAULT_TARGETS = "default"
+
+
+class LowRankTask(L.LightningModule):
+    """Base class of the tasks: ``backbone -> adapters -> task -> optimizer``, each swappable from YAML.
+
+    Args:
+        backbone: the model and its companions, e.g. from :func:`lit_lowrank.backbones.transformers_backbone`.
+        lora: adapters to inject; ``None`` trains the whole backbone (full fine-tuning or pre-training).
+            ``target_modules: default`` picks the backbone's usual targets.
+        optimizer: optimizer factory; module-aware optimizers (LoRAPro, LoRAPreAdamW, LoRAPreMuon) get the
+            model, others its trainable parameters.
+        scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
+    """
+
+    #: Head modules kept fully trainable next to the adapters unless ``lora.modules_to_save`` says otherwise.
+    head_names: List[str] = []
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        lora: Optional[LoRAConfig] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__()
+        # Under LightningCLI the hyper-parameters are the parsed config (so load_from_checkpoint can rebuild
+        # everything); used directly from Python, the objects themselves are not worth pickling.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["backbone", "lora", "optimizer", "scheduler"])
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.preprocess = backbone.preprocess
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.lora = lora
+        if lora is not None:
+            inject_lora(self.model, self._resolve_lora(lora, backbone))
+
+    def _resolve_lora(self, lora: LoRAConfig, backbone: Backbone) -> LoRAConfig:
+        changes: dict[str, Any] = {}
+        if lora.target_modules == DEFAULT_TARGETS:
+            changes["target_modules"] = backbone.lora_targets
+        if lora.modules_to_save is None:
+            heads = [name for name in self.head_names if _has_module(self.model, name)]
+            changes["modules_to_save"] = heads or None
+        return dataclasses.replace(lora, **changes) if changes else lora
+
+    def configure_model(self) -> None:
+        """Shard with FSDP2 (``fully_shard``) when the strategy provides a device mesh (ModelParallelStrategy):
+        every repeated block first, then the root. Frozen base weights and trainable adapters share a unit;
+        FSDP2 allows mixed ``requires_grad`` because it shards parameters individually (DTensors)."""
+        mesh = self.device_mesh
+        if mesh is None or _is_sharded(self.model):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        for block in repeated_blocks(self.model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _batch_size(self, batch: dict) -> int:
+        first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+        return first.shape[0]
+
+
+def repeated_blocks(model: nn.Module) -> List[nn.Module]:
+    """Items of every ``nn.ModuleList`` of same-typed modules (transformer layers, ViT/CLIP blocks)."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks.extend(m for m in module if any(True for _ in m.parameters()))
+    return blocks
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _built_by_cli() -> bool:
+    """True while LightningCLI instantiates the module (it then supplies the parsed config as hparams)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return _given_hyperparameters.get() is not None

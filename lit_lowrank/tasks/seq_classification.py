@@ -1,0 +1,85 @@
+"""Sequence classification with encoders (BERT, MiniLM) or decoders: cross-entropy, accuracy and macro-F1."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lit_lowrank.adapters import LoRAConfig
+from lit_lowrank.backbones import Backbone
+from lit_lowrank.tasks.base import LowRankTask
+
+
+class SequenceClassificationTask(LowRankTask):
+    """Classify token sequences with a transformers ``AutoModelForSequenceClassification``.
+
+    With adapters, the classification head (``classifier`` / ``score``) is trained fully unless
+    ``lora.modules_to_save`` names something else, as PEFT does for sequence classification.
+
+    Args:
+        backbone: a sequence-classification model whose ``config.num_labels`` matches the data.
+        lora: adapters to inject; ``None`` fine-tunes every parameter.
+        optimizer: optimizer factory (AdamW, LoRAPro, LoRAPreAdamW, ...).
+        scheduler: optional learning-rate scheduler factory.
+
+    Example:
+        >>> from lit_lowrank.backbones import transformers_backbone
+        >>> bb = transformers_backbone(config=dict(model_type="bert", hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=50), tokenizer=False,
+        ...     auto_class="AutoModelForSequenceClassification", model_kwargs=dict(num_labels=3))
+        >>> task = SequenceClassificationTask(bb, lora=LoRAConfig(r=2, target_modules="default"))
+        >>> sorted({n.split(".")[0] for n, p in task.model.named_parameters() if p.requires_grad and "lora" not in n})
+        ['classifier']
+    """
+
+    head_names = ["classifier", "score"]
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        lora: Optional[LoRAConfig] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__(backbone, lora, optimizer, scheduler)
+        self.num_labels = self.model.config.num_labels
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(self.num_labels, average="micro"),
+            "f1": MulticlassF1Score(self.num_labels, average="macro"),
+        })
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is not None and classes != self.num_labels:
+            raise ValueError(f"the data has {classes} classes but the model head has num_labels={self.num_labels}. "
+                             f"HINT: set backbone model_kwargs.num_labels: {classes}")
+
+    def forward(self, batch: dict):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        output = self(batch)
+        self.log("train/loss", output.loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return output.loss
+
+    def _evaluate(self, batch: dict, stage: str, metrics: MetricCollection) -> None:
+        output = self(batch)
+        metrics.update(output.logits, batch["labels"])
+        self.log(f"{stage}/loss", output.loss, batch_size=len(batch["labels"]), sync_dist=True)
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        return self.model(**batch).logits.argmax(-1)
