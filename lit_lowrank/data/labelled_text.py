@@ -1,0 +1,230 @@
+"""Sequence classification data: CSV/JSONL files, or the embedded docstring task, tokenised per batch."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lit_lowrank.data.common import (
+    DEFAULT_TOKENIZER,
+    ListDataset,
+    SeededDataModule,
+    column,
+    label_ids,
+    label_vocabulary,
+    load_tokenizer,
+    read_table,
+)
+from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
+
+Example = Tuple[str, int]
+
+
+class TokenizeCollator:
+    """Tokenise a list of ``(text, label)`` into one batch padded to its longest text (picklable for workers)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, examples: List[Example]) -> Dict[str, torch.Tensor]:
+        texts, labels = zip(*examples)
+        batch = dict(self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
+                                    return_tensors="pt"))
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+class _ClassificationDataModule(SeededDataModule):
+    """Loaders and tokenizer shared by the text classification DataModules (subclasses fill ``self.splits``)."""
+
+    def __init__(self, tokenizer: str, max_length: int, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        self.tokenizer_name, self.max_length = tokenizer, max_length
+        self._tokenizer: Any = None
+        self.splits: Dict[str, List[Example]] = {}
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _split_loader(self, split: str, shuffle: bool = False):
+        if not self.splits:
+            self._require(None, f"{split} split")
+        if split not in self.splits:
+            raise RuntimeError(f"{type(self).__name__} has no {split} split. HINT: give test_file=...")
+        return self._loader(ListDataset(self.splits[split]), shuffle, TokenizeCollator(self.tokenizer, self.max_length))
+
+    def train_dataloader(self):
+        return self._split_loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._split_loader("validation")
+
+    def test_dataloader(self):
+        return self._split_loader("test")
+
+    def predict_dataloader(self):
+        """The test split (labels included; a task's ``predict_step`` ignores them)."""
+        return self._split_loader("test")
+
+
+class TextClassificationDataModule(_ClassificationDataModule):
+    """Text classification from ``.csv``, ``.tsv`` or ``.jsonl`` files, tokenised per batch with dynamic padding.
+
+    Batches are the tokenizer's output (``input_ids``, ``attention_mask``, and ``token_type_ids`` when it gives
+    them), padded to the longest text of the batch and truncated at ``max_length``, plus ``labels: LongTensor[B]``.
+
+    Label ids (see :func:`~lit_lowrank.data.common.label_vocabulary`): ``class_names`` when given, else the
+    labels found in all the files given, in ascending numeric order when they are all integers (``0..K-1`` keep
+    their ids; ``"3"`` and ``3`` are the same label), in ascending string order otherwise.
+    ``class_names``/``num_classes`` are known before ``setup`` (they read the files' label column).
+
+    Args:
+        train_file: training examples, ``.csv``, ``.tsv`` or ``.jsonl`` (one JSON object per line).
+        val_file: validation examples; by default ``val_fraction`` of ``train_file``, chosen by a stable hash of
+            each row's position and text.
+        test_file: test examples (also used by ``predict``).
+        text_field: column holding the text.
+        label_field: column holding the label (a string or an integer).
+        class_names: every class, in label-id order; by default found in the files as described above.
+        val_fraction: share of ``train_file`` held out when there is no ``val_file``.
+        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        max_length: longest tokenised text; longer ones are truncated.
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        seed: seeds the training order.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "train.csv")
+        >>> _ = open(path, "w").write("text,label\\n" + "a good film,pos\\na bad film,neg\\n" * 10)
+        >>> dm = TextClassificationDataModule(path, batch_size=4)
+        >>> dm.class_names, dm.num_classes
+        (['neg', 'pos'], 2)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> sorted(batch), batch["labels"].dtype
+        (['attention_mask', 'input_ids', 'labels', 'token_type_ids'], torch.int64)
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        class_names: Optional[List[str]] = None,
+        val_fraction: float = 0.1,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        max_length: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, max_length, batch_size, num_workers, seed)
+        if val_file is None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1) when there is no val_file, got {val_fraction}")
+        self.save_hyperparameters()
+        self.files = {"train": train_file, "validation": val_file, "test": test_file}
+        self.text_field, self.label_field = text_field, label_field
+        self.val_fraction = val_fraction
+        self._class_names = list(class_names) if class_names else None
+
+    def _read(self, split: str) -> Tuple[List[str], List[Any]]:
+        path = self.files[split]
+        rows, columns = read_table(path)
+        texts = [str(t) for t in column(rows, columns, self.text_field, path, "text_field")]
+        return texts, column(rows, columns, self.label_field, path, "label_field")
+
+    @property
+    def class_names(self) -> List[str]:
+        """Class name of each label id (read from the files' label column when not given)."""
+        if self._class_names is None:
+            values = [v for split, path in self.files.items() if path for v in self._read(split)[1]]
+            self._class_names = label_vocabulary(values)
+        return self._class_names
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        for split, path in self.files.items():
+            if path:
+                texts, labels = self._read(split)
+                self.splits[split] = list(zip(texts, label_ids(labels, self.class_names, repr(path))))
+        if self.files["validation"] is None:
+            train = self.splits["train"]
+            held_out = [stable_fraction(f"{i}:{text}") < self.val_fraction for i, (text, _) in enumerate(train)]
+            self.splits["train"] = [ex for ex, out in zip(train, held_out) if not out]
+            self.splits["validation"] = [ex for ex, out in zip(train, held_out) if out]
+            if not self.splits["validation"] or not self.splits["train"]:
+                raise ValueError(f"{self.files['train']!r} has too few rows ({len(train)}) to hold out "
+                                 f"val_fraction={self.val_fraction}. HINT: give a val_file")
+
+
+class DocstringClassificationDataModule(_ClassificationDataModule):
+    """The embedded task "which standard-library package does this docstring paragraph come from?".
+
+    Built by :func:`~lit_lowrank.data.corpus.docstring_classification` (offline, deterministic per Python
+    version; ~1.5 s the first time). With the defaults: 9 classes, 70/15/15 paragraphs per class in
+    train/validation/test (630/135/135), chance level = majority-class rate = 1/9. Label ids follow
+    ``packages``; ``class_names`` are the package names, known before ``setup``. Batches as in
+    :class:`TextClassificationDataModule`.
+
+    Args:
+        packages: standard-library packages, one class each, in label-id order.
+        cap_per_class: most paragraphs per class over the three splits (70% train, 15% validation, 15% test).
+        min_words: shortest paragraph kept, in words.
+        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        max_length: longest tokenised paragraph; longer ones are truncated.
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        seed: seeds the training order (the dataset itself does not depend on it).
+
+    Example:
+        >>> dm = DocstringClassificationDataModule(packages=["json", "http"], cap_per_class=20, batch_size=8)
+        >>> dm.class_names
+        ['json', 'http']
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.val_dataloader()))
+        >>> batch["input_ids"].shape[0], batch["labels"].tolist() == [dm.splits["validation"][i][1] for i in range(6)]
+        (6, True)
+    """
+
+    def __init__(
+        self,
+        packages: Sequence[str] = DEFAULT_PACKAGES,
+        cap_per_class: int = 100,
+        min_words: int = 8,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        max_length: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, max_length, batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.packages: Sequence[str] = tuple(packages)
+        self.cap_per_class, self.min_words = cap_per_class, min_words
+        self.fingerprint: Optional[str] = None
+
+    @property
+    def class_names(self) -> List[str]:
+        """The package names, in label-id order."""
+        return list(self.packages)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        task = docstring_classification(self.packages, self.cap_per_class, self.min_words)
+        self.fingerprint = task.fingerprint()
+        self.splits = {split: [(ex.text, ex.label) for ex in examples] for split, examples in task.splits().items()}

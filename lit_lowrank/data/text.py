@@ -1,0 +1,242 @@
+"""Token blocks for causal language modelling: local text files, the embedded Python corpus, or a HF dataset."""
+from __future__ import annotations
+
+import glob
+import itertools
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_lowrank.data.common import DEFAULT_TOKENIZER, SeededDataModule, load_tokenizer
+from lit_lowrank.data.corpus import CORPUS_VALIDATION_FRACTION, python_text_corpus, stable_fraction
+
+#: ``source`` value that selects the embedded corpus (pydoc topics + standard-library docstrings).
+EMBEDDED = "python"
+
+#: File patterns read from a folder given as ``source``.
+TEXT_PATTERNS = ("*.txt", "*.md")
+
+
+class DatasetUnavailableError(OSError):
+    """A dataset could not be loaded (the hub is unreachable, or the ``datasets`` package is missing)."""
+
+
+class TokenBlocks(Dataset):
+    """Rows of a ``[num_blocks, block_size]`` LongTensor as ``{"input_ids", "labels"}`` (labels = input_ids)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def read_text_documents(source: Union[str, Sequence[str]]) -> List[Tuple[str, str]]:
+    """(id, text) of every file named by ``source``: files, folders (``*.txt`` and ``*.md``, recursively) or globs.
+
+    Ids are paths relative to the folder given (a file's own name when given directly), so the split they
+    decide does not depend on where the data lives. Files are read as UTF-8, in sorted order per entry.
+    """
+    entries = [source] if isinstance(source, (str, Path)) else list(source)
+    documents: List[Tuple[str, str]] = []
+    for entry in map(str, entries):
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files = sorted({f for pattern in TEXT_PATTERNS for f in path.rglob(pattern) if f.is_file()})
+            found = [(f.relative_to(path).as_posix(), f) for f in files]
+        elif path.is_file():
+            found = [(path.name, path)]
+        else:
+            found = [(Path(f).as_posix(), Path(f)) for f in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(f)]
+        if not found:
+            raise FileNotFoundError(
+                f"text source {entry!r} matches no file (a folder is searched for {' and '.join(TEXT_PATTERNS)}; "
+                f"working directory: {Path.cwd()}). HINT: give a file, a folder, a glob such as 'data/**/*.txt', "
+                f"or source={EMBEDDED!r} for the embedded corpus")
+        documents.extend((doc_id, file.read_text(encoding="utf-8", errors="replace")) for doc_id, file in found)
+    return documents
+
+
+def read_hf_documents(name: str, config: Optional[str], text_field: str) -> Dict[str, List[Tuple[str, str]]]:
+    """(id, text) rows of each split of a Hugging Face dataset, via the ``datasets`` library."""
+    hint = ("use local files instead: source='path/to/folder_or_file.txt' (plain text; a folder is searched for "
+            f"*.txt and *.md), or source={EMBEDDED!r} for the embedded corpus")
+    try:
+        import datasets
+    except ImportError as error:
+        raise DatasetUnavailableError(f"hf_dataset={name!r} needs the `datasets` package, which is not installed. "
+                                      f"HINT: `pip install datasets`, or {hint}") from error
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        raise DatasetUnavailableError(
+            f"could not load the Hugging Face dataset {name!r} (config {config!r}): the dataset hub is unreachable "
+            f"from here, the name is wrong, or it is not in the local cache ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}). HINT: {hint}") from error
+    splits = {}
+    for split, rows in loaded.items():
+        if text_field not in rows.column_names:
+            raise KeyError(f"the {split!r} split of {name!r} has no column {text_field!r} (its columns: "
+                           f"{rows.column_names}). HINT: set text_field= to one of those")
+        splits[split] = [(f"hf:{split}:{i}", text) for i, text in enumerate(rows[text_field]) if text]
+    return splits
+
+
+class TextBlocksDataModule(SeededDataModule):
+    """Fixed-length token blocks for causal language modelling, from local text or the embedded Python corpus.
+
+    Every document is tokenised once in ``setup`` (no special tokens), followed by the tokenizer's EOS token
+    (or SEP when it has no EOS) as a document separator; each split's documents are concatenated and cut into
+    ``block_size`` blocks (the last partial block is dropped). Batches are
+    ``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` with ``labels == input_ids`` (the model shifts).
+
+    Validation split, fixed: ``val_source`` when given; else the documents with
+    ``stable_fraction(id) < val_fraction`` (ids are relative file paths, ``pydoc:<topic>``/``stdlib:<path>`` for
+    the embedded corpus, where the default 0.05 gives :func:`python_text_corpus`'s own split). When that leaves
+    either side without a whole block (say, a single file), the last ``val_fraction`` of the token stream is
+    held out instead.
+
+    On CPython 3.11 the embedded corpus is ~577k MiniLM tokens (4,295 training and 213 validation blocks of
+    128); building it takes ~5 s (once per process) and tokenising it ~1 s on one CPU core.
+
+    Args:
+        source: ``"python"`` for the embedded corpus (pydoc topics + standard-library docstrings), or text files,
+            folders (``*.txt``/``*.md``, recursively) or globs; one or a list. Write ``./python`` for a folder
+            called ``python``.
+        val_source: files/folders/globs for validation; by default a fixed share of ``source`` (see above).
+        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        block_size: tokens per block.
+        batch_size: blocks per batch.
+        val_fraction: share of documents held out for validation when there is no ``val_source``.
+        max_train_blocks: keep only this many training blocks (a seeded random choice), for quick runs.
+        max_val_blocks: keep only the first this many validation blocks.
+        hf_dataset: a Hugging Face dataset name (used instead of ``source``); needs the ``datasets`` package and
+            a reachable hub or a local cache. Its ``validation`` split is used when it has one.
+        hf_config: the dataset's configuration name (e.g. ``wikitext-2-raw-v1``).
+        text_field: the text column of ``hf_dataset``.
+        num_workers: DataLoader worker processes.
+        seed: seeds the training-block choice and the training order.
+
+    Example:
+        >>> import tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(folder, "a.txt"), "w").write("the quick brown fox jumps over the lazy dog. " * 40)
+        >>> dm = TextBlocksDataModule(folder, block_size=16, batch_size=4)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch["input_ids"].shape, bool((batch["labels"] == batch["input_ids"]).all())
+        (torch.Size([4, 16]), True)
+    """
+
+    def __init__(
+        self,
+        source: Union[str, List[str]] = EMBEDDED,
+        val_source: Optional[Union[str, List[str]]] = None,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = CORPUS_VALIDATION_FRACTION,
+        max_train_blocks: Optional[int] = None,
+        max_val_blocks: Optional[int] = None,
+        hf_dataset: Optional[str] = None,
+        hf_config: Optional[str] = None,
+        text_field: str = "text",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.source, self.val_source = source, val_source
+        self.tokenizer_name = tokenizer
+        self.block_size, self.val_fraction = block_size, val_fraction
+        self.max_train_blocks, self.max_val_blocks = max_train_blocks, max_val_blocks
+        self.hf_dataset, self.hf_config, self.text_field = hf_dataset, hf_config, text_field
+        self._tokenizer: Any = None
+        self.train_blocks: Optional[torch.Tensor] = None
+        self.val_blocks: Optional[torch.Tensor] = None
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are below this (size of the tokenizer's vocabulary, added tokens included)."""
+        return len(self.tokenizer)
+
+    def prepare_data(self) -> None:
+        if self.hf_dataset:
+            read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)  # download once, on one process
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_blocks is not None:
+            return
+        train_docs, val_docs, val_given = self._documents()
+        train_ids, val_ids = self._tokens(train_docs), self._tokens(val_docs)
+        if not val_given and min(len(train_ids), len(val_ids)) < self.block_size:
+            stream = torch.cat([train_ids, val_ids])
+            cut = len(stream) - max(self.block_size, math.ceil(self.val_fraction * len(stream)))
+            train_ids, val_ids = stream[:cut], stream[cut:]
+        train, val = self._blocks(train_ids, "training"), self._blocks(val_ids, "validation")
+        if self.max_train_blocks is not None and self.max_train_blocks < len(train):
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[: self.max_train_blocks]
+            train = train[keep.sort().values]
+        if self.max_val_blocks is not None:
+            val = val[: self.max_val_blocks]
+        self.train_blocks, self.val_blocks = train, val
+
+    def _documents(self) -> Tuple[List[str], List[str], bool]:
+        """Training texts, validation texts, and whether the validation texts were given (not a share of training)."""
+        if self.hf_dataset:
+            splits = read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)
+            if "train" not in splits:
+                raise KeyError(f"{self.hf_dataset!r} has no 'train' split (it has {sorted(splits)})")
+            if "validation" in splits:
+                return [t for _, t in splits["train"]], [t for _, t in splits["validation"]], True
+            documents = splits["train"]
+        elif isinstance(self.source, str) and self.source == EMBEDDED:
+            documents = [(doc.source, doc.text) for doc in python_text_corpus()]
+        else:
+            documents = read_text_documents(self.source)
+        if self.val_source is not None:
+            return [t for _, t in documents], [t for _, t in read_text_documents(self.val_source)], True
+        held_out = [stable_fraction(doc_id) < self.val_fraction for doc_id, _ in documents]
+        return ([t for (_, t), out in zip(documents, held_out) if not out],
+                [t for (_, t), out in zip(documents, held_out) if out], False)
+
+    def _tokens(self, texts: List[str]) -> torch.Tensor:
+        if not texts:
+            return torch.empty(0, dtype=torch.long)
+        tok = self.tokenizer
+        separator = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        ids = tok(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                  verbose=False)["input_ids"]
+        tail = [separator] if separator is not None else []
+        return torch.tensor(list(itertools.chain.from_iterable(doc + tail for doc in ids)), dtype=torch.long)
+
+    def _blocks(self, ids: torch.Tensor, split: str) -> torch.Tensor:
+        count = len(ids) // self.block_size
+        if count == 0:
+            raise ValueError(f"the {split} text has {len(ids)} tokens, fewer than one block of {self.block_size}. "
+                             "HINT: add text, or lower block_size")
+        return ids[: count * self.block_size].view(count, self.block_size)
+
+    def train_dataloader(self):
+        return self._loader(TokenBlocks(self._require(self.train_blocks, "training blocks")), shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(TokenBlocks(self._require(self.val_blocks, "validation blocks")))
