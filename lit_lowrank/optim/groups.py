@@ -1,0 +1,155 @@
+"""Param-group builders for the low-rank optimizers: which tensors are the "matrices" of a model.
+
+LoRA-Pre (and GaLore-style methods) compress the state of the attention and MLP projection weights inside the
+transformer blocks; embeddings, the output head, norms, biases and other 1-D or odd tensors keep a plain AdamW
+state. :func:`lowrank_param_groups` finds those matrices generically, for transformers, timm and open_clip models.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+HEAD_MODULE_NAMES = frozenset({"lm_head", "classifier", "score", "head", "heads"})
+"""Last name component of modules treated as output heads (kept out of the low-rank group)."""
+
+_MHA_MATRIX_NAMES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+Pattern = str | Sequence[str] | None
+
+
+def lowrank_param_groups(
+    model: nn.Module,
+    rank: int = 16,
+    include: Pattern = None,
+    exclude: Pattern = None,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a low-rank group and an AdamW group.
+
+    The low-rank group holds the 2-D weights of linear-like modules that sit inside a repeated block, i.e.
+    whose qualified name has an integer component (``layers.3``, ``h.0``, ``blocks.1``, ``resblocks.2``,
+    ``layer.5``): ``nn.Linear`` and subclasses, transformers' ``Conv1D`` (GPT-2, weight stored ``in x out``),
+    and ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (fused q/k/v, as in open_clip) or its separate
+    ``q/k/v_proj_weight``. Everything else goes to the AdamW group: embeddings, output heads
+    (``get_output_embeddings()``, timm's ``get_classifier()``, modules named lm_head / classifier / score /
+    head / heads), norms, biases, 1-D tensors, convolutions and matrices outside the blocks (e.g. poolers,
+    CLIP's ``proj``). Frozen parameters (``requires_grad=False``) are left out of both groups.
+
+    Args:
+        model: the network.
+        rank: ``rank`` of the low-rank group.
+        include: parameters to add to the low-rank group (if 2-D): a regular expression searched in the
+            qualified parameter name, or a list of name suffixes matched at a ``.`` boundary against the
+            parameter's or its module's name (``["q_proj", "visual.proj"]``).
+        exclude: parameters to move to the AdamW group, same forms; wins over ``include``.
+        **group_options: other keys of the low-rank group (``scale=0.25``, ``lr=...``). The AdamW group only
+            gets ``lowrank=False``, so the optimizer's defaults apply to it; edit the returned dicts for more.
+
+    Returns:
+        ``[{"params", "param_names", "lowrank": True, "rank", **group_options}, {"params", "param_names",
+        "lowrank": False}]``, without a group that would be empty. ``param_names`` is the key under which
+        ``torch.optim`` keeps parameter names (saved in ``state_dict()``); see :func:`param_group_names`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+        >>> lowrank, adamw = lowrank_param_groups(model, rank=4)
+        >>> lowrank["param_names"][:2], len(lowrank["params"]), adamw["param_names"][0]
+        (['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight'], 14, 'model.embed_tokens.weight')
+    """
+    head_params = _head_parameter_ids(model)
+    matches_include = _matcher(include)
+    matches_exclude = _matcher(exclude)
+    lowrank: dict[str, list[Any]] = {"params": [], "param_names": []}
+    adamw: dict[str, list[Any]] = {"params": [], "param_names": []}
+    seen: set[int] = set()  # a tensor shared by two modules (tied embeddings) is yielded once per module
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False, prefix=module_name):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            local_name = param_name.rsplit(".", 1)[-1]
+            is_matrix = (
+                param.ndim == 2
+                and id(param) not in head_params
+                and _is_block_path(module_name)
+                and _is_linear_like_weight(module, local_name)
+            )
+            if param.ndim == 2 and matches_include(param_name, module_name):
+                is_matrix = True
+            if matches_exclude(param_name, module_name):
+                is_matrix = False
+            target = lowrank if is_matrix else adamw
+            target["params"].append(param)
+            target["param_names"].append(param_name)
+    groups = []
+    if lowrank["params"]:
+        groups.append({**lowrank, "lowrank": True, "rank": rank, **group_options})
+    if adamw["params"]:
+        groups.append({**adamw, "lowrank": False})
+    return groups
+
+
+def param_group_names(groups_or_optimizer: Sequence[dict[str, Any]] | torch.optim.Optimizer) -> list[list[str]]:
+    """Names of the parameters in each group (for logs), ``"?"`` where a group carries no names.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> param_group_names([{"params": [net[0].weight], "param_names": ["0.weight"]}, {"params": [net[0].bias]}])
+        [['0.weight'], ['?']]
+    """
+    groups = getattr(groups_or_optimizer, "param_groups", groups_or_optimizer)
+    return [list(group.get("param_names", ["?"] * len(list(group["params"])))) for group in groups]
+
+
+def _is_block_path(module_name: str) -> bool:
+    return any(part.isdigit() for part in module_name.split("."))
+
+
+def _is_linear_like_weight(module: nn.Module, local_name: str) -> bool:
+    if isinstance(module, nn.Linear):
+        return local_name == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return local_name in _MHA_MATRIX_NAMES
+    # transformers' Conv1D (GPT-2): only present when transformers is already imported, never imported here.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d) and local_name == "weight"
+
+
+def _head_parameter_ids(model: nn.Module) -> set[int]:
+    heads: list[nn.Module] = []
+    for getter in ("get_output_embeddings", "get_classifier"):
+        method = getattr(model, getter, None)
+        if callable(method):
+            try:
+                head = method()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if isinstance(head, nn.Module):
+                heads.append(head)
+    heads += [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_MODULE_NAMES]
+    return {id(param) for head in heads for param in head.parameters()}
+
+
+def _matcher(pattern: Pattern):
+    """A predicate ``(param_name, module_name) -> bool`` for a regex string or a list of name suffixes."""
+    if pattern is None:
+        return lambda param_name, module_name: False
+    if isinstance(pattern, str):
+        regex = re.compile(pattern)
+        return lambda param_name, module_name: regex.search(param_name) is not None
+    suffixes = tuple(pattern)
+
+    def ends_with(name: str, suffix: str) -> bool:
+        return name == suffix or name.endswith("." + suffix)
+
+    return lambda param_name, module_name: any(
+        ends_with(param_name, suffix) or ends_with(module_name, suffix) for suffix in suffixes
+    )

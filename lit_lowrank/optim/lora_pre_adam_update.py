@@ -1,0 +1,142 @@
+"""One LoRA-Pre Adam step for one matrix (torch reference path).
+
+This is the function a fused kernel replaces: it reads the parameter, its gradient and the four factors,
+and updates the parameter and the factors in place. Its math is the spec's (``shared/spec/lora-pre.md``):
+
+    m_t = beta1 * (B A) + (1 - beta1) * g                     (B, A from step t-1)
+    v_t = beta2 * (V_B V_A)^2 + (1 - beta2) * g^2
+    W  <- W - lr * ( scale * (m_t / (1 - beta1^t)) / (sqrt(v_t / (1 - beta2^t)) + eps) + weight_decay * W )
+    B  <- (1 - gamma1) B + gamma1 * g A^T (A A^T)^-1          1 - gamma1 = sqrt(beta1)
+    A  <- (1 - gamma1) A + gamma1 * (B^T B)^-1 B^T g          B: the new B ("alternating"), or the old one ("jacobi")
+    V_B, V_A: the same with gamma2 (1 - gamma2 = beta2^(1/4)) and target |g|
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, row_chunks
+from lit_lowrank.optim.sharding import RowShards
+
+
+def lora_pre_adam_update_(
+    param: Tensor,
+    grad: Tensor,
+    B: Tensor,
+    A: Tensor,
+    V_B: Tensor,
+    V_A: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    damping: float,
+    factor_update: str,
+    chunk_rows: int,
+    workspace: Workspace,
+    shards: RowShards | None = None,
+    debias_second_moment: bool = False,
+) -> None:
+    """Apply LoRA-Pre Adam step ``step`` (>= 1) to a ``p x q`` ``param`` and its factors, all in place.
+
+    ``B, V_B`` are ``p x r`` and ``A, V_A`` are ``r x q``, in the factor dtype (float32, or float64 for float64
+    parameters); ``param`` and ``grad`` may have any floating dtype (bf16 included). ``m_t`` and ``v_t`` are
+    never stored: they are formed ``chunk_rows`` rows at a time in ``workspace`` buffers, used, and dropped.
+
+    Two algebraic rewrites keep the element-wise work to a few passes and away from overflow:
+    ``m_t = (1 - beta1) * (g + kappa * B A)`` with ``kappa = beta1 / (1 - beta1)`` (one ``addmm``), and
+    ``sqrt(v_t) = sqrt(1 - beta2) * hypot(g, rho * V_B V_A)`` with ``rho = sqrt(beta2 / (1 - beta2))``, so
+    neither ``g^2`` nor ``(V_B V_A)^2`` is formed (they overflow float32 for |g| > 1.8e19). The constant
+    factors move into the step size and epsilon. Each factor update is one in-place ``addmm_`` with the other
+    factor's damped pseudo-inverse from :func:`~lit_lowrank.optim.lowrank_factors.damped_pinvs`, e.g.
+    ``B <- (1 - gamma1) B + gamma1 g A_pinv^T`` with ``A_pinv^T = A^T (A A^T + lambda I)^-1``.
+
+    ``debias_second_moment`` (an extension of the spec, off by default) rescales ``V_B V_A`` by
+    ``sqrt(1 - beta2^(t-1)) / (1 - beta2^((t-1)/2))`` before it is squared, so that ``v_t`` warms up like Adam's.
+
+    Under FSDP2 (``shards`` given) every tensor here is this rank's row block, except ``A`` and ``V_A`` which
+    are replicated: the left factors' Gram matrices and the ``r x q`` products ``B^+ g`` and ``V_B^+ |g|`` are
+    summed over ranks (two all-reduces each of r x r and r x q numbers per matrix and step); nothing p x q moves.
+
+    Example:
+        >>> from lit_lowrank.optim.lowrank_factors import init_factor_pairs
+        >>> W, g = torch.zeros(8, 6), torch.ones(8, 6)
+        >>> (B, A), (V_B, V_A) = init_factor_pairs((8, 6), 2, 0, 2, torch.float32, W.device)
+        >>> lora_pre_adam_update_(W, g, B, A, V_B, V_A, step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
+        ...     weight_decay=0.0, scale=1.0, damping=1e-6, factor_update="alternating", chunk_rows=4,
+        ...     workspace=Workspace())
+        >>> round(W[0, 0].item(), 4)  # Adam's first step is lr * sign(g)
+        -0.1
+    """
+    p, q = param.shape
+    dtype, device = B.dtype, B.device
+    kappa = beta1 / (1.0 - beta1)
+    rho = math.sqrt(beta2 / (1.0 - beta2))
+    if debias_second_moment and step > 1:
+        # V_B V_A follows the EMA of |g| at rate sqrt(beta2), whose square warms up like (1 - beta2^((t-1)/2))^2,
+        # far below Adam's v_{t-1} ~ (1 - beta2^(t-1)); rescale it to Adam's scale (exact for a steady gradient).
+        rho *= math.sqrt(1.0 - beta2 ** (step - 1)) / (1.0 - beta2 ** ((step - 1) / 2))
+    c = math.sqrt(1.0 - beta2) / math.sqrt(1.0 - beta2**step)  # sqrt(v_t / (1 - beta2^t)) = c * hypot(...)
+    step_size = lr * scale * (1.0 - beta1) / ((1.0 - beta1**step) * c)
+    eps_hat = eps / c
+    gamma1 = 1.0 - math.sqrt(beta1)
+    gamma2 = 1.0 - beta2**0.25
+    jacobi = factor_update == "jacobi"
+
+    def pinvs(first: Tensor, second: Tensor, role: str, shards: RowShards | None = None) -> Tensor:
+        out = workspace.get(role, (2, *first.shape), dtype, device)
+        return damped_pinvs([first, second], damping, out, workspace, shards)
+
+    # Pseudo-inverses of the old right factors (for B, V_B) and, for Jacobi, of the old left factors too.
+    A_pinv, V_A_pinv = pinvs(A, V_A, "right_pinv")
+    if jacobi:
+        B_pinv, V_B_pinv = pinvs(B.T, V_B.T, "left_pinv", shards)
+
+    # Pass 1, a chunk of rows at a time: the parameter update, then the left factors (rows are independent).
+    m_buffer = workspace.get("m", (chunk_rows, q), dtype, device)
+    root_v_buffer = workspace.get("root_v", (chunk_rows, q), dtype, device)
+    abs_grad_buffer = workspace.get("abs_grad", (chunk_rows, q), dtype, device)
+    grad_buffer = workspace.get("grad", (chunk_rows, q), dtype, device) if grad.dtype != dtype else None
+    chunks = list(row_chunks(p, chunk_rows))
+    for rows in chunks:
+        n = rows.stop - rows.start
+        g = grad[rows] if grad_buffer is None else grad_buffer[:n].copy_(grad[rows])
+        m = torch.addmm(g, B[rows], A, alpha=kappa, out=m_buffer[:n])  # m_t / (1 - beta1)
+        root_v = torch.addmm(root_v_buffer[:n], V_B[rows], V_A, beta=0.0, alpha=rho, out=root_v_buffer[:n])
+        abs_g = torch.abs(g, out=abs_grad_buffer[:n])
+        torch.hypot(root_v, abs_g, out=root_v).add_(eps_hat)  # (sqrt(v_t / (1 - beta2^t)) + eps) / c
+        if weight_decay != 0.0:
+            param[rows].mul_(1.0 - lr * weight_decay)
+        param[rows].addcdiv_(m, root_v, value=-step_size)
+        B[rows].addmm_(g, A_pinv.T, beta=1.0 - gamma1, alpha=gamma1)
+        V_B[rows].addmm_(abs_g, V_A_pinv.T, beta=1.0 - gamma2, alpha=gamma2)
+
+    # Pass 2: the right factors, from the new left factors (alternating least squares) or the old ones (Jacobi).
+    # It visits the chunks backwards: the last chunk of pass 1 is still in the buffers, so its g and |g| (for a
+    # matrix done in one chunk, all of them) are reused rather than recomputed.
+    if not jacobi:
+        B_pinv, V_B_pinv = pinvs(B.T, V_B.T, "left_pinv", shards)
+    # Sharded, each rank sums only its rows: accumulate into a buffer, add the other ranks' sums, then update.
+    targets = (A, V_A) if shards is None else workspace.get("right_sums", (2, *A.shape), dtype, device).unbind()
+    for index, rows in enumerate(reversed(chunks)):
+        n = rows.stop - rows.start
+        if index == 0:
+            g, abs_g = (grad[rows] if grad_buffer is None else grad_buffer[:n]), abs_grad_buffer[:n]
+        else:
+            g = grad[rows] if grad_buffer is None else grad_buffer[:n].copy_(grad[rows])
+            abs_g = torch.abs(g, out=abs_grad_buffer[:n])
+        first = index == 0
+        keep1, keep2 = (1.0 - gamma1, 1.0 - gamma2) if shards is None else (0.0, 0.0)
+        targets[0].addmm_(B_pinv[:, rows], g, beta=keep1 if first else 1.0, alpha=gamma1)
+        targets[1].addmm_(V_B_pinv[:, rows], abs_g, beta=keep2 if first else 1.0, alpha=gamma2)
+    if shards is not None:
+        shards.sum_(workspace.get("right_sums", (2, *A.shape), dtype, device))
+        A.mul_(1.0 - gamma1).add_(targets[0])
+        V_A.mul_(1.0 - gamma2).add_(targets[1])

@@ -1,0 +1,460 @@
+"""LoRA-Pro for models with LoRA adapters: the :class:`LoRAPro` optimizer and :func:`apply_lora_pro_`.
+
+Adapters are found through :func:`lit_lowrank.adapters.lora_modules` and A is paired with B through
+their module, never through parameter order. Layers that share (r, shapes, dtype, device, scaling) are
+stacked and solved as one batch on their device, then the results are scattered back.
+The closed form itself lives in :mod:`lit_lowrank.optim.lora_pro_math`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from lit_lowrank.optim.lora_pro_math import (
+    closed_form,
+    compute_dtype,
+    equivalent_factors,
+    equivalent_gradient,
+    gram_spectrum,
+    lora_pro_gradients,
+)
+from lit_lowrank.kernels.dispatch import validate_use_triton
+from lit_lowrank.optim.lora_pro_update import adamw_foreach_, full_mode_update
+from lit_lowrank.optim.sharding import all_reduce_, full, local, local_part, process_group
+
+__all__ = ["LoRAPro", "apply_lora_pro_", "equivalent_gradient", "lora_pro_gradients"]
+
+MODES = ("efficient", "full")
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterPair:
+    """One adapter's factors, paired through their module: ``W = W0 + scaling * B @ A``."""
+
+    name: str
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+    def batch_key(self) -> tuple:
+        """Pairs with equal keys can be stacked and solved together."""
+        return (tuple(self.A.shape), tuple(self.B.shape), self.A.dtype, self.B.dtype, self.A.device, self.scaling)
+
+
+def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
+    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
+    from lit_lowrank.adapters import lora_modules
+
+    pairs = []
+    for name, module in lora_modules(model):
+        A, B = module.lora_A, module.lora_B
+        if A.requires_grad != B.requires_grad:
+            raise ValueError(
+                f"adapter {name!r} has only one trainable factor (lora_A.requires_grad={A.requires_grad}, "
+                f"lora_B.requires_grad={B.requires_grad}); LoRA-Pro updates A and B jointly. "
+                "HINT: make both trainable or freeze both."
+            )
+        if A.requires_grad:
+            pairs.append(AdapterPair(name, A, B, float(module.scaling)))
+    return pairs
+
+
+class FactorStack(NamedTuple):
+    """Stacked r-row factors ``A`` (L x r x n), ``B^T`` (L x r x m) and their gradients, in parameter dtype.
+
+    ``ok`` is False for layers with a non-finite gradient. Batched ops never mix layers (and eigh only
+    sees the finite parameter Grams), so such a layer cannot spoil the others; callers mask its results.
+    """
+
+    A: torch.Tensor
+    B_t: torch.Tensor
+    grad_A: torch.Tensor
+    grad_B_t: torch.Tensor
+    ok: torch.Tensor
+
+    def in_compute_dtype(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B^T, grad_A, grad_B^T)`` in fp32 (fp64 for fp64 parameters) for the solves."""
+        dtype = compute_dtype(self.A)
+        return self.A.to(dtype), self.B_t.to(dtype), self.grad_A.to(dtype), self.grad_B_t.to(dtype)
+
+
+def read_factors(pairs: list[AdapterPair]) -> FactorStack:
+    """The one place where adapter parameters and gradients are read as plain tensors.
+
+    Sharded training (FSDP2 / DTensor) only has to gather the small A and B factors and their
+    gradients here; results go back through :func:`write_rows` (gradient rewrite, full mode) and the
+    in-place AdamW of efficient mode, the two places that would scatter them again.
+    """
+    def grad_of(p: nn.Parameter) -> torch.Tensor:
+        if p.grad is None:
+            return torch.zeros_like(p)
+        if p.grad.is_sparse:
+            raise RuntimeError(f"LoRA-Pro does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        return p.grad
+
+    # Under FSDP2 each rank holds a shard of rows: gather the small factors and gradients (r x (m + n)
+    # per adapter), so every rank solves the same full problem and keeps only its rows of the result.
+    # Stacking the transposed views of B stores B^T contiguously at no extra cost.
+    A = torch.stack([full(pair.A.detach()) for pair in pairs])
+    B_t = torch.stack([full(pair.B.detach()).mT for pair in pairs])
+    grad_A = torch.stack([full(grad_of(pair.A)) for pair in pairs])
+    grad_B_t = torch.stack([full(grad_of(pair.B)).mT for pair in pairs])
+    return FactorStack(A, B_t, grad_A, grad_B_t, all_finite(grad_A) & all_finite(grad_B_t))
+
+
+def all_finite(stack: torch.Tensor) -> torch.Tensor:
+    """Per layer (dim 0): True where every entry is finite.
+
+    ``amax``/``amin`` propagate NaN and reach +-inf; two read-only reductions are ~20x cheaper on CPU than
+    ``isfinite(x).all()`` (which writes a bool copy) and cannot overflow like a sum.
+    """
+    dims = tuple(range(1, stack.dim()))
+    return torch.isfinite(stack.amax(dim=dims)) & torch.isfinite(stack.amin(dim=dims))
+
+
+def write_rows(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """Scatter a stack back into per-layer tensors (parameters, gradients or state); a sharded target
+    receives only its own rows."""
+    torch._foreach_copy_([local(t) for t in targets], [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
+
+
+def batches(pairs: Iterable[AdapterPair], extra_key: Callable[[AdapterPair], object] = lambda pair: None):
+    """Group pairs that can be stacked (same shapes, dtypes, device, scaling and ``extra_key``)."""
+    groups: dict[tuple, list[AdapterPair]] = defaultdict(list)
+    for pair in pairs:
+        groups[(extra_key(pair),) + pair.batch_key()].append(pair)
+    return groups.values()
+
+
+@torch.no_grad()
+def apply_lora_pro_(model: nn.Module, damping: float = 1e-8) -> int:
+    """Replace the gradients of every adapter pair by LoRA-Pro's ``(dA, dB)``, in place.
+
+    This is LoRA-Pro's efficient mode as a gradient rewrite, so any optimizer (SGD, AdamW, 8-bit ones)
+    can follow it. Call it after ``backward`` (and after ``GradScaler.unscale_``) and **before** gradient
+    clipping, so clipping sees the gradients the optimizer will use. Do not combine it with
+    :class:`LoRAPro`, which rewrites the gradients itself. Layers with a non-finite gradient get NaN in
+    both ``dA`` and ``dB``, so a scaler or skip logic still sees them; nothing raises.
+
+    Returns:
+        The number of adapter pairs rewritten (pairs without gradients are left alone).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), LoRAConfig(r=2))
+        >>> net(torch.randn(4, 8)).square().sum().backward()
+        >>> apply_lora_pro_(net)
+        2
+        >>> norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)  # clip after the rewrite
+    """
+    rewritten = 0
+    pairs = [pair for pair in adapter_pairs(model) if pair.A.grad is not None or pair.B.grad is not None]
+    for batch in batches(pairs):
+        stack = read_factors(batch)
+        A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
+        dA, dB_t = closed_form(gram_spectrum(A, B_t, damping), A, B_t, grad_A, grad_B_t, batch[0].scaling)
+        skipped = ~stack.ok.view(-1, 1, 1)
+        dA.masked_fill_(skipped, float("nan"))
+        dB_t.masked_fill_(skipped, float("nan"))
+        for pair in batch:
+            for param in (pair.A, pair.B):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+        write_rows([pair.A.grad for pair in batch], dA)
+        write_rows([pair.B.grad for pair in batch], dB_t.mT)
+        rewritten += len(batch)
+    return rewritten
+
+
+@dataclass(eq=False)
+class EfficientPlan:
+    """One batch's rewritten gradients, kept until clipping has seen every direction."""
+
+    batch: list
+    group: dict
+    ok: torch.Tensor
+    dA: torch.Tensor
+    dB_t: torch.Tensor
+    A: torch.Tensor
+
+    def squared_norm(self) -> torch.Tensor:
+        return self.dA.square().sum() + self.dB_t.square().sum()
+
+    def scale_(self, coefficient: torch.Tensor) -> None:
+        self.dA.mul_(coefficient)
+        self.dB_t.mul_(coefficient)
+
+
+@dataclass(eq=False)
+class FullPlan:
+    """One batch's equivalent gradient ``g~ = U_t^T V`` (zero where the gradients were non-finite)."""
+
+    batch: list
+    group: dict
+    ok: torch.Tensor
+    A: torch.Tensor
+    B_t: torch.Tensor
+    spectrum: object
+    U_t: torch.Tensor
+    V: torch.Tensor
+
+    def squared_norm(self) -> torch.Tensor:
+        return ((self.U_t @ self.U_t.mT) * (self.V @ self.V.mT)).sum()
+
+    def scale_(self, coefficient: torch.Tensor) -> None:
+        self.V.mul_(coefficient)
+
+
+@dataclass(eq=False)
+class OtherPlan:
+    """Parameters that are not adapter factors (heads, modules_to_save), stepped by plain AdamW."""
+
+    params: list
+    group: dict
+    grads: list
+    ok: torch.Tensor
+
+
+def finite_grads(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Local gradient shards with non-finite ones zeroed, and per-parameter finite flags agreed by all ranks
+    (a shard's NaN must skip the whole parameter everywhere, or the ranks would diverge)."""
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError("LoRAPro's AdamW path does not support sparse gradients")
+    grads = [local(p.grad) for p in params]
+    ok = torch.stack([all_finite(g.reshape(1, -1)).squeeze(0) for g in grads])
+    group = process_group(params)
+    if group is not None:
+        ok = all_reduce_(ok.to(torch.int32), group, op=torch.distributed.ReduceOp.MIN).bool()
+    return [torch.where(finite, g, 0) for g, finite in zip(grads, ok.unbind())], ok
+
+
+def _local_states(states: list[dict]) -> list[dict]:
+    """The AdamW states with their moments as local shards (``step`` stays the same shared tensor)."""
+    return [{"step": s["step"], "exp_avg": local(s["exp_avg"]), "exp_avg_sq": local(s["exp_avg_sq"])} for s in states]
+
+
+class LoRAPro(torch.optim.Optimizer):
+    """LoRA-Pro (Wang et al., ICLR 2025): adapter updates whose weight change best matches full fine-tuning.
+
+    Give it the model (after :func:`lit_lowrank.inject_lora`). Adapter pairs form the first param group;
+    every other trainable parameter (heads, ``modules_to_save``) forms a second group stepped by plain
+    AdamW. Both are ordinary param groups, so LR schedulers work as usual.
+
+    Modes:
+        ``"efficient"`` (default, LoRA's memory): gradients of A and B are replaced by LoRA-Pro's
+        ``(dA, dB)``, then AdamW steps A and B (decoupled weight decay on A and B).
+        ``"full"`` (the paper's main results): Adam moments of the equivalent gradient ``g~`` are kept per
+        adapted layer (m x n, fp32: full fine-tuning's optimizer memory); the Adam direction is projected
+        back with the same closed form, then ``A -= lr * dA`` and ``B -= lr * dB``. Weight decay acts on the
+        adapted weight: A and B are scaled by ``sqrt(1 - lr * weight_decay)``; the base weight W0 is frozen
+        and never decayed.
+
+    Details: adapters with equal shapes, dtype, device and scaling are stacked and solved as one batch
+    (one ``eigh`` for all their Gram matrices). Bias correction counts steps from 1. Small solves and
+    optimizer state are fp32 for bf16/fp16 parameters (fp64 for fp64). With fp16 and ``GradScaler``, ``scaler.step`` unscales before ``step``.
+    Layers (and other parameters) whose gradients are non-finite are skipped on the device: parameters and
+    state stay unchanged, their step count does not advance, nothing becomes NaN, no host sync.
+    Gradient clipping must see the rewritten gradients, not the raw ones (clipping the raw norm is a defect of
+    the reference code), and a trainer clips before ``step``. So LoRAPro clips itself: ``max_grad_norm``
+    bounds the global norm of ``(dA, dB)`` (efficient) or of ``g~`` (full), together with the other
+    parameters' gradients. The lit_lowrank tasks route ``Trainer(gradient_clip_val=...)`` to it.
+
+    Args:
+        model: the module holding the adapters.
+        lr, betas, eps, weight_decay: Adam(W) hyper-parameters.
+        mode: ``"efficient"`` or ``"full"``.
+        damping: relative eigenvalue cut-off of the Gram pseudo-inverses (see ``lora_pro_math``).
+        max_grad_norm: clip the global norm of the rewritten directions to this value (``None``: no clipping).
+        use_triton: the fused Triton kernel of the full-mode step (``lit_lowrank.kernels.lora_pro_full``):
+            ``"auto"`` uses it on CUDA and the torch path on CPU, ``True`` wherever it can run (CPU only under
+            ``TRITON_INTERPRET=1``), ``False`` never. A missing or broken Triton falls back to torch with one
+            warning. Efficient mode has no kernel and ignores it.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), LoRAConfig(r=2))
+        >>> opt = LoRAPro(net, lr=1e-2, mode="full")
+        >>> net(torch.randn(4, 8)).square().sum().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> len(opt.param_groups[0]["params"])  # two adapters, A and B each
+        4
+    """
+
+    #: Tells :func:`lit_lowrank.optim.build_optimizer` to pass the model, not its parameters.
+    accepts_module = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mode: str = "efficient",
+        damping: float = 1e-8,
+        use_triton: Union[str, bool] = "auto",
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"LoRAPro takes the model (an nn.Module), got {type(model).__name__}. It needs the adapter modules "
+                "to pair lora_A with lora_B. HINT: LoRAPro(model, lr=...), not LoRAPro(model.parameters(), ...)."
+            )
+        if mode not in MODES:
+            raise ValueError(f"unknown LoRAPro mode={mode!r}; choose 'efficient' (LoRA's memory) or 'full' (Adam in weight space)")
+        validate_use_triton(use_triton)
+        if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay or not 0.0 <= damping:
+            raise ValueError(f"lr, eps, weight_decay and damping must be >= 0, got {lr}, {eps}, {weight_decay}, {damping}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.pairs = adapter_pairs(model)
+        if not self.pairs:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable LoRA adapters. "
+                "HINT: call lit_lowrank.inject_lora(model, LoRAConfig(...)) before creating LoRAPro."
+            )
+        adapter_ids = {id(p) for pair in self.pairs for p in (pair.A, pair.B)}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+        # "lora_pro" marks the adapter group with its mode (saved with the groups, checked on load).
+        groups = [{"params": [p for pair in self.pairs for p in (pair.A, pair.B)], "lora_pro": mode}]
+        if others:
+            groups.append({"params": others, "lora_pro": None})
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping)
+        super().__init__(groups, defaults)
+        self.mode = mode
+        self.use_triton = use_triton
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        """One optimizer step; ``closure`` re-evaluates the loss (run with gradients enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
+        for pair in self.pairs:
+            if group_of.get(pair.A) != group_of.get(pair.B):
+                raise ValueError(f"lora_A and lora_B of adapter {pair.name!r} must be in the same param group")
+        stepped = [pair for pair in self.pairs if pair.A in group_of and (pair.A.grad is not None or pair.B.grad is not None)]
+        # First every direction (adapters: LoRA-Pro's rewrite; other parameters: their gradients), so that
+        # clipping can see the rewritten quantities; then the updates.
+        plans = []
+        for batch in batches(stepped, extra_key=lambda pair: group_of[pair.A]):
+            group = self.param_groups[group_of[batch[0].A]]
+            plans.append(self._full_plan(batch, group) if self.mode == "full" else self._efficient_plan(batch, group))
+        adapter_params = {p for pair in self.pairs for p in (pair.A, pair.B)}
+        others = []
+        for group in self.param_groups:
+            by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None and p not in adapter_params:
+                    by_kind[(p.device, compute_dtype(p))].append(p)
+            others.extend(OtherPlan(params, group, *finite_grads(params)) for params in by_kind.values())
+        if self.max_grad_norm is not None:
+            self._clip_(plans, others)
+        for plan in plans:
+            self._apply_full(plan) if self.mode == "full" else self._apply_efficient(plan)
+        for plan in others:
+            states = [self._state(p, exp_avg=p.shape, exp_avg_sq=p.shape) for p in plan.params]
+            adamw_foreach_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
+                           **self._hyper(plan.group))
+        return loss
+
+    def _clip_(self, plans: list, others: list) -> None:
+        """Scale every direction by ``min(1, max_grad_norm / total_norm)``, on the device (no host sync).
+
+        The norm is that of what the optimizer feeds its moments: ``(dA, dB)`` in efficient mode, the
+        equivalent gradient ``g~`` in full mode (``||U^T V||^2 = sum((U U^T) * (V V^T))``, from the factors),
+        and the gradients of the other parameters (summed over ranks when they are sharded)."""
+        device = (plans[0].A if plans else others[0].params[0]).device
+        adapter_sq = sum((plan.squared_norm() for plan in plans), torch.zeros((), device=device))
+        other_sq = sum((torch.stack(torch._foreach_norm(plan.grads)).square().sum() for plan in others if plan.grads),
+                       torch.zeros((), device=device))
+        all_reduce_(other_sq, process_group(p for plan in others for p in plan.params))
+        total = (adapter_sq.float() + other_sq.float()).sqrt()
+        coefficient = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        for plan in plans:
+            plan.scale_(coefficient)
+        for plan in others:
+            torch._foreach_mul_(plan.grads, coefficient.to(plan.grads[0].dtype))
+
+    def _state(self, param: torch.Tensor, **moment_shapes: torch.Size) -> dict:
+        """Moments shaped like the parameter follow its sharding (DTensor); full-mode m x n ones are plain."""
+        state = self.state[param]
+        if not state:
+            dtype = compute_dtype(param)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            for key, shape in moment_shapes.items():
+                if shape == param.shape:
+                    state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+                else:
+                    state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
+
+    def _hyper(self, group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
+    def _efficient_plan(self, batch: list[AdapterPair], group: dict) -> "EfficientPlan":
+        stack = read_factors(batch)
+        A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
+        # (dA, dB) stay in the compute dtype: rounding them to bf16 before Adam would waste the fp32 solve.
+        dA, dB_t = closed_form(gram_spectrum(A, B_t, group["damping"]), A, B_t, grad_A, grad_B_t, batch[0].scaling)
+        skipped = ~stack.ok.view(-1, 1, 1)
+        return EfficientPlan(batch, group, stack.ok, dA.masked_fill_(skipped, 0), dB_t.masked_fill_(skipped, 0), A)
+
+    def _apply_efficient(self, plan: "EfficientPlan") -> None:
+        params = [pair.A for pair in plan.batch] + [pair.B for pair in plan.batch]
+        states = [self._state(p, exp_avg=p.shape, exp_avg_sq=p.shape) for p in params]
+        directions = list(plan.dA.unbind()) + [d.mT for d in plan.dB_t.unbind()]
+        directions = [local_part(d, like=p) for d, p in zip(directions, params)]
+        adamw_foreach_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
+                       **self._hyper(plan.group))
+
+    def _full_plan(self, batch: list[AdapterPair], group: dict) -> "FullPlan":
+        stack = read_factors(batch)
+        A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
+        spectrum = gram_spectrum(A, B_t, group["damping"])
+        U_t, V = equivalent_factors(spectrum, A, B_t, grad_A, grad_B_t, batch[0].scaling)
+        skipped = ~stack.ok.view(-1, 1, 1)
+        return FullPlan(batch, group, stack.ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0), V.masked_fill_(skipped, 0))
+
+    def _apply_full(self, plan: "FullPlan") -> None:
+        batch, A, B_t = plan.batch, plan.A, plan.B_t
+        weight_shape = torch.Size((B_t.shape[-1], A.shape[-1]))
+        states = [self._state(p.A, weight_exp_avg=weight_shape, weight_exp_avg_sq=weight_shape) for p in batch]
+        new_A, new_B_t, step = full_mode_update(
+            A, B_t, plan.U_t, plan.V, [s["weight_exp_avg"] for s in states], [s["weight_exp_avg_sq"] for s in states],
+            torch.stack([s["step"] for s in states]), plan.ok,
+            scaling=batch[0].scaling, damping=plan.group["damping"], spectrum=plan.spectrum, **self._hyper(plan.group),
+            use_triton=self.use_triton,
+        )
+        write_rows([p.A for p in batch], new_A)
+        write_rows([p.B for p in batch], new_B_t.mT)
+        write_rows([s["step"] for s in states], step)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_modes = {group.get("lora_pro") for group in state_dict["param_groups"]} - {None}
+        if saved_modes - {self.mode}:
+            raise ValueError(
+                f"this state was saved by LoRAPro(mode={saved_modes.pop()!r}) but the optimizer runs mode={self.mode!r}; "
+                "their states differ. HINT: create the optimizer with the same mode to resume."
+            )
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype; keep the saved dtype instead (fp32 moments
+        # of bf16 adapters) and own copies, so resuming continues bit-for-bit.
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for param, saved_id in zip(params, saved_ids):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, copy=True)

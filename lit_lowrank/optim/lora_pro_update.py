@@ -1,0 +1,186 @@
+"""Update rules of :class:`~lit_lowrank.optim.LoRAPro`: AdamW for a list of tensors, full mode for a layer stack.
+
+Both take an ``ok`` mask (finite gradients) and leave parameters *and* state bit-for-bit unchanged where
+it is False, with per-entry coefficients and ``torch.where`` on the device: no host sync, no NaN parameters.
+In :func:`full_mode_update` the m x n part (moments and projections, :func:`torch_moments_and_projections`)
+can run as the fused Triton kernel ``lit_lowrank.kernels.lora_pro_full`` (``use_triton``); the r x r solves
+stay in torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from lit_lowrank.kernels.dispatch import UseTriton, run_with_fallback, should_use_kernel
+from lit_lowrank.optim.lora_pro_math import GramSpectrum, closed_form, gram_spectrum
+
+Number = Union[float, torch.Tensor]
+
+
+def bias_corrections(step: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` for step tensors, ``t`` counted from 1.
+
+    Computed as ``-expm1(t * log(beta))`` from the python float ``log(beta)``: rounding ``beta2 = 0.999``
+    to fp32 first would put a 1e-4 relative error into ``1 - beta2``. A layer that never stepped is
+    clamped to t = 1 so its (unused, masked) update stays finite.
+    """
+    taken = step.to(dtype).clamp_min(1)
+
+    def one_minus_power(beta: float) -> torch.Tensor:
+        return -torch.expm1(taken * math.log(beta)) if beta > 0 else torch.ones_like(taken)
+
+    return one_minus_power(beta1), one_minus_power(beta2).sqrt()
+
+
+def per_entry(ok: torch.Tensor, value: float, skipped: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``ok``, else ``skipped``, filled on the device (no host-to-device copy)."""
+    return torch.full_like(like, value).masked_fill_(~ok, skipped)
+
+
+def adamw_foreach_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[dict],
+    ok: torch.Tensor,
+    *,
+    lr: Number,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (``torch.optim.AdamW``'s formula) on a list of tensors, in place; skips entries where ``ok`` is False.
+
+    All tensors share one device and one state dtype; ``states`` hold ``step`` (0-d float32), ``exp_avg``
+    and ``exp_avg_sq`` in that dtype (fp32 for bf16/fp16 parameters). ``grads`` must be zero where ``ok``
+    is False (callers zero non-finite ones). A skipped tensor then sees a zero gradient with ``beta = 1``
+    and a zero step size, so its moments and parameter stay bit-for-bit: the update is ``0 * finite``
+    because the denominator is at least ``eps`` (raised to the dtype's ``tiny`` if 0, so no ``0/0``).
+    Per-tensor coefficients are 0-d tensors, so nothing waits on the device; ``_foreach`` ops keep the
+    Python overhead per list, not per tensor.
+    """
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    work = exp_avgs[0].dtype
+    live = ok.to(work)
+    step = torch.stack([s["step"] for s in states]) + ok.to(torch.float32)
+    torch._foreach_copy_([s["step"] for s in states], list(step.unbind()))
+    bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, work)
+    grads = [g.to(work) for g in grads]
+    torch._foreach_lerp_(exp_avgs, grads, list(per_entry(ok, 1 - beta1, 0.0, live).unbind()))
+    torch._foreach_mul_(exp_avg_sqs, list(per_entry(ok, beta2, 1.0, live).unbind()))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, list(bc2_sqrt.unbind()))
+    torch._foreach_add_(denoms, max(eps, torch.finfo(work).tiny))
+    updates = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_mul_(updates, list((lr * live / bc1).unbind()))
+    in_place = all(p.dtype == work for p in params)
+    values = [p.detach() if in_place else p.detach().to(work) for p in params]  # half precision via fp32
+    if weight_decay:
+        torch._foreach_mul_(values, list((1 - lr * weight_decay * live).unbind()))
+    torch._foreach_sub_(values, updates)
+    if not in_place:
+        torch._foreach_copy_(list(params), values)
+
+
+def full_mode_update(
+    A: torch.Tensor,
+    B_t: torch.Tensor,
+    U_t: torch.Tensor,
+    V: torch.Tensor,
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    step: torch.Tensor,
+    ok: torch.Tensor,
+    *,
+    scaling: float,
+    lr: Number,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    damping: float,
+    spectrum: Optional[GramSpectrum] = None,
+    use_triton: UseTriton = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One full-mode LoRA-Pro step for a stack of L layers of one shape (the unit a fused kernel replaces).
+
+    Adam moments live in weight space: they track ``g~ = U_t^T @ V`` (m x n per layer). The Adam direction
+    ``G = m_hat / (sqrt(v_hat) + eps)`` is projected back onto the adapter with the LoRA-Pro closed form
+    (``s B^T G`` and ``s G A^T`` in place of ``g_A`` and ``g_B``), then ``A -= lr * dA``, ``B -= lr * dB``.
+    Decoupled weight decay acts on ``W = W0 + s B A`` through the factors: both are scaled by
+    ``sqrt(1 - lr * weight_decay)`` so ``s B A`` shrinks by ``1 - lr * weight_decay``; ``W0`` stays frozen.
+
+    Args:
+        A, B_t: (L, r, n) and (L, r, m): ``lora_A`` and ``lora_B`` transposed, in the compute dtype.
+        U_t, V: (L, 2r, m) and (L, 2r, n) with ``U_t^T @ V = g~`` (may be non-finite where ``ok`` is False).
+        exp_avg, exp_avg_sq: L tensors (m x n, compute dtype), updated in place; unchanged where not ok.
+            ``eps`` is raised to the dtype's ``tiny`` if 0, so an all-zero moment gives 0, not ``0/0``.
+        step: (L,) float steps taken so far; ok: (L,) bool, False for layers with non-finite gradients.
+        spectrum: :func:`gram_spectrum` of (A, B_t) when the caller already has it.
+        use_triton: ``"auto"`` (the fused kernel on CUDA, torch on CPU), ``True`` (the kernel wherever it
+            can run, CPU included under ``TRITON_INTERPRET=1``) or ``False`` (this torch path, the
+            default); see :mod:`lit_lowrank.kernels.dispatch`. The kernel takes fp32 only (fp64 runs here).
+
+    Returns:
+        New ``A`` and ``B_t`` (compute dtype; the old values where not ok) and the new step counts.
+
+    The torch path materialises ``g~`` and ``G`` one layer at a time (m x n); the kernel updates the
+    moments tile by tile from ``U_t`` and ``V`` and accumulates the projections without them.
+    """
+    if spectrum is None:
+        spectrum = gram_spectrum(A, B_t, damping)
+    step = step + ok.to(step.dtype)
+    bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, A.dtype)
+    moments = (A, B_t, U_t, V, exp_avg, exp_avg_sq, ok, bc1, bc2_sqrt)
+    hyper = dict(beta1=beta1, beta2=beta2, eps=max(eps, torch.finfo(A.dtype).tiny))
+    projections = None
+    if should_use_kernel(use_triton, A, B_t, U_t, V, *exp_avg, *exp_avg_sq, kernel="lora_pro_full"):
+        projections = run_with_fallback("lora_pro_full", lambda kernel: kernel.moments_and_projections(*moments, **hyper))
+    if projections is None:
+        projections = torch_moments_and_projections(*moments, **hyper)
+    proj_A, proj_B_t = projections
+    dA, dB_t = closed_form(spectrum, A, B_t, proj_A * scaling, proj_B_t * scaling, scaling)
+    decay = (1 - lr * weight_decay) ** 0.5
+    keep = ok.view(-1, 1, 1)
+    return torch.where(keep, A * decay - lr * dA, A), torch.where(keep, B_t * decay - lr * dB_t, B_t), step
+
+
+def torch_moments_and_projections(
+    A: torch.Tensor,
+    B_t: torch.Tensor,
+    U_t: torch.Tensor,
+    V: torch.Tensor,
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    ok: torch.Tensor,
+    bc1: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m x n part of :func:`full_mode_update` (the reference of the fused kernel), one layer at a time.
+
+    Updates the moments with ``g~ = U_t^T V`` in place (unchanged where not ``ok``), forms the Adam
+    direction ``G = (m / (sqrt(v) / bc2_sqrt + eps)) / bc1`` and returns ``(B^T G, (G A^T)^T)``, each
+    (L, r, k). ``bc1``, ``bc2_sqrt``: (L,) bias corrections of the new step counts; ``eps`` > 0.
+    """
+    # As in adamw_foreach_: a skipped layer sees g~ = 0 with beta = 1, so its moments stay bit-for-bit.
+    skipped = ~ok.view(-1, 1, 1)
+    U_t, V = U_t.masked_fill(skipped, 0), V.masked_fill(skipped, 0)
+    weight1, decay2 = per_entry(ok, 1 - beta1, 0.0, bc1), per_entry(ok, beta2, 1.0, bc1)
+    proj_A = torch.empty_like(A)
+    proj_B_t = torch.empty_like(B_t)
+    for i, (avg, avg_sq) in enumerate(zip(exp_avg, exp_avg_sq)):
+        g = U_t[i].mT @ V[i]
+        avg.lerp_(g, weight1[i])
+        avg_sq.mul_(decay2[i]).addcmul_(g, g, value=1 - beta2)
+        direction = avg_sq.sqrt().div_(bc2_sqrt[i]).add_(eps)
+        torch.div(avg, direction, out=direction).div_(bc1[i])  # G = m_hat / (sqrt(v_hat) + eps)
+        proj_A[i] = B_t[i] @ direction  # B^T G
+        proj_B_t[i] = A[i] @ direction.mT  # (G A^T)^T
+    return proj_A, proj_B_t

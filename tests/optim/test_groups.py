@@ -1,0 +1,119 @@
+"""lowrank_param_groups on the five supported model families (tiny configs), and its include/exclude overrides."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES
+from torch import nn
+
+from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups, param_group_names
+
+# The matrices each family must put in the low-rank group, per transformer block (name after the block prefix).
+BLOCK_MATRICES = {
+    "llama": (
+        "model.layers.{i}.",
+        [f"self_attn.{n}_proj.weight" for n in "qkvo"] + [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")],
+    ),
+    "gpt2": (
+        "transformer.h.{i}.",
+        ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"],
+    ),
+    "bert": (
+        "bert.encoder.layer.{i}.",
+        [
+            "attention.self.query.weight",
+            "attention.self.key.weight",
+            "attention.self.value.weight",
+            "attention.output.dense.weight",
+            "intermediate.dense.weight",
+            "output.dense.weight",
+        ],
+    ),
+    "vit": ("blocks.{i}.", ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]),
+    "clip": (
+        "{tower}transformer.resblocks.{i}.",
+        ["attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"],
+    ),
+}
+# Matrices that must stay out of the low-rank group: embeddings, heads, poolers, projections outside blocks.
+ADAMW_MATRICES = {
+    "llama": ["model.embed_tokens.weight", "lm_head.weight"],
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],  # lm_head is tied to wte
+    "bert": ["bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"],
+    "vit": ["head.weight", "pos_embed", "patch_embed.proj.weight"],
+    "clip": ["token_embedding.weight", "visual.proj", "text_projection", "positional_embedding"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def expected_lowrank_names(family):
+    prefix, suffixes = BLOCK_MATRICES[family]
+    towers = ("visual.", "") if family == "clip" else ("",)
+    return {prefix.format(i=i, tower=t) + s for t in towers for i in range(2) for s in suffixes}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request):
+    torch.manual_seed(0)
+    model, inputs, forward = FAMILIES[request.param]()
+    return request.param, model, inputs, forward
+
+
+def test_detects_the_block_matrices_of_each_family(family_model):
+    family, model, _, _ = family_model
+    lowrank, adamw = lowrank_param_groups(model, rank=4, scale=0.25)
+    assert set(lowrank["param_names"]) == expected_lowrank_names(family)
+    assert (lowrank["lowrank"], lowrank["rank"], lowrank["scale"], adamw["lowrank"]) == (True, 4, 0.25, False)
+    assert set(ADAMW_MATRICES[family]) <= set(adamw["param_names"])
+    # Each trainable tensor exactly once, names aligned with tensors.
+    named = dict(model.named_parameters())
+    grouped = lowrank["params"] + adamw["params"]
+    assert len({id(p) for p in grouped}) == len(grouped) == len(named)
+    for group in (lowrank, adamw):
+        assert all(named[name] is param for name, param in zip(group["param_names"], group["params"]))
+    assert all(param.ndim == 2 for param in lowrank["params"])
+
+
+def test_both_optimizers_train_each_family_with_the_groups(family_model):
+    _, model, inputs, forward = family_model
+    for optimizer_class in (LoRAPreAdamW, LoRAPreMuon):
+        optimizer = optimizer_class(model, rank=4)
+        optimizer.zero_grad()
+        forward(model, inputs).float().square().mean().backward()
+        optimizer.step()
+        assert optimizer.state_bytes().factors > 0
+        assert param_group_names(optimizer) == [g["param_names"] for g in lowrank_param_groups(model, rank=4)]
+
+
+def test_frozen_parameters_are_left_out():
+    model = nn.Sequential(nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]))
+    model[0][0].requires_grad_(False)
+    names = [name for group in lowrank_param_groups(model) for name in group["param_names"]]
+    assert names == ["0.1.weight", "0.1.bias"]
+
+
+def test_include_and_exclude_override_the_detection():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"stem": nn.Linear(8, 8), "blocks": nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 4)]), "norm": nn.LayerNorm(4)}
+    )
+    default = lowrank_param_groups(model)[0]["param_names"]
+    assert default == ["blocks.0.weight", "blocks.1.weight"]  # the stem is not inside a repeated block
+    by_regex = lowrank_param_groups(model, include=r"^stem\.", exclude=r"blocks\.1")[0]["param_names"]
+    assert by_regex == ["stem.weight", "blocks.0.weight"]
+    by_suffix = lowrank_param_groups(model, include=["stem"], exclude=["blocks.0.weight"])[0]["param_names"]
+    assert by_suffix == ["stem.weight", "blocks.1.weight"]
+    # include never puts a vector (the LayerNorm's weight) in the low-rank group
+    assert lowrank_param_groups(model, include=["norm"])[0]["param_names"] == default
+
+
+def test_a_model_without_block_matrices_gives_only_the_adamw_group():
+    groups = lowrank_param_groups(nn.Linear(4, 4))
+    assert [g["lowrank"] for g in groups] == [False] and param_group_names(groups) == [["weight", "bias"]]
