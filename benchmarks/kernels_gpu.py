@@ -1,0 +1,258 @@
+"""Time the Triton optimizer kernels on a GPU against torch's fused AdamW over the same m x n state.
+
+Rows (one per kernel, shape, rank and adapter dtype; L layers of the shape per step):
+
+- ``adamw_fused``: ``torch.optim.AdamW(fused=True)`` on L fp32 m x n parameters: the baseline of ``ratio``.
+- ``lora_pro_full_kernel``: the fused moments-and-projections kernel alone (``lit_lowrank.kernels.lora_pro_full``).
+- ``lora_pro_full_step``: the whole full-mode update, ``full_mode_update(use_triton=True)`` (kernel + r x r
+  solves + parameter update), from precomputed ``U_t``, ``V`` and Gram spectrum.
+- ``lora_pro_full_torch``: the same update on the torch reference path (``use_triton=False``).
+
+``dtype`` is the adapters' dtype: the factors are rounded to it, then converted to fp32 as the optimizer
+does before these calls (state is fp32 either way), so it changes values, not the work.
+
+Timing: CUDA events around each call, ``--warmup`` untimed calls (they also compile and autotune), then the
+median of ``--repeats``. ``GB/s`` counts the bytes an ideal implementation must move, per element of
+the m x n state: AdamW reads parameter, gradient and both moments and writes three (28 B in fp32); a
+LoRA-Pro full step reads and writes both moments (16 B) plus the small factors. The kernel moves more
+than that (its split-K partial sums, ``8 r (1 / (BLOCK_M ROW_TILES) + 1 / BLOCK_N)`` B per element, shown
+in ``config``), so ``GB/s`` is an effective rate. ``% peak`` divides it by the device's HBM bandwidth from
+NVIDIA's datasheets (``PEAK_GBPS``; ``--peak-gbps`` overrides). ``max rel err`` compares the kernel's
+new moments with the torch reference on the same inputs (fp32 ``tf32x3`` dots on NVIDIA).
+
+Adding a kernel (e.g. LoRA-Pre's Adam step): write ``bench_<name>(shape, r, dtype, args) -> list[Row]``
+and append it to ``BENCHES``; the table, CSV and ratio column pick it up.
+
+    python benchmarks/kernels_gpu.py                       # Llama-1B shapes, r = 16 and 128
+    python benchmarks/kernels_gpu.py --shapes 4096x4096 --ranks 64 --repeats 20
+
+Writes ``kernels_gpu.csv`` and ``kernels_gpu.md`` under ``--out``. Without a GPU it prints "no GPU
+present" and exits 0 without writing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+# A GPU benchmark of the interpreter would be meaningless; Triton reads this when kernels are imported.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+#: HBM bandwidth in GB/s by device-name substring, first match wins (NVIDIA datasheets: H200 "4.8TB/s";
+#: H100 SXM "3.35TB/s", H100 NVL "3.9TB/s", H100 PCIe "2TB/s"; A100 80GB SXM "2,039GB/s", A100 40GB "1,555GB/s").
+PEAK_GBPS = [
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = "cuda"
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    rank: Optional[int]
+    dtype: str
+    layers: int
+    ms: float
+    bytes_moved: float
+    ratio: float = float("nan")
+    gbps: float = float("nan")
+    pct_peak: float = float("nan")
+    max_rel_err: float = float("nan")
+    config: str = ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["2048x2048", "2048x5461"], help="m x n weight shapes")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 128], help="adapter ranks")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
+                        help="adapter dtypes (optimizer state is fp32 either way)")
+    parser.add_argument("--layers", type=int, default=4, help="layers of each shape stepped together")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls (median reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (compile, autotune)")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="HBM bandwidth; default from the device name")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for CSV and markdown")
+    return parser.parse_args(argv)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    m, n = text.lower().split("x")
+    return int(m), int(n)
+
+
+def gpu_name() -> Optional[str]:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def peak_gbps(name: str) -> Optional[float]:
+    return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
+
+
+def cuda_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` by CUDA events, one event pair per call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_adamw(shape, args) -> Row:
+    m, n = shape
+    params = [torch.randn(m, n, device=DEVICE, requires_grad=True) for _ in range(args.layers)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    ms = cuda_ms(opt.step, args.warmup, args.repeats)
+    return Row("adamw_fused", f"{m}x{n}", None, "float32", args.layers, ms, 28.0 * m * n * args.layers)
+
+
+def lora_pro_inputs(shape, r, dtype, layers, seed=0):
+    """Factors, precomputed spectrum and g~ factors of a trained-looking stack, and fresh fp32 moments."""
+    from lit_lowrank.optim.lora_pro_math import equivalent_factors, gram_spectrum
+
+    m, n = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    A = (torch.randn(layers, r, n, device=DEVICE, generator=gen) / n**0.5).to(dtype).float()
+    B_t = (torch.randn(layers, r, m, device=DEVICE, generator=gen) * 0.01).to(dtype).float()
+    grad_A = torch.randn(layers, r, n, device=DEVICE, generator=gen) * 1e-3
+    grad_B_t = torch.randn(layers, r, m, device=DEVICE, generator=gen) * 1e-3
+    spectrum = gram_spectrum(A, B_t)
+    U_t, V = equivalent_factors(spectrum, A, B_t, grad_A, grad_B_t, 2.0)
+    moments = ([torch.zeros(m, n, device=DEVICE) for _ in range(layers)], [torch.zeros(m, n, device=DEVICE) for _ in range(layers)])
+    return A, B_t, U_t, V, spectrum, moments
+
+
+def bench_lora_pro_full(shape, r, dtype, args) -> list[Row]:
+    from lit_lowrank.kernels import lora_pro_full
+    from lit_lowrank.optim.lora_pro_update import bias_corrections, full_mode_update, torch_moments_and_projections
+
+    m, n = shape
+    L = args.layers
+    A, B_t, U_t, V, spectrum, (avg, avg_sq) = lora_pro_inputs(shape, r, dtype, L)
+    ok = torch.ones(L, dtype=torch.bool, device=DEVICE)
+    step = torch.zeros(L, device=DEVICE)
+    bc1, bc2_sqrt = bias_corrections(step + 1, 0.9, 0.999, torch.float32)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+    essential = 16.0 * m * n * L + 4.0 * L * 3 * r * (m + n)  # moments in and out, A, B_t, U_t, V read once
+    tag, dtype_name = f"{m}x{n}", str(dtype).replace("torch.", "")
+    rows = []
+    for name, precision in (("lora_pro_full_kernel", None), ("lora_pro_full_kernel_tf32", "tf32")):
+        # Accuracy on fresh moments: kernel vs torch reference on identical inputs.
+        mine = ([t.clone() for t in avg], [t.clone() for t in avg_sq])
+        ref = ([t.clone() for t in avg], [t.clone() for t in avg_sq])
+        got = lora_pro_full.moments_and_projections(A, B_t, U_t, V, *mine, ok, bc1, bc2_sqrt, precision=precision, **hyper)
+        want = torch_moments_and_projections(A, B_t, U_t, V, *ref, ok, bc1, bc2_sqrt, **hyper)
+        pairs = zip([*mine[0], *mine[1], *got], [*ref[0], *ref[1], *want])
+        err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in pairs)
+        del mine, ref, got, want
+        ms = cuda_ms(lambda: lora_pro_full.moments_and_projections(A, B_t, U_t, V, avg, avg_sq, ok, bc1, bc2_sqrt,
+                                                                   precision=precision, **hyper), args.warmup, args.repeats)
+        rows.append(Row(name, tag, r, dtype_name, L, ms, essential, max_rel_err=err, config=kernel_config(lora_pro_full, r)))
+    update = dict(scaling=2.0, lr=1e-4, weight_decay=0.01, damping=1e-8, spectrum=spectrum, **hyper)
+    for name, use_triton in (("lora_pro_full_step", True), ("lora_pro_full_torch", False)):
+        ms = cuda_ms(lambda: full_mode_update(A, B_t, U_t, V, avg, avg_sq, step, ok, use_triton=use_triton, **update),
+                     args.warmup, args.repeats)
+        rows.append(Row(name, tag, r, dtype_name, L, ms, essential))
+    return rows
+
+
+def kernel_config(module, r: int) -> str:
+    """The autotuned config of the last launch and its partial-sum traffic per weight entry."""
+    best = module._autotuned.best_config if module._autotuned is not None else None
+    if best is None:
+        return "fixed (interpreter)"
+    block_m, block_n, row_tiles = best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.kwargs["ROW_TILES"]
+    partials = 8 * r * (1 / (block_m * row_tiles) + 1 / block_n)
+    return (f"BLOCK_M={block_m} BLOCK_N={block_n} ROW_TILES={row_tiles} warps={best.num_warps} "
+            f"stages={best.num_stages} partials={partials:.1f} B/elt")
+
+
+#: (name, function(shape, r, dtype, args) -> rows); the LoRA-Pre kernels go here too.
+BENCHES: list[tuple[str, Callable]] = [("lora_pro_full", bench_lora_pro_full)]
+
+
+def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: Optional[float]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = ["kernel", "shape", "rank", "dtype", "layers", "ms", "ratio", "gbps", "pct_peak", "max_rel_err", "config"]
+    with open(args.out / "kernels_gpu.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields + ["device"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: v for k, v in asdict(row).items() if k in fields}, "device": device})
+    lines = [
+        "# Triton optimizer kernels vs fused AdamW",
+        "",
+        f"`python {' '.join(sys.argv)}` on {device} (peak {peak or 'unknown'} GB/s), torch {torch.__version__}, "
+        f"{args.layers} layers per shape, median of {args.repeats} calls after {args.warmup} warm-up calls.",
+        "GB/s: bytes an ideal implementation moves / time (see the script's docstring); ratio: ms / fused AdamW ms, same shape.",
+        "",
+        "| kernel | shape | rank | dtype | ms | ratio vs fused AdamW | GB/s | % of peak | max rel err | config |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.kernel} | {row.shape} | {row.rank or ''} | {row.dtype} | {row.ms:.3f} | {row.ratio:.2f} | "
+                     f"{row.gbps:.0f} | {row.pct_peak:.0f} | {'' if row.max_rel_err != row.max_rel_err else f'{row.max_rel_err:.1e}'} "
+                     f"| {row.config} |")
+    (args.out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = gpu_name()
+    if device is None:
+        print("no GPU present: these benchmarks time CUDA kernels; nothing measured, nothing written.")
+        return 0
+    peak = args.peak_gbps or peak_gbps(device)
+    rows: list[Row] = []
+    for text in args.shapes:
+        shape = parse_shape(text)
+        baseline = bench_adamw(shape, args)
+        rows.append(baseline)
+        for r in args.ranks:
+            for dtype_name in args.dtypes:
+                for _, bench in BENCHES:
+                    rows.extend(bench(shape, r, DTYPES[dtype_name], args))
+        for row in rows:
+            if row.shape == baseline.shape:
+                row.ratio = row.ms / baseline.ms
+        torch.cuda.empty_cache()
+    for row in rows:
+        row.gbps = row.bytes_moved / (row.ms * 1e-3) / 1e9
+        row.pct_peak = 100.0 * row.gbps / peak if peak else float("nan")
+    header = f"{'kernel':<26} {'shape':<10} {'rank':>4} {'dtype':<9} {'ms':>8} {'ratio':>6} {'GB/s':>6} {'%peak':>5}  max rel err"
+    print(f"{device}: peak {peak or 'unknown'} GB/s")
+    print(header)
+    for row in rows:
+        print(f"{row.kernel:<26} {row.shape:<10} {row.rank or '':>4} {row.dtype:<9} {row.ms:8.3f} {row.ratio:6.2f} "
+              f"{row.gbps:6.0f} {row.pct_peak:5.0f}  {row.max_rel_err:.1e}")
+    write_results(rows, args, device, peak)
+    print(f"wrote {args.out / 'kernels_gpu.csv'} and {args.out / 'kernels_gpu.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
