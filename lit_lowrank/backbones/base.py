@@ -1,27 +1,39 @@
 """What every backbone factory returns, and the shared offline-error wording."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 from torch import nn
 
 
-@dataclass
 class Backbone:
     """A model plus what a task needs to use it.
 
-    Attributes:
+    A plain class rather than a dataclass so that YAML can name a factory function as its ``class_path``
+    (``lit_lowrank.backbones.transformers_backbone`` with ``init_args``): jsonargparse accepts functions that
+    return the class, which it does not for dataclasses.
+
+    Args:
         model: the ``nn.Module``.
         lora_targets: sensible default ``LoRAConfig.target_modules`` for this architecture.
         tokenizer: a Hugging Face or open_clip tokenizer, when the model reads text.
         preprocess: image transforms (timm data config / open_clip preprocess), when it reads images.
+
+    Example:
+        >>> bb = Backbone(nn.Linear(2, 2), ["0"])
+        >>> bb
+        Backbone(model=Linear, lora_targets=['0'])
     """
 
-    model: nn.Module
-    lora_targets: Union[str, List[str]] = "all-linear"
-    tokenizer: Optional[Any] = None
-    preprocess: Optional[Any] = None
+    def __init__(self, model: nn.Module, lora_targets: Union[str, List[str]] = "all-linear",
+                 tokenizer: Optional[Any] = None, preprocess: Optional[Any] = None) -> None:
+        self.model = model
+        self.lora_targets = lora_targets
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    def __repr__(self) -> str:
+        return f"Backbone(model={type(self.model).__name__}, lora_targets={self.lora_targets!r})"
 
 
 class PretrainedUnavailableError(OSError):

@@ -1,7 +1,7 @@
 """timm image backbones (``timm.create_model`` name + kwargs)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import timm
 from torch import nn
@@ -17,22 +17,37 @@ def default_targets(model: nn.Module):
     return VIT_TARGETS if {"qkv", "fc1"} <= names else "all-linear"
 
 
-def timm_backbone(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs: Any) -> Backbone:
+def timm_backbone(
+    name: str,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    img_size: Optional[int] = None,
+    checkpoint_path: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> Backbone:
     """A timm model, its data config and default LoRA targets.
 
     Args:
         name: timm model name, e.g. ``vit_tiny_patch16_224``.
         pretrained: fetch timm's pretrained weights (needs the hub, or a cache).
+        num_classes: size of the classifier head (timm's default when None).
+        img_size: input resolution for models that take it (ViTs).
         checkpoint_path: load weights from a local file instead.
-        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``img_size``, ``embed_dim``, ``depth``, ...).
+        model_kwargs: further ``timm.create_model`` arguments (``patch_size``, ``embed_dim``, ``depth``, ...);
+            from YAML this is where they go.
+        **kwargs: the same, for Python callers.
 
     Example:
-        >>> bb = timm_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+        >>> bb = timm_backbone("vit_tiny_patch16_224", img_size=32, num_classes=3,
+        ...                    model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2))
         >>> bb.lora_targets, bb.preprocess["input_size"]
         (['qkv', 'proj', 'fc1', 'fc2'], (3, 32, 32))
     """
-    if checkpoint_path:
-        kwargs["checkpoint_path"] = checkpoint_path
+    kwargs = {**(model_kwargs or {}), **kwargs}
+    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("checkpoint_path", checkpoint_path)):
+        if value is not None:
+            kwargs[key] = value
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as error:

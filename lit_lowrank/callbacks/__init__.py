@@ -1,1 +1,8 @@
+"""Callbacks usable in any Lightning project: adapters, LoRA-Pro gradients, optimizer memory, adapter export, plots."""
+from lit_lowrank.callbacks.adapter_export import AdapterExport
+from lit_lowrank.callbacks.lora_adapters import LoRAAdapters
+from lit_lowrank.callbacks.lora_pro_gradients import LoRAProGradients
+from lit_lowrank.callbacks.metrics_plot import MetricsPlot
+from lit_lowrank.callbacks.optimizer_state import OptimizerStateMonitor
 
+__all__ = ["AdapterExport", "LoRAAdapters", "LoRAProGradients", "MetricsPlot", "OptimizerStateMonitor"]

@@ -43,7 +43,8 @@ class LowRankTask(L.LightningModule):
         # Under LightningCLI the hyper-parameters are the parsed config (so load_from_checkpoint can rebuild
         # everything); used directly from Python, the objects themselves are not worth pickling.
         self.save_hyperparameters(ignore=[] if _built_by_cli() else ["backbone", "lora", "optimizer", "scheduler"])
-        self.model = backbone.model
+        # from_pretrained returns modules in eval mode; Lightning keeps each module's mode, so set it here.
+        self.model = backbone.model.train()
         self.tokenizer = backbone.tokenizer
         self.preprocess = backbone.preprocess
         self.optimizer_factory = optimizer
@@ -81,6 +82,17 @@ class LowRankTask(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as the Trainer says, except for optimizers that rewrite gradients inside ``step`` (LoRA-Pro):
+        they expose ``max_grad_norm`` and get the threshold, so the rewritten gradients are clipped, not the raw."""
+        if gradient_clip_val and hasattr(optimizer, "max_grad_norm"):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"{type(optimizer).__name__} clips by norm after rewriting the gradients; "
+                                 f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported. HINT: use 'norm'.")
+            optimizer.max_grad_norm = float(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def _batch_size(self, batch: dict) -> int:
         first = next(v for v in batch.values() if isinstance(v, torch.Tensor))

@@ -73,7 +73,7 @@ class CausalLMTask(LowRankTask):
         self._log_epoch("test", self.test_loss)
 
     def _log_epoch(self, stage: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
+        loss = metric.compute()  # already reduced over ranks by torchmetrics; sync_dist only averages equal values
         metric.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=False)
-        self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=math.log(1e9))), prog_bar=stage == "val")
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=math.log(1e9))), prog_bar=stage == "val", sync_dist=True)

@@ -1,0 +1,73 @@
+"""Export the adapters in PEFT's format at the end of fit and whenever the best checkpoint changes."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_lowrank.adapters import save_adapter
+from lit_lowrank.adapters.peft_io import find_injection_root
+
+log = logging.getLogger(__name__)
+
+
+class AdapterExport(Callback):
+    """Write ``<dirpath>/best`` (with each new best checkpoint) and ``<dirpath>/final`` (end of fit).
+
+    Each is ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained``
+    (Linear/Conv1D adapters) or :func:`lit_lowrank.load_adapter`. Under FSDP2 every rank takes part in gathering
+    the full adapter tensors and global rank 0 writes them: no shard is lost.
+
+    Args:
+        dirpath: output folder; default ``<trainer.log_dir>/adapter``.
+        base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, base_model_name_or_path: Optional[str] = None) -> None:
+        self.dirpath = dirpath
+        self.base_model_name_or_path = base_model_name_or_path
+        self._best_path: Optional[str] = None
+        self.exported: dict[str, Path] = {}
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "adapter")
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        target = self._root(trainer) / name
+        save_adapter(pl_module, target, base_model_name_or_path=self.base_model_name_or_path)
+        self.exported[name] = target
+        if trainer.is_global_zero:
+            log.info("adapter (%s) exported to %s", name, target)
+        return target
+
+    def _has_adapters(self, pl_module: L.LightningModule) -> bool:
+        try:
+            find_injection_root(pl_module)
+        except ValueError:
+            return False
+        return True
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # ModelCheckpoint updates best_model_path before it saves, so a change here marks a new best.
+        best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+        if best and best != self._best_path and self._has_adapters(pl_module):
+            self._best_path = best
+            self.export(trainer, pl_module, "best")
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_adapters(pl_module):
+            self.export(trainer, pl_module, "final")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_path": self._best_path}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._best_path = state_dict.get("best_path")

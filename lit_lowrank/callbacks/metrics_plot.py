@@ -1,0 +1,76 @@
+"""A PNG of chosen metrics against the step, drawn from the CSV log at the end of fit."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+
+def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from a Lightning ``metrics.csv``, skipping empty cells."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_metrics(csv_path: Path, metrics: Sequence[str], output: Path, title: Optional[str] = None) -> Path:
+    """Draw one panel per metric found in ``csv_path`` (missing ones are skipped) into ``output``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(csv_path)
+    present = [m for m in metrics if m in series]
+    if not present:
+        raise ValueError(f"none of {list(metrics)} were logged in {csv_path}; logged: {sorted(series)}")
+    figure, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], present):
+        steps, values = zip(*series[name])
+        axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        axis.set_xlabel("step")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
+
+
+class MetricsPlot(Callback):
+    """Save ``<log_dir>/<filename>``: the chosen metrics against the step, read from the CSVLogger's file.
+
+    Args:
+        metrics: metric names as logged (e.g. ``train/loss``, ``val/acc``); names never logged are skipped.
+        filename: PNG file name inside the CSV logger's directory.
+    """
+
+    def __init__(self, metrics: Sequence[str] = ("train/loss", "val/loss", "val/acc"), filename: str = "metrics.png") -> None:
+        self.metrics = list(metrics)
+        self.filename = filename
+        self.path: Optional[Path] = None
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is None:
+            raise ValueError("MetricsPlot reads the CSV log: add lightning.pytorch.loggers.CSVLogger to trainer.logger")
+        csv_logger.save()
+        csv_path = Path(csv_logger.experiment.metrics_file_path)
+        self.path = plot_metrics(csv_path, self.metrics, Path(csv_logger.log_dir) / self.filename,
+                                 title=type(pl_module).__name__)
