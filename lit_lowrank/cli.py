@@ -6,6 +6,7 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_lowrank.callbacks import AdapterExport, MetricsPlot
@@ -47,6 +48,9 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
         metrics_csv = Path(log_dir) / "metrics.csv"
         if metrics_csv.exists():
             lines.append(f"  metrics (CSV)       {metrics_csv.resolve()}")
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            lines.append(f"  TensorBoard logs    {Path(logger.log_dir).resolve()}  (tensorboard --logdir ...)")
     for callback in trainer.callbacks:
         if isinstance(callback, MetricsPlot) and callback.path:
             lines.append(f"  metrics plot (PNG)  {callback.path.resolve()}")
@@ -56,6 +60,10 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if best:
         lines.append(f"  best checkpoint     {Path(best).resolve()}")
+    validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if validation:
+        lines.append("Validation metrics (last evaluation):")
+        lines.extend(f"  {key:18s}  {value:.4f}" for key, value in sorted(validation.items()))
     if test_metrics:
         lines.append("Held-out (test split) metrics:")
         lines.extend(f"  {key:18s}  {value:.4f}" for key, value in sorted(test_metrics.items()))

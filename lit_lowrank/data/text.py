@@ -121,6 +121,10 @@ class TextBlocksDataModule(SeededDataModule):
             a reachable hub or a local cache. Its ``validation`` split is used when it has one.
         hf_config: the dataset's configuration name (e.g. ``wikitext-2-raw-v1``).
         text_field: the text column of ``hf_dataset``.
+        max_vocab: keep only the ``max_vocab - 1`` most frequent token ids of the training blocks (ties broken by
+            id) and renumber them ``1..max_vocab - 1`` by that order; every other id becomes 0. A small model
+            pre-trained from scratch then gets a small embedding and output layer instead of the tokenizer's whole
+            vocabulary. ``kept_token_ids[i]`` is the tokenizer id of new id ``i`` (0 stands for all dropped ones).
         num_workers: DataLoader worker processes.
         seed: seeds the training-block choice and the training order.
 
@@ -148,10 +152,13 @@ class TextBlocksDataModule(SeededDataModule):
         hf_dataset: Optional[str] = None,
         hf_config: Optional[str] = None,
         text_field: str = "text",
+        max_vocab: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        if max_vocab is not None and max_vocab < 2:
+            raise ValueError(f"max_vocab must be >= 2 (id 0 collects the dropped tokens), got {max_vocab}")
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
         if not 0.0 < val_fraction < 1.0:
@@ -162,6 +169,8 @@ class TextBlocksDataModule(SeededDataModule):
         self.block_size, self.val_fraction = block_size, val_fraction
         self.max_train_blocks, self.max_val_blocks = max_train_blocks, max_val_blocks
         self.hf_dataset, self.hf_config, self.text_field = hf_dataset, hf_config, text_field
+        self.max_vocab = max_vocab
+        self.kept_token_ids: Optional[torch.Tensor] = None
         self._tokenizer: Any = None
         self.train_blocks: Optional[torch.Tensor] = None
         self.val_blocks: Optional[torch.Tensor] = None
@@ -175,8 +184,8 @@ class TextBlocksDataModule(SeededDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Token ids are below this (size of the tokenizer's vocabulary, added tokens included)."""
-        return len(self.tokenizer)
+        """Token ids are below this: ``max_vocab`` when set, else the tokenizer's vocabulary (added tokens included)."""
+        return self.max_vocab if self.max_vocab is not None else len(self.tokenizer)
 
     def prepare_data(self) -> None:
         if self.hf_dataset:
@@ -191,6 +200,8 @@ class TextBlocksDataModule(SeededDataModule):
             stream = torch.cat([train_ids, val_ids])
             cut = len(stream) - max(self.block_size, math.ceil(self.val_fraction * len(stream)))
             train_ids, val_ids = stream[:cut], stream[cut:]
+        if self.max_vocab is not None:
+            train_ids, val_ids = self._compact(train_ids, val_ids)
         train, val = self._blocks(train_ids, "training"), self._blocks(val_ids, "validation")
         if self.max_train_blocks is not None and self.max_train_blocks < len(train):
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[: self.max_train_blocks]
@@ -227,6 +238,19 @@ class TextBlocksDataModule(SeededDataModule):
                   verbose=False)["input_ids"]
         tail = [separator] if separator is not None else []
         return torch.tensor(list(itertools.chain.from_iterable(doc + tail for doc in ids)), dtype=torch.long)
+
+    def _compact(self, train_ids: torch.Tensor, val_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Renumber the most frequent training tokens 1..max_vocab-1 (see ``max_vocab``); the rest become 0."""
+        used = train_ids[: len(train_ids) // self.block_size * self.block_size]  # what the training blocks hold
+        counts = torch.bincount(used, minlength=len(self.tokenizer))
+        # stable sort of -count: equal counts keep ascending id order, so the choice is deterministic
+        order = torch.sort(-counts, stable=True).indices
+        kept = order[: self.max_vocab - 1]
+        kept = kept[counts[kept] > 0]
+        mapping = torch.zeros(len(counts), dtype=torch.long)
+        mapping[kept] = torch.arange(1, len(kept) + 1)
+        self.kept_token_ids = torch.cat([torch.tensor([self.tokenizer.unk_token_id or 0]), kept])
+        return mapping[train_ids], mapping[val_ids]
 
     def _blocks(self, ids: torch.Tensor, split: str) -> torch.Tensor:
         count = len(ids) // self.block_size

@@ -155,3 +155,21 @@ def test_hf_dataset_rows_become_documents(monkeypatch):
     assert len(dm.val_blocks) == (len(dm.tokenizer.encode(rows["validation"][0], add_special_tokens=False)) + 1) // 16
     with pytest.raises(KeyError, match="no column 'text'.*text_field"):
         TextBlocksDataModule(hf_dataset="some/corpus").setup()
+
+
+def test_max_vocab_keeps_the_most_frequent_training_tokens(tmp_path):
+    _write_docs(tmp_path)
+    full = TextBlocksDataModule(str(tmp_path), block_size=16, batch_size=4)
+    full.setup("fit")
+    small = TextBlocksDataModule(str(tmp_path), block_size=16, batch_size=4, max_vocab=12)
+    small.setup("fit")
+    assert small.vocab_size == 12 and int(small.train_blocks.max()) < 12 and int(small.val_blocks.max()) < 12
+    # an independent count of the training tokens: the 11 most frequent (ties by id) keep their identity
+    counts = torch.bincount(full.train_blocks.flatten(), minlength=full.vocab_size)
+    expected = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))[:11]
+    assert small.kept_token_ids[1:].tolist() == expected
+    restored = small.kept_token_ids[small.train_blocks]
+    kept = small.train_blocks != 0
+    assert torch.equal(restored[kept], full.train_blocks[kept])
+    with pytest.raises(ValueError, match="max_vocab"):
+        TextBlocksDataModule(str(tmp_path), max_vocab=1)
