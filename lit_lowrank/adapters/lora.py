@@ -48,6 +48,28 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+class Mergeable:
+    """``merge()`` / ``unmerge()`` for wrappers that implement ``_add_to_base(sign)`` (the delta, in fp32)."""
+
+    merged = False
+
+    def merge(self) -> None:
+        """Fold ``scaling * B @ A`` into the base weight(s)."""
+        self._add_to_base(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the delta again; inverse of :meth:`merge` up to the base dtype's rounding."""
+        self._add_to_base(-1.0)
+        self.merged = False
+
+
+@torch.no_grad()
+def add_delta_(target: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
+    """``target += sign * delta`` with the sum formed in fp32 and rounded once to the target's dtype."""
+    target.copy_((target.float() + sign * delta.to(target.device)).to(target.dtype))
+
+
 class LoRAAdapter(nn.Module):
     """One low-rank pair whose weight delta is ``scaling * lora_B @ lora_A`` (out x in).
 
@@ -96,7 +118,7 @@ class LoRAAdapter(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
 
 
-class LoRALinear(LoRAAdapter):
+class LoRALinear(Mergeable, LoRAAdapter):
     """A frozen ``nn.Linear`` / ``Conv1D`` plus a trainable low-rank update.
 
     ``forward(x) = base_layer(x) + scaling * dropout(x) @ A^T @ B^T``. The wrapper forwards ``weight``
@@ -116,7 +138,6 @@ class LoRALinear(LoRAAdapter):
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -134,26 +155,12 @@ class LoRALinear(LoRAAdapter):
         update = F.linear(F.linear(lora_in, self.lora_A), self.lora_B) * self.scaling
         return result + update.to(result.dtype)
 
-    def merge(self) -> None:
-        """Fold ``scaling * B @ A`` into the base weight (delta computed in fp32)."""
-        self._add_to_base(+1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the delta again; inverse of :meth:`merge` up to the base dtype's rounding."""
-        self._add_to_base(-1.0)
-        self.merged = False
-
-    @torch.no_grad()
     def _add_to_base(self, sign: float) -> None:
         delta = self.delta_weight()
-        if self.fan_in_fan_out:
-            delta = delta.T
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
+        add_delta_(self.base_layer.weight, delta.T if self.fan_in_fan_out else delta, sign)
 
 
-class LoRAMultiheadAttention(nn.Module):
+class LoRAMultiheadAttention(Mergeable, nn.Module):
     """``nn.MultiheadAttention`` with LoRA on chosen packed projections (``q_proj``/``k_proj``/``v_proj``/``out_proj``).
 
     ``nn.MultiheadAttention`` reads ``in_proj_weight`` and ``out_proj.weight`` directly inside
@@ -184,7 +191,6 @@ class LoRAMultiheadAttention(nn.Module):
         if unknown or not parts:
             raise ValueError(f"parts must be a non-empty subset of {MHA_PARTS}, got {tuple(parts)}")
         self.base_layer = base_layer
-        self.merged = False
         width = base_layer.embed_dim
         weight = base_layer.in_proj_weight
         for part in MHA_PARTS:
@@ -247,24 +253,13 @@ class LoRAMultiheadAttention(nn.Module):
         )
         return (output.transpose(0, 1) if batched_first else output), weights
 
-    def merge(self) -> None:
-        self._add_to_base(+1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self._add_to_base(-1.0)
-        self.merged = False
-
-    @torch.no_grad()
     def _add_to_base(self, sign: float) -> None:
         mha = self.base_layer
         width = mha.embed_dim
         for index, part in enumerate(MHA_PARTS):
-            if part not in self._modules:
-                continue
-            target = mha.out_proj.weight if part == "out_proj" else mha.in_proj_weight[index * width:(index + 1) * width]
-            delta = self._modules[part].delta_weight().to(target.device)
-            target.copy_((target.float() + sign * delta).to(target.dtype))
+            if part in self._modules:
+                target = mha.out_proj.weight if part == "out_proj" else mha.in_proj_weight[index * width:(index + 1) * width]
+                add_delta_(target, self._modules[part].delta_weight(), sign)
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
