@@ -7,6 +7,14 @@ Rows (one per kernel, shape, rank and adapter dtype; L layers of the shape per s
 - ``lora_pro_full_step``: the whole full-mode update, ``full_mode_update(use_triton=True)`` (kernel + r x r
   solves + parameter update), from precomputed ``U_t``, ``V`` and Gram spectrum.
 - ``lora_pro_full_torch``: the same update on the torch reference path (``use_triton=False``).
+- ``adamw_fused`` with dtype bfloat16: ``AdamW(fused=True)`` on bf16 parameters (bf16 moments: torch's fused
+  AdamW keeps state in the parameters' dtype); the baseline of the bf16 LoRA-Pre rows.
+- ``lora_pre_adam_step``: a whole LoRA-Pre Adam step of L p x q parameters of ``dtype`` (fp32 factors),
+  ``lora_pre_adam_update_(use_triton=True)``: damped pseudo-inverses and factor updates in torch, the p x q work
+  in the two passes of ``lit_lowrank.kernels.lora_pre_adam`` (fp32 dots as ``tf32x3``); ``..._tf32``: the same
+  with plain tf32 dots; ``lora_pre_adam_passes``: the two kernel passes alone (pseudo-inverses precomputed), i.e.
+  what is left when the small torch ops cost nothing (CUDA graphs, or a multi-tensor glue); ``lora_pre_adam_torch``:
+  the torch reference (``use_triton=False``).
 
 ``dtype`` is the adapters' dtype: the factors are rounded to it, then converted to fp32 as the optimizer
 does before these calls (state is fp32 either way), so it changes values, not the work.
@@ -16,12 +24,17 @@ median of ``--repeats``. ``GB/s`` counts the bytes an ideal implementation must 
 the m x n state: AdamW reads parameter, gradient and both moments and writes three (28 B in fp32); a
 LoRA-Pro full step reads and writes both moments (16 B) plus the small factors. The kernel moves more
 than that (its split-K partial sums, ``8 r (1 / (BLOCK_M ROW_TILES) + 1 / BLOCK_N)`` B per element, shown
-in ``config``), so ``GB/s`` is an effective rate. ``% peak`` divides it by the device's HBM bandwidth from
+in ``config``), so ``GB/s`` is an effective rate. A LoRA-Pre Adam step must read ``g`` and ``W``, write ``W``
+and read ``g`` again (4 words per entry: 16 B in fp32, 8 B in bf16) plus the factors (read and written, and the
+pseudo-inverses read: 12 (p + q) r fp32 words); the kernel adds ``r / 16`` B of partial sums per entry and
+whatever the L2 misses of the factors' re-reads cost. ``ratio`` divides by the fused AdamW row of the same shape
+and, for LoRA-Pre, of the same parameter dtype (fp32 otherwise). ``% peak`` divides GB/s by the HBM bandwidth from
 NVIDIA's datasheets (``PEAK_GBPS``; ``--peak-gbps`` overrides). ``max rel err`` compares the kernel's
-new moments with the torch reference on the same inputs (fp32 ``tf32x3`` dots on NVIDIA).
+new moments with the torch reference on the same inputs (fp32 ``tf32x3`` dots on NVIDIA); for LoRA-Pre, the
+step's parameter displacement and new factors against the torch path's after one step from the same state.
 
-Adding a kernel (e.g. LoRA-Pre's Adam step): write ``bench_<name>(shape, r, dtype, args) -> list[Row]``
-and append it to ``BENCHES``; the table, CSV and ratio column pick it up.
+Adding a kernel: write ``bench_<name>(shape, r, dtype, args) -> list[Row]`` and append it to ``BENCHES``; the
+table, CSV and ratio column pick it up.
 
     python benchmarks/kernels_gpu.py                       # Llama-1B shapes, r = 16 and 128
     python benchmarks/kernels_gpu.py --shapes 4096x4096 --ranks 64 --repeats 20
@@ -74,6 +87,7 @@ class Row:
     pct_peak: float = float("nan")
     max_rel_err: float = float("nan")
     config: str = ""
+    baseline_dtype: str = "float32"  # ratio: ms over the adamw_fused row of this shape and dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,14 +134,16 @@ def cuda_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_adamw(shape, args) -> Row:
+def bench_adamw(shape, args, dtype=torch.float32) -> Row:
     m, n = shape
-    params = [torch.randn(m, n, device=DEVICE, requires_grad=True) for _ in range(args.layers)]
+    params = [torch.randn(m, n, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(args.layers)]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
     ms = cuda_ms(opt.step, args.warmup, args.repeats)
-    return Row("adamw_fused", f"{m}x{n}", None, "float32", args.layers, ms, 28.0 * m * n * args.layers)
+    dtype_name = str(dtype).replace("torch.", "")
+    moved = 7.0 * params[0].element_size() * m * n * args.layers  # reads W, g, m, v; writes W, m, v
+    return Row("adamw_fused", f"{m}x{n}", None, dtype_name, args.layers, ms, moved, baseline_dtype=dtype_name)
 
 
 def lora_pro_inputs(shape, r, dtype, layers, seed=0):
@@ -191,8 +207,104 @@ def kernel_config(module, r: int) -> str:
             f"stages={best.num_stages} partials={partials:.1f} B/elt")
 
 
-#: (name, function(shape, r, dtype, args) -> rows); the LoRA-Pre kernels go here too.
-BENCHES: list[tuple[str, Callable]] = [("lora_pro_full", bench_lora_pro_full)]
+def lora_pre_inputs(shape, r, dtype, layers, seed=0):
+    """L parameters of ``dtype`` with gradients, and fp32 factors as after some steps (B, V_B non-zero)."""
+    from lit_lowrank.optim.lowrank_factors import init_factor_pairs
+
+    m, n = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    params = [(torch.randn(m, n, device=DEVICE, generator=gen) * 0.02).to(dtype) for _ in range(layers)]
+    grads = [(torch.randn(m, n, device=DEVICE, generator=gen) * 1e-3).to(dtype) for _ in range(layers)]
+    factors = []
+    for i in range(layers):
+        (B, A), (V_B, V_A) = init_factor_pairs(shape, r, seed + i, 2, torch.float32, torch.device(DEVICE))
+        B.normal_(std=1e-4, generator=gen)
+        V_B.normal_(std=1e-4, generator=gen)
+        factors.append([B, A, V_B, V_A])
+    return params, grads, factors
+
+
+def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
+    from lit_lowrank.kernels import lora_pre_adam
+    from lit_lowrank.optim.lora_pre_adam_update import adam_step_constants, damped_pinv_pair, lora_pre_adam_update_
+    from lit_lowrank.optim.lowrank_factors import Workspace
+
+    m, n = shape
+    L = args.layers
+    params, grads, factors = lora_pre_inputs(shape, r, dtype, L)
+    hyper = dict(step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scale=0.25, damping=1e-6,
+                 factor_update="alternating", debias_second_moment=False)
+    size = params[0].element_size()
+    essential = L * ((2 * size + 2 * grads[0].element_size()) * m * n + 4.0 * 12 * (m + n) * r)
+    tag, dtype_name = f"{m}x{n}", str(dtype).replace("torch.", "")
+    workspace = Workspace()
+
+    def fused(i, param, factor_list, precision=None):
+        lora_pre_adam.lora_pre_adam_update_(param, grads[i], *factor_list, workspace=workspace, precision=precision,
+                                            **hyper)
+
+    def reference(i, param, factor_list):
+        lora_pre_adam_update_(param, grads[i], *factor_list, chunk_rows=m, workspace=workspace, use_triton=False,
+                              **hyper)
+
+    def error(precision):
+        """Max relative error of the parameter's displacement and of the new factors, kernel vs torch, one step."""
+        mine = (params[0].clone(), [f.clone() for f in factors[0]])
+        ref = (params[0].clone(), [f.clone() for f in factors[0]])
+        fused(0, mine[0], mine[1], precision)
+        reference(0, ref[0], ref[1])
+        pairs = [(mine[0].float() - params[0].float(), ref[0].float() - params[0].float()), *zip(mine[1], ref[1])]
+        return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in pairs)
+
+    rows = []
+    for name, precision in (("lora_pre_adam_step", None), ("lora_pre_adam_step_tf32", "tf32")):
+        err = error(precision)
+
+        def step(precision=precision):
+            for i in range(L):
+                fused(i, params[i], factors[i], precision)
+
+        ms = cuda_ms(step, args.warmup, args.repeats)
+        rows.append(Row(name, tag, r, dtype_name, L, ms, essential, max_rel_err=err,
+                        config=pre_config(lora_pre_adam, r), baseline_dtype=dtype_name))
+
+    # The two passes alone, from precomputed pseudo-inverses (the torch glue's small ops excluded).
+    c = adam_step_constants(step=hyper["step"], lr=hyper["lr"], beta1=0.9, beta2=0.999, eps=1e-8, scale=0.25,
+                            debias_second_moment=False)
+    pinvs = [(damped_pinv_pair(A, V_A, "right", 1e-6, Workspace()).clone(),
+              damped_pinv_pair(B.T, V_B.T, "left", 1e-6, Workspace()).clone()) for B, A, V_B, V_A in factors]
+
+    def passes():
+        for i in range(L):
+            lora_pre_adam.first_pass(params[i], grads[i], *factors[i], pinvs[i][0], kappa=c.kappa, rho=c.rho,
+                                     step_size=c.step_size, eps_hat=c.eps_hat, decay=1.0 - 1e-6, workspace=workspace)
+            lora_pre_adam.second_pass(grads[i], pinvs[i][1], workspace=workspace)
+
+    ms = cuda_ms(passes, args.warmup, args.repeats)
+    rows.append(Row("lora_pre_adam_passes", tag, r, dtype_name, L, ms, essential, baseline_dtype=dtype_name))
+
+    def torch_step():
+        for i in range(L):
+            reference(i, params[i], factors[i])
+
+    ms = cuda_ms(torch_step, args.warmup, args.repeats)
+    rows.append(Row("lora_pre_adam_torch", tag, r, dtype_name, L, ms, essential, baseline_dtype=dtype_name))
+    return rows
+
+
+def pre_config(module, r: int) -> str:
+    """The autotuned configs of both passes' last launches."""
+    first, second = module._first_autotuned, module._second_autotuned
+    if first is None or first.best_config is None:
+        return "fixed (interpreter)"
+    a, b = first.best_config, second.best_config
+    return (f"pass1 BLOCK_M={a.kwargs['BLOCK_M']} warps={a.num_warps} stages={a.num_stages}; "
+            f"pass2 BLOCK_N={b.kwargs['BLOCK_N']} warps={b.num_warps} stages={b.num_stages}; "
+            f"partials={r / 16:.1f} B/elt")
+
+
+#: (name, function(shape, r, dtype, args) -> rows)
+BENCHES: list[tuple[str, Callable]] = [("lora_pro_full", bench_lora_pro_full), ("lora_pre_adam", bench_lora_pre_adam)]
 
 
 def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: Optional[float]) -> None:
@@ -230,15 +342,18 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     for text in args.shapes:
         shape = parse_shape(text)
-        baseline = bench_adamw(shape, args)
-        rows.append(baseline)
+        baselines = {"float32": bench_adamw(shape, args)}
+        if "bfloat16" in args.dtypes:
+            baselines["bfloat16"] = bench_adamw(shape, args, torch.bfloat16)
+        rows.extend(baselines.values())
         for r in args.ranks:
             for dtype_name in args.dtypes:
                 for _, bench in BENCHES:
                     rows.extend(bench(shape, r, DTYPES[dtype_name], args))
+                    torch.cuda.empty_cache()
         for row in rows:
-            if row.shape == baseline.shape:
-                row.ratio = row.ms / baseline.ms
+            if row.shape == baselines["float32"].shape:
+                row.ratio = row.ms / baselines.get(row.baseline_dtype, baselines["float32"]).ms
         torch.cuda.empty_cache()
     for row in rows:
         row.gbps = row.bytes_moved / (row.ms * 1e-3) / 1e9

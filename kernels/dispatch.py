@@ -16,8 +16,8 @@ raises except for an invalid ``use_triton`` value.
 A kernel module is a file next to this one that imports triton at its top and defines
 ``INTERPRETED = built_by_interpreter(its_kernel)`` (CPU tensors are sent to it only when True).
 Tests set ``TRITON_INTERPRET=1`` before importing it (``tests/kernels/conftest.py``); see
-:func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers. Adding one, e.g.
-``lora_pre_adam.py``::
+:func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers. Adding one (``lora_pre_adam.py``
+is wired this way from ``lit_lowrank.optim.lora_pre_adam_update``, with ``undo=`` as its step is two launches)::
 
     from lit_lowrank.kernels.dispatch import run_with_fallback, should_use_kernel
 
@@ -164,7 +164,8 @@ def should_use_kernel(use_triton: UseTriton, *tensors: torch.Tensor, kernel: str
     return True
 
 
-def run_with_fallback(kernel: str, launch: Callable[[object], T]) -> Optional[T]:
+def run_with_fallback(kernel: str, launch: Callable[[object], T],
+                      undo: Sequence[torch.Tensor] = ()) -> Optional[T]:
     """``launch(module)`` for the kernel module, or None (one warning) if it cannot be loaded or its first launch fails.
 
     Compilation happens inside the first launch, so a broken toolchain (no C compiler, ptxas errors)
@@ -172,15 +173,24 @@ def run_with_fallback(kernel: str, launch: Callable[[object], T]) -> Optional[T]
     exact, which holds for kernels that compile before they write (all Triton kernels; the first
     launch of an update is before any in-place write). After one success, errors propagate: they are
     bugs, not a missing toolchain.
+
+    ``undo``: tensors ``launch`` may have updated in place before it fails, for a ``launch`` made of several
+    kernels where a later one compiles after an earlier one wrote (e.g. ``lora_pre_adam``'s second pass).
+    Only for the first, unverified launch they are copied beforehand and restored if it raises, so the torch
+    fallback starts from the same values; verified launches copy nothing.
     """
     module = load_kernel_module(kernel)
     if module is None:
         return None
     if kernel in _verified:
         return launch(module)
+    saved = [tensor.detach().clone() for tensor in undo]
     try:
         result = launch(module)
     except Exception as error:
+        with torch.no_grad():
+            for tensor, copy in zip(undo, saved):
+                tensor.copy_(copy)
         _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
         fallback_warning(kernel, "broken", _broken[kernel])
         return None

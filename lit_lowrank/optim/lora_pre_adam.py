@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre_adam_update import KERNEL, lora_pre_adam_update_
 from lit_lowrank.optim.lora_pre_base import (
     LowRankOptimizerBase,
     check_betas,
@@ -58,8 +58,11 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             worse and gets *worse as the rank grows* (relative error 0.90 / 0.81 / 1.04 / 1.28 at r = 1 / 2 / 4 / 8
             in the spec's simulation, against 0.84 / 0.70 / 0.45 / 0.25 for alternating); it exists for comparison.
         debias_second_moment: warm the factored second moment up like Adam's (see the note above).
-        use_triton: ``"auto"`` | ``True`` | ``False``: fused kernel for the per-matrix update. Only the torch path
-            exists so far: ``"auto"`` and ``False`` use it, ``True`` raises.
+        use_triton: the fused Triton kernel of the factored matrices' step (``lit_lowrank.kernels.lora_pre_adam``):
+            ``"auto"`` uses it for CUDA tensors and the torch path on CPU, ``True`` wherever it can run (CPU only
+            under ``TRITON_INTERPRET=1``), ``False`` never. A missing or broken Triton, or a tensor the kernel does not
+            take (float64, rank > 128), falls back to the torch path, with one warning under ``True``. Results
+            agree with the torch path to float32 rounding; FSDP2 shards run it on their local rows.
         full_rank: what to do with a matrix whose ``rank >= min(p, q)`` (factors would not save memory):
             ``"error"`` (default) raises at construction naming the tensor, since the rank is a memory budget and
             such a tensor means it was chosen for another model; ``"dense"`` gives it plain AdamW state, with a
@@ -101,7 +104,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         seed: int | None = None,
         debias_second_moment: bool = False,
     ) -> None:
-        check_use_triton(type(self).__name__, use_triton)
+        check_use_triton(type(self).__name__, use_triton, kernel=KERNEL)
         self.use_triton = use_triton
         defaults = {
             "lr": lr,
@@ -162,6 +165,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 workspace=self._workspace,
                 shards=RowShards.of(param),
                 debias_second_moment=group["debias_second_moment"],
+                use_triton=self.use_triton,
             )
         if dense:
             self._adamw_step(group, dense)

@@ -14,12 +14,53 @@ and updates the parameter and the factors in place. Its math is the spec's (``sh
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from lit_lowrank.kernels.dispatch import UseTriton, fallback_warning, run_with_fallback, should_use_kernel
 from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, row_chunks
 from lit_lowrank.optim.sharding import RowShards
+
+KERNEL = "lora_pre_adam"
+"""The fused Triton step, ``lit_lowrank.kernels.lora_pre_adam`` (loaded by the dispatcher, never imported here)."""
+KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Parameter and gradient dtypes the kernel takes (its factors and arithmetic are float32)."""
+KERNEL_MAX_RANK = 128
+"""Largest rank the kernel takes: it keeps rank-wide fp32 accumulators in registers, which spill heavily beyond."""
+
+
+class AdamStepConstants(NamedTuple):
+    """Host scalars of one LoRA-Pre Adam step, shared by the torch path and the fused kernel."""
+
+    kappa: float  # m_t / (1 - beta1) = g + kappa * B A
+    rho: float  # sqrt(v_t) / sqrt(1 - beta2) = hypot(|g|, rho * V_B V_A)
+    step_size: float  # W -= step_size * (g + kappa B A) / (hypot(...) + eps_hat)
+    eps_hat: float
+    gamma1: float  # factor update rates: 1 - gamma1 = sqrt(beta1), 1 - gamma2 = beta2^(1/4)
+    gamma2: float
+
+
+def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps: float, scale: float,
+                        debias_second_moment: bool) -> AdamStepConstants:
+    """The constants of step ``step`` (>= 1) after the rewrites described in :func:`lora_pre_adam_update_`."""
+    kappa = beta1 / (1.0 - beta1)
+    rho = math.sqrt(beta2 / (1.0 - beta2))
+    if debias_second_moment and step > 1:
+        # V_B V_A follows the EMA of |g| at rate sqrt(beta2), whose square warms up like (1 - beta2^((t-1)/2))^2,
+        # far below Adam's v_{t-1} ~ (1 - beta2^(t-1)); rescale it to Adam's scale (exact for a steady gradient).
+        rho *= math.sqrt(1.0 - beta2 ** (step - 1)) / (1.0 - beta2 ** ((step - 1) / 2))
+    c = math.sqrt(1.0 - beta2) / math.sqrt(1.0 - beta2**step)  # sqrt(v_t / (1 - beta2^t)) = c * hypot(...)
+    step_size = lr * scale * (1.0 - beta1) / ((1.0 - beta1**step) * c)
+    return AdamStepConstants(kappa, rho, step_size, eps / c, 1.0 - math.sqrt(beta1), 1.0 - beta2**0.25)
+
+
+def damped_pinv_pair(first: Tensor, second: Tensor, role: str, damping: float, workspace: Workspace,
+                     shards: RowShards | None = None) -> Tensor:
+    """Damped pseudo-inverses of two same-shape factors, stacked ``(2, *first.shape)`` in a ``workspace`` buffer."""
+    out = workspace.get(role, (2, *first.shape), first.dtype, first.device)
+    return damped_pinvs([first, second], damping, out, workspace, shards)
 
 
 def lora_pre_adam_update_(
@@ -43,6 +84,7 @@ def lora_pre_adam_update_(
     workspace: Workspace,
     shards: RowShards | None = None,
     debias_second_moment: bool = False,
+    use_triton: UseTriton = False,
 ) -> None:
     """Apply LoRA-Pre Adam step ``step`` (>= 1) to a ``p x q`` ``param`` and its factors, all in place.
 
@@ -65,6 +107,13 @@ def lora_pre_adam_update_(
     are replicated: the left factors' Gram matrices and the ``r x q`` products ``B^+ g`` and ``V_B^+ |g|`` are
     summed over ranks (two all-reduces each of r x r and r x q numbers per matrix and step); nothing p x q moves.
 
+    ``use_triton``: ``"auto"`` (the fused kernel ``lit_lowrank.kernels.lora_pre_adam`` on CUDA, this torch path on
+    CPU), ``True`` (the kernel wherever it can run, CPU included under ``TRITON_INTERPRET=1``) or ``False`` (this
+    path, the default); see :mod:`lit_lowrank.kernels.dispatch`. The kernel takes float32, bfloat16 and float16
+    parameters and gradients with float32 factors, ranks up to ``KERNEL_MAX_RANK``, and the local blocks of
+    FSDP2-sharded parameters (``shards``); anything else runs here (with one warning under ``True``). It ignores
+    ``chunk_rows``: it forms ``m_t`` and ``v_t`` a register tile at a time.
+
     Example:
         >>> from lit_lowrank.optim.lowrank_factors import init_factor_pairs
         >>> W, g = torch.zeros(8, 6), torch.ones(8, 6)
@@ -75,24 +124,19 @@ def lora_pre_adam_update_(
         >>> round(W[0, 0].item(), 4)  # Adam's first step is lr * sign(g)
         -0.1
     """
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                 damping=damping, factor_update=factor_update, workspace=workspace, shards=shards,
+                 debias_second_moment=debias_second_moment)
+    if _kernel_step(use_triton, param, grad, B, A, V_B, V_A, hyper):
+        return
     p, q = param.shape
     dtype, device = B.dtype, B.device
-    kappa = beta1 / (1.0 - beta1)
-    rho = math.sqrt(beta2 / (1.0 - beta2))
-    if debias_second_moment and step > 1:
-        # V_B V_A follows the EMA of |g| at rate sqrt(beta2), whose square warms up like (1 - beta2^((t-1)/2))^2,
-        # far below Adam's v_{t-1} ~ (1 - beta2^(t-1)); rescale it to Adam's scale (exact for a steady gradient).
-        rho *= math.sqrt(1.0 - beta2 ** (step - 1)) / (1.0 - beta2 ** ((step - 1) / 2))
-    c = math.sqrt(1.0 - beta2) / math.sqrt(1.0 - beta2**step)  # sqrt(v_t / (1 - beta2^t)) = c * hypot(...)
-    step_size = lr * scale * (1.0 - beta1) / ((1.0 - beta1**step) * c)
-    eps_hat = eps / c
-    gamma1 = 1.0 - math.sqrt(beta1)
-    gamma2 = 1.0 - beta2**0.25
+    kappa, rho, step_size, eps_hat, gamma1, gamma2 = adam_step_constants(
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale, debias_second_moment=debias_second_moment)
     jacobi = factor_update == "jacobi"
 
     def pinvs(first: Tensor, second: Tensor, role: str, shards: RowShards | None = None) -> Tensor:
-        out = workspace.get(role, (2, *first.shape), dtype, device)
-        return damped_pinvs([first, second], damping, out, workspace, shards)
+        return damped_pinv_pair(first, second, role, damping, workspace, shards)
 
     # Pseudo-inverses of the old right factors (for B, V_B) and, for Jacobi, of the old left factors too.
     A_pinv, V_A_pinv = pinvs(A, V_A, "right_pinv")
@@ -140,3 +184,27 @@ def lora_pre_adam_update_(
         shards.sum_(workspace.get("right_sums", (2, *A.shape), dtype, device))
         A.mul_(1.0 - gamma1).add_(targets[0])
         V_A.mul_(1.0 - gamma2).add_(targets[1])
+
+
+def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor,
+                 hyper: dict) -> bool:
+    """Run the step as the fused kernel if ``use_triton`` asks for it and it can run; False: run the torch path.
+
+    The kernel's first launch in a process (which compiles, and may fail on a broken toolchain) is made undoable:
+    its first pass writes ``param`` before its second pass compiles, so the dispatcher restores the tensors the
+    step updates before falling back.
+    """
+    if not should_use_kernel(use_triton, param, grad, kernel=KERNEL, dtypes=KERNEL_PARAM_DTYPES):
+        return False
+    if not should_use_kernel(use_triton, B, A, V_B, V_A, kernel=KERNEL, dtypes=(torch.float32,)):
+        return False
+    if A.shape[0] > KERNEL_MAX_RANK:
+        if use_triton is True:
+            fallback_warning(KERNEL, "rank", f"it takes ranks up to {KERNEL_MAX_RANK}, got {A.shape[0]}")
+        return False
+
+    def launch(kernel) -> bool:
+        kernel.lora_pre_adam_update_(param, grad, B, A, V_B, V_A, **hyper)
+        return True
+
+    return run_with_fallback(KERNEL, launch, undo=(param, B, A, V_B, V_A)) is not None

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lit_lowrank.kernels.dispatch import fallback_warning
 from lit_lowrank.optim.lowrank_factors import (
     Workspace,
     auto_chunk_rows,
@@ -116,14 +117,20 @@ def check_betas(owner: str, name: str, betas: Any) -> None:
         raise ValueError(f"{owner}: invalid {name} {betas!r}; expected two floats in [0, 1), e.g. (0.9, 0.999).")
 
 
-def check_use_triton(owner: str, use_triton: Any) -> None:
-    """Validate the kernel switch. Only the torch path exists so far, so ``True`` cannot be honoured."""
-    if use_triton not in ("auto", True, False):
+def check_use_triton(owner: str, use_triton: Any, kernel: str, exists: bool = True) -> None:
+    """Validate the kernel switch ``"auto"`` | ``True`` | ``False`` (semantics: :mod:`lit_lowrank.kernels.dispatch`).
+
+    ``kernel`` names the optimizer's fused Triton kernel; ``exists=False`` for an optimizer without one
+    (LoRAPreMuon): there ``True`` cannot be honoured, so it warns once per process
+    (:class:`~lit_lowrank.kernels.dispatch.KernelFallbackWarning`, as for any kernel that cannot run) and the torch
+    path runs, as under ``"auto"`` and ``False``.
+    """
+    if not (use_triton == "auto" or isinstance(use_triton, bool)):
         raise ValueError(f"{owner}: invalid use_triton {use_triton!r}; expected 'auto', True or False.")
-    if use_triton is True:
-        raise ValueError(
-            f"{owner}: use_triton=True, but no fused LoRA-Pre kernel is available yet, only the torch path. "
-            "HINT: use use_triton='auto' (picks the kernel once it exists) or False."
+    if not exists and use_triton is True:
+        fallback_warning(
+            kernel, "none", f"{owner} has no Triton kernel (its Newton-Schulz iterations are torch matmuls, "
+            "i.e. cuBLAS on GPU). HINT: use_triton='auto' or False say the same without this warning."
         )
 
 
@@ -300,6 +307,7 @@ class LowRankOptimizerBase(Optimizer):
             "_base_seed": self._base_seed,
             "_param_index": self._param_index,
             "_param_names": self._param_names,
+            "use_triton": getattr(self, "use_triton", "auto"),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -55,7 +55,9 @@ class LoRAPreMuon(LowRankOptimizerBase):
             ``"adamw_rms"``: ``0.2 sqrt(max(p, q))`` (Moonlight), update RMS ~0.2 like AdamW's so AdamW's lr and
             weight decay carry over. ``p x q`` is the weight as stored: ``out x in`` for ``nn.Linear``, ``in x out``
             for transformers' ``Conv1D``, which ``"adamw_rms"`` treats alike.
-        use_triton: ``"auto"`` | ``True`` | ``False``; only the torch path exists so far (``True`` raises).
+        use_triton: ``"auto"`` | ``True`` | ``False``, accepted for symmetry with LoRAPreAdamW, but LoRA-Pre Muon has
+            no Triton kernel: Newton-Schulz runs as torch matmuls (cuBLAS on GPU), which a kernel would have to beat
+            by measurement first. So the torch path always runs; ``True`` says so in one warning.
         full_rank: ``"error"`` (default) | ``"dense"`` (plain Muon with a dense momentum buffer for that tensor,
             logged) | ``"factored"`` (keep factors, logged), for matrices with ``rank >= min(p, q)``.
         seed: base of the per-parameter seeds of the initial ``A ~ N(0, 0.02^2)`` (``torch.initial_seed()``
@@ -95,7 +97,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
         full_rank: Literal["error", "dense", "factored"] = "error",
         seed: int | None = None,
     ) -> None:
-        check_use_triton(type(self).__name__, use_triton)
+        check_use_triton(type(self).__name__, use_triton, kernel="lora_pre_muon", exists=False)
         self.use_triton = use_triton
         self._adamw_defaults = {
             "lr": adamw_lr,

@@ -153,13 +153,34 @@ def test_lowrank_group_with_a_vector_raises_a_clear_error():
         ({"lr": -0.02}, "invalid lr"),
         ({"rank": 0}, "invalid rank"),
         ({"factor_update": "random"}, "invalid factor_update"),
-        ({"use_triton": True}, "no fused LoRA-Pre kernel"),
+        ({"use_triton": "yes"}, "invalid use_triton"),
         ({"rank": 8}, r"rank 8 >= min\(8, 8\)"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRAPreMuon(nn.Linear(8, 8).parameters(), **kwargs)
+
+
+def test_use_triton_true_warns_once_that_there_is_no_kernel_and_runs_torch():
+    from lit_lowrank.kernels import dispatch
+    from lit_lowrank.kernels.dispatch import KernelFallbackWarning
+
+    dispatch.reset()
+    torch.manual_seed(3)
+    layers = {flag: nn.Linear(12, 10) for flag in (True, False)}
+    layers[False].load_state_dict(layers[True].state_dict())
+    with pytest.warns(KernelFallbackWarning, match="LoRAPreMuon has no Triton kernel") as record:
+        optimizers = {flag: LoRAPreMuon(layer.parameters(), rank=3, use_triton=flag, seed=0) for flag, layer in layers.items()}
+        LoRAPreMuon(nn.Linear(12, 10).parameters(), rank=3, use_triton=True)
+    assert len([w for w in record if issubclass(w.category, KernelFallbackWarning)]) == 1
+    dispatch.reset()
+    x = torch.randn(4, 12)
+    for flag, layer in layers.items():
+        layer(x).square().sum().backward()
+        optimizers[flag].step()
+    for a, b in zip(layers[True].parameters(), layers[False].parameters()):
+        assert torch.equal(a, b)
 
 
 def test_bf16_parameters_keep_float32_factors():

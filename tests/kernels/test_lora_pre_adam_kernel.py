@@ -1,0 +1,487 @@
+"""The fused LoRA-Pre Adam kernel against the torch reference, under Triton's interpreter on CPU.
+
+Expected values come from the torch path of the same function (``use_triton=False``), which ``tests/optim``
+checks against the spec's invariants and dense Adam. The kernel sums in another order, so values agree to fp32
+rounding relative to each tensor's magnitude; bf16 parameters may then differ by one bf16 ulp in a few entries.
+The interpreter runs small tiles (32 x 32, two tiles per slot, rank chunks of 16), so the shapes below span
+several tiles, slots and rank chunks, with ragged edges in every dimension.
+"""
+import copy
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton", reason="triton cannot be imported")
+
+from lit_lowrank.kernels import dispatch  # noqa: E402
+from lit_lowrank.kernels import lora_pre_adam  # noqa: E402
+from lit_lowrank.kernels.dispatch import KernelFallbackWarning, should_use_kernel  # noqa: E402
+from lit_lowrank.optim import LoRAPreAdamW  # noqa: E402
+from lit_lowrank.optim import lora_pre_adam_update as reference  # noqa: E402
+from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_  # noqa: E402
+from lit_lowrank.optim.lowrank_factors import Workspace, init_factor_pairs  # noqa: E402
+
+KERNEL_MODULE = "lit_lowrank.kernels.lora_pre_adam"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch():
+    assert lora_pre_adam.INTERPRETED, f"{KERNEL_MODULE} was imported before TRITON_INTERPRET=1 was set"
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts fused steps, so a test cannot pass by silently running the torch path twice."""
+    calls = []
+    original = lora_pre_adam.lora_pre_adam_update_
+
+    def counted(param, *args, **kwargs):
+        calls.append(tuple(param.shape))
+        return original(param, *args, **kwargs)
+
+    monkeypatch.setattr(lora_pre_adam, "lora_pre_adam_update_", counted)
+    return calls
+
+
+def close(actual, expected, rtol=2e-5):
+    """Equal up to ``rtol`` of the expected tensor's largest magnitude (entries near 0 carry absolute error)."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=float(rtol * scale))
+
+
+def close_param(actual, expected, initial):
+    """fp32: the displacements agree to fp32 rounding; bf16/fp16: one ulp at most, in a few entries only."""
+    if actual.dtype == torch.float32:
+        close(actual - initial, expected - initial)
+    else:
+        ulp = torch.finfo(actual.dtype).eps * expected.float().abs().clamp_min(torch.finfo(actual.dtype).tiny)
+        assert ((actual.float() - expected.float()).abs() <= ulp).all()
+        assert (actual == expected).float().mean() > 0.97
+
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, damping=1e-6)
+
+
+class Matrix:
+    """A weight, its four factors (as the optimizer initialises them) and a workspace: one path's state."""
+
+    def __init__(self, W, r, seed=0):
+        self.W = W.clone()
+        (self.B, self.A), (self.V_B, self.V_A) = init_factor_pairs(tuple(W.shape), r, seed, 2, torch.float32, W.device)
+        self.workspace = Workspace()
+
+    def step(self, grad, step, use_triton, **options):
+        options = {**HYPER, "weight_decay": 0.0, "scale": 1.0, "factor_update": "alternating", **options}
+        lora_pre_adam_update_(self.W, grad, self.B, self.A, self.V_B, self.V_A, step=step, chunk_rows=16,
+                              workspace=self.workspace, use_triton=use_triton, **options)
+
+    def factors(self):
+        return [self.B, self.A, self.V_B, self.V_A]
+
+
+def run_both(W, grads, r, **options):
+    """The kernel and torch paths from the same start over the same gradients: (kernel, torch) Matrix pair."""
+    kernel, torch_path = Matrix(W, r), Matrix(W, r)
+    for step, grad in enumerate(grads, start=1):
+        kernel.step(grad, step, True, **options)
+        torch_path.step(grad, step, False, **options)
+    return kernel, torch_path
+
+
+def assert_paths_agree(kernel, torch_path, W0, factor_rtol=2e-5):
+    assert kernel.W.dtype == W0.dtype and all(f.dtype == torch.float32 for f in kernel.factors())
+    close_param(kernel.W, torch_path.W, W0)
+    for got, want in zip(kernel.factors(), torch_path.factors(), strict=True):
+        close(got, want, rtol=factor_rtol)
+
+
+CASES = [  # p, q, r, dtype, factor_update, weight_decay, debias_second_moment, scale
+    (37, 53, 3, torch.float32, "alternating", 0.0, False, 2.0),
+    (37, 53, 3, torch.float32, "jacobi", 0.1, True, 0.25),
+    (37, 53, 3, torch.bfloat16, "alternating", 0.1, True, 0.25),
+    (64, 130, 8, torch.float32, "alternating", 0.1, False, 0.25),
+    (64, 130, 8, torch.bfloat16, "alternating", 0.0, True, 1.0),
+    (70, 45, 18, torch.float32, "alternating", 0.1, True, 0.5),  # r = 18: two rank chunks, R_PAD = 32
+    (70, 45, 18, torch.bfloat16, "jacobi", 0.1, False, 1.0),
+    (33, 40, 5, torch.float16, "alternating", 0.1, True, 1.0),
+]
+
+
+@pytest.mark.parametrize("p,q,r,dtype,factor_update,weight_decay,debias,scale", CASES,
+                         ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-{c[4]}-wd{c[5]}-debias{c[6]}-scale{c[7]}"
+                              for c in CASES])
+def test_kernel_equals_torch_reference_over_steps(p, q, r, dtype, factor_update, weight_decay, debias, scale,
+                                                  kernel_calls):
+    gen = torch.Generator().manual_seed(p * q + r)
+    W0 = torch.randn(p, q, generator=gen).to(dtype)
+    # A gradient stream with a persistent low-rank part, so the factors have something to track.
+    signal = torch.randn(p, 2, generator=gen) @ torch.randn(2, q, generator=gen)
+    grads = [(signal + torch.randn(p, q, generator=gen)).mul(1e-2).to(dtype) for _ in range(3)]
+    kernel, torch_path = run_both(W0, grads, r, factor_update=factor_update, weight_decay=weight_decay,
+                                  debias_second_moment=debias, scale=scale)
+    assert len(kernel_calls) == 3
+    assert not torch.equal(kernel.W, W0) and kernel.B.abs().max() > 0  # the step did move things
+    assert_paths_agree(kernel, torch_path, W0)
+
+
+def test_strided_parameter_and_gradient(kernel_calls):
+    """A column-major weight and gradient (views of transposes): the kernel takes any strides, like the reference."""
+    gen = torch.Generator().manual_seed(5)
+    W0 = torch.randn(53, 37, generator=gen).T  # 37 x 53 with strides (1, 37)
+    grads = [torch.randn(53, 37, generator=gen).T * 1e-2 for _ in range(3)]
+    kernel, torch_path = Matrix(W0, 4), Matrix(W0.contiguous(), 4)
+    for step, grad in enumerate(grads, start=1):
+        kernel.step(grad, step, True, weight_decay=0.1)
+        torch_path.step(grad.contiguous(), step, False, weight_decay=0.1)
+    assert kernel.W.stride() == (1, 37) and len(kernel_calls) == 3
+    assert_paths_agree(kernel, torch_path, W0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
+def test_zero_tiny_and_huge_gradients_stay_finite_like_the_reference(magnitude, dtype, kernel_calls):
+    gen = torch.Generator().manual_seed(7)
+    W0 = torch.randn(37, 53, generator=gen).to(dtype)
+    grads = [(torch.randn(37, 53, generator=gen) * magnitude).to(dtype) for _ in range(3)]
+    kernel, torch_path = run_both(W0, grads, 3, weight_decay=0.1, debias_second_moment=True)
+    for tensor in [kernel.W, *kernel.factors()]:
+        assert torch.isfinite(tensor).all()
+    assert_paths_agree(kernel, torch_path, W0, factor_rtol=1e-4)
+    if magnitude == 0.0:  # decoupled weight decay only; the moments' factors shrink towards zero
+        assert kernel.B.abs().max() == 0 and kernel.V_B.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_with_kernel_equals_torch_path(dtype, kernel_calls):
+    """LoRAPreAdamW(use_triton=True) on a small model: ragged matrices factored, biases and a norm on AdamW."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(53, 37), nn.Tanh(), nn.LayerNorm(37), nn.Linear(37, 70)).to(dtype)
+
+    nets = {flag: make() for flag in (True, False)}
+    initial = make()
+    optimizers = {flag: LoRAPreAdamW(net.parameters(), lr=1e-2, rank=3, weight_decay=0.1, scale=0.5, seed=1,
+                                     debias_second_moment=True, use_triton=flag) for flag, net in nets.items()}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(8, 53, generator=gen).to(dtype), torch.randn(8, 70, generator=gen).to(dtype)
+        for flag, net in nets.items():
+            (net(x) - y).float().square().mean().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", KernelFallbackWarning)
+                optimizers[flag].step()
+            optimizers[flag].zero_grad()
+    assert kernel_calls == [(37, 53), (70, 37)] * 3
+    for p_k, p_t, p_0 in zip(nets[True].parameters(), nets[False].parameters(), initial.parameters(), strict=True):
+        assert p_k.dtype == dtype
+        if dtype == torch.float32:
+            close(p_k - p_0, p_t - p_0)  # AdamW tensors too: their gradients come through the factored weights
+        else:
+            close_param(p_k.detach(), p_t.detach(), p_0.detach())
+        s_k, s_t = optimizers[True].state[p_k], optimizers[False].state[p_t]
+        assert s_k.keys() == s_t.keys()
+        for key, value in s_k.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == torch.float32
+                close(value, s_t[key])
+            else:
+                assert value == s_t[key]
+
+
+def test_use_triton_survives_pickling():
+    optimizer = LoRAPreAdamW(nn.Linear(6, 5).parameters(), rank=2, use_triton=True)
+    assert copy.deepcopy(optimizer).use_triton is True
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def test_auto_on_cpu_runs_torch_without_importing_the_kernel(monkeypatch):
+    imported = []
+    monkeypatch.setattr(dispatch, "load_kernel_module", lambda kernel: imported.append(kernel))
+    gen = torch.Generator().manual_seed(1)
+    W0, grad = torch.randn(20, 30, generator=gen), torch.randn(20, 30, generator=gen)
+    auto, off = Matrix(W0, 3), Matrix(W0, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto.step(grad, 1, "auto")
+    off.step(grad, 1, False)
+    assert imported == []
+    for a, b in zip([auto.W, *auto.factors()], [off.W, *off.factors()]):
+        assert torch.equal(a, b)
+
+
+def fallback_warnings(record):
+    return [w for w in record if issubclass(w.category, KernelFallbackWarning)]
+
+
+def assert_same_as_torch(matrix_pairs):
+    for got, want in matrix_pairs:
+        for a, b in zip([got.W, *got.factors()], [want.W, *want.factors()], strict=True):
+            assert torch.equal(a, b)
+
+
+def two_steps(use_triton, W0, grads):
+    matrix = Matrix(W0, 3)
+    for step, grad in enumerate(grads, start=1):
+        matrix.step(grad, step, use_triton, weight_decay=0.1)
+    return matrix
+
+
+def test_missing_triton_warns_once_and_runs_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.delitem(sys.modules, KERNEL_MODULE, raising=False)
+    dispatch.reset()
+    gen = torch.Generator().manual_seed(2)
+    W0, grads = torch.randn(20, 30, generator=gen), [torch.randn(20, 30, generator=gen) for _ in range(2)]
+    with pytest.warns(KernelFallbackWarning, match="triton cannot be imported") as record:
+        got = two_steps(True, W0, grads)
+    assert len(fallback_warnings(record)) == 1
+    assert_same_as_torch([(got, two_steps(False, W0, grads))])
+
+
+def test_failure_in_the_second_pass_of_the_first_launch_is_undone(monkeypatch):
+    """A toolchain failing when the second pass compiles, after the first pass has written W: the dispatcher
+    restores W and the factors, then the torch path runs: results exactly as without the kernel."""
+    attempts = []
+
+    def broken_second_pass(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("simulated ptxas failure")
+
+    monkeypatch.setattr(lora_pre_adam, "second_pass", broken_second_pass)
+    gen = torch.Generator().manual_seed(4)
+    W0, grads = torch.randn(20, 30, generator=gen), [torch.randn(20, 30, generator=gen) for _ in range(3)]
+    with pytest.warns(KernelFallbackWarning, match="simulated ptxas failure") as record:
+        got = two_steps(True, W0, grads)
+    assert len(fallback_warnings(record)) == 1 and attempts == [1]  # marked broken: not retried every step
+    assert_same_as_torch([(got, two_steps(False, W0, grads))])
+
+
+def test_unsupported_dtype_and_rank_fall_back_with_one_warning_each(monkeypatch, kernel_calls):
+    gen = torch.Generator().manual_seed(6)
+    W0, grads = torch.randn(20, 30, generator=gen).double(), [torch.randn(20, 30, generator=gen).double()]
+    matrix = Matrix(W0, 3)
+    for factor in matrix.factors():
+        factor.data = factor.double()
+    with pytest.warns(KernelFallbackWarning, match="float64"):
+        matrix.step(grads[0], 1, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not should_use_kernel("auto", W0, kernel="lora_pre_adam", dtypes=reference.KERNEL_PARAM_DTYPES)
+    monkeypatch.setattr(reference, "KERNEL_MAX_RANK", 2)  # (128 in fact)
+    W0 = W0.float()
+    with pytest.warns(KernelFallbackWarning, match="ranks up to 2, got 3") as record:
+        got = two_steps(True, W0, [g.float() for g in grads] * 2)
+    assert len(fallback_warnings(record)) == 1 and kernel_calls == []
+    assert_same_as_torch([(got, two_steps(False, W0, [g.float() for g in grads] * 2))])
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+class ThreadShards:
+    """Stands for RowShards of a 2-rank FSDP2 mesh whose ranks are threads: ``sum_`` adds both ranks' values
+    (in rank order, so every rank gets the same bits). The kernel sees only plain local tensors."""
+
+    def __init__(self, rank, exchange):
+        self.rank, self.exchange = rank, exchange
+
+    def sum_(self, value):
+        slots, barrier = self.exchange
+        slots[self.rank] = value.clone()
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()  # nobody overwrites a slot before both ranks have read it
+        return value.copy_(total)
+
+
+def test_sharded_rows_with_kernel_equal_the_sharded_torch_path(monkeypatch):
+    """FSDP2: each rank runs the kernel on its row block; only r x r Grams and r x q sums cross ranks."""
+    lock = threading.Lock()  # the interpreter patches triton.language while a kernel runs: one launch at a time
+    launches = []
+    for name in ("first_pass", "second_pass"):
+        original = getattr(lora_pre_adam, name)
+
+        def serialised(*args, _original=original, **kwargs):
+            with lock:
+                launches.append(_original.__name__)
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lora_pre_adam, name, serialised)
+    gen = torch.Generator().manual_seed(8)
+    p, q, r = 45, 38, 4
+    W0 = torch.randn(p, q, generator=gen)
+    grads = [torch.randn(p, q, generator=gen) * 1e-2 for _ in range(3)]
+    blocks = [slice(0, 23), slice(23, p)]
+
+    def run_sharded(use_triton):
+        exchange = ([None, None], threading.Barrier(2))
+        ranks = [Matrix(W0, r) for _ in blocks]  # same seed: replicated A and V_A; B, V_B are zero anyway
+        for matrix, rows in zip(ranks, blocks):
+            matrix.W, matrix.B, matrix.V_B = matrix.W[rows].clone(), matrix.B[rows].clone(), matrix.V_B[rows].clone()
+        errors = []
+
+        def work(rank):
+            try:
+                for step, grad in enumerate(grads, start=1):
+                    ranks[rank].step(grad[blocks[rank]], step, use_triton, weight_decay=0.1,
+                                     shards=ThreadShards(rank, exchange))
+            except BaseException as error:  # pragma: no cover - surfaced below
+                errors.append(error)
+                exchange[1].abort()
+
+        threads = [threading.Thread(target=work, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        assert torch.equal(ranks[0].A, ranks[1].A) and torch.equal(ranks[0].V_A, ranks[1].V_A)
+        return ranks
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        kernel = run_sharded(True)
+    assert sorted(launches) == ["first_pass"] * 6 + ["second_pass"] * 6  # 2 ranks x 3 steps
+    torch_path = run_sharded(False)
+    whole = Matrix(W0, r)
+    for step, grad in enumerate(grads, start=1):
+        whole.step(grad, step, False, weight_decay=0.1)
+    for rank, rows in enumerate(blocks):
+        W0_rows = W0[rows]
+        assert_paths_agree(kernel[rank], torch_path[rank], W0_rows)
+        close(kernel[rank].W - W0_rows, whole.W[rows] - W0_rows)
+        close(kernel[rank].B, whole.B[rows])
+        close(kernel[rank].A, whole.A)
+
+
+# ---------------------------------------------------------------------------------------------- GPU build
+class AutotuneEmulator:
+    """Stands for ``triton.autotune`` in the interpreter: prunes like Triton (``early_config_prune(configs,
+    positional args, **keyword args)``), then runs *every* remaining config (restoring ``restore`` in between, as
+    ``restore_value`` does) and records each config's outputs, so the GPU configs' tilings get checked on CPU."""
+
+    def __init__(self, fn, configs, prune, restore=()):
+        self.fn, self.configs, self.prune, self.restore = fn, configs, prune, restore
+        self.outputs, self.best_config = [], None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            named = dict(zip(self.fn.arg_names, args))
+            configs = self.prune(self.configs, named, **kwargs)
+            saved = {name: named[name].clone() for name in self.restore}
+            for config in configs:
+                for name, value in saved.items():
+                    named[name].copy_(value)
+                self.fn[grid({**named, **kwargs, **config.kwargs})](*args, **kwargs, **config.kwargs)
+                self.outputs.append((config, [a.clone() for a in args if isinstance(a, torch.Tensor)]))
+                self.best_config = config
+        return run
+
+
+def test_gpu_configs_and_launch_glue_in_the_interpreter(monkeypatch):
+    """The GPU launch path (autotuned kernels, fixed 512-wide reduction slots, rank chunks of 32) with every GPU
+    config that the pruning keeps for r = 40 (R_PAD = 64), run by the interpreter: each config gives the same
+    partial sums and parameter, and the step equals the torch reference."""
+    first = AutotuneEmulator(lora_pre_adam._first_pass, lora_pre_adam.FIRST_PASS_CONFIGS, lora_pre_adam._prune_first,
+                             restore=("w_ptr",))
+    second = AutotuneEmulator(lora_pre_adam._second_pass, lora_pre_adam.SECOND_PASS_CONFIGS,
+                              lora_pre_adam._prune_second)
+    monkeypatch.setattr(lora_pre_adam, "_first_autotuned", first)
+    monkeypatch.setattr(lora_pre_adam, "_second_autotuned", second)
+    gen = torch.Generator().manual_seed(9)
+    p, q, r = 70, 75, 40
+    W0 = torch.randn(p, q, generator=gen)
+    grads = [torch.randn(p, q, generator=gen) * 1e-2 for _ in range(2)]
+    kernel, torch_path = run_both(W0, grads, r, weight_decay=0.1)
+    assert len(first.outputs) == len(second.outputs) == 2 * 4  # all four configs of each pass, both steps
+    for outputs in (first.outputs, second.outputs):
+        for (config, tensors), (_, reference_tensors) in zip(outputs[1:4], outputs[:1] * 3):
+            for got, want in zip(tensors, reference_tensors):
+                close(got, want, rtol=1e-6)  # bitwise equal with numpy here; BLAS kernels may differ
+    assert_paths_agree(kernel, torch_path, W0)
+
+
+COMPILE_FOR_HOPPER = r"""
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def compile_(fn, types, constexprs, num_warps, num_stages):
+    names = fn.arg_names
+    signature = {name: types.get(name, "constexpr") for name in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types.get(name, "").startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+@triton.jit
+def copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+try:  # the toolchain itself (this Triton's API, its bundled ptxas)
+    compile_(copy, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 64}, 4, 1)
+except Exception as error:
+    print(f"cannot compile for sm_90 here: {type(error).__name__}: {error}")
+    sys.exit(3)
+
+from lit_lowrank.kernels import lora_pre_adam as K
+first, second = K._first_pass, K._second_pass
+def first_types(dtype):
+    types = {name: "*fp32" for name in first.arg_names[:9]}
+    types.update(w_ptr=f"*{dtype}", g_ptr=f"*{dtype}")
+    types.update({name: "i32" for name in ("p", "q", "stride_wp", "stride_wq", "stride_gp", "stride_gq")})
+    types.update({name: "fp32" for name in ("kappa", "rho", "neg_step", "eps_hat", "decay")})
+    return types
+def second_types(dtype):
+    types = {name: "*fp32" for name in second.arg_names[:4]}
+    types.update(g_ptr=f"*{dtype}", **{name: "i32" for name in ("p", "q", "stride_gp", "stride_gq")})
+    return types
+
+cases = 0
+# The configs at the largest rank they serve: rank 128 (fp32) for those that prune keeps there, the two largest
+# tiles at rank 16 (bf16). Of two configs that differ only in stages or by one tile step, one is compiled.
+def first_at(r, dtype, config):
+    r_pad = K._r_pad(r)
+    constexprs = dict(config.kwargs, r=r, R_PAD=r_pad, DECAY=True, BLOCK_R=min(K.MAX_BLOCK_R, r_pad),
+                      DOT_PRECISION="tf32x3", SOFT_BF16=False)
+    compiled = compile_(first, first_types(dtype), constexprs, config.num_warps, config.num_stages)
+    assert compiled.metadata.shared <= 227 * 1024, ("first", config, r, compiled.metadata.shared)
+def second_at(r, dtype, config):
+    constexprs = dict(config.kwargs, r=r, R_PAD=K._r_pad(r), DOT_PRECISION="tf32x3")
+    compiled = compile_(second, second_types(dtype), constexprs, config.num_warps, config.num_stages)
+    assert compiled.metadata.shared <= 227 * 1024, ("second", config, r, compiled.metadata.shared)
+by_block = lambda configs, block: {c.kwargs[block]: c for c in configs}
+firsts, seconds = by_block(K.FIRST_PASS_CONFIGS, "BLOCK_M"), by_block(K.SECOND_PASS_CONFIGS, "BLOCK_N")
+assert [c.kwargs["BLOCK_M"] for c in K._fitting(K.FIRST_PASS_CONFIGS, "BLOCK_M", 128)] == [16, 32, 64]
+assert [c.kwargs["BLOCK_N"] for c in K._fitting(K.SECOND_PASS_CONFIGS, "BLOCK_N", 128)] == [32, 64, 64]
+for r, dtype, compile_at, config in [(128, "fp32", first_at, firsts[16]), (128, "fp32", first_at, firsts[64]),
+                                     (16, "bf16", first_at, firsts[128]), (128, "fp32", second_at, seconds[32]),
+                                     (128, "fp32", second_at, seconds[64]), (16, "bf16", second_at, seconds[128])]:
+    compile_at(r, dtype, config)
+    cases += 1
+print("compiled", cases)
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The interpreter never lowers the kernels; this compiles the GPU configs to sm_90 cubins (no GPU needed)."""
+    script = tmp_path / "compile_for_hopper.py"  # triton.jit needs its kernels in a file
+    script.write_text(COMPILE_FOR_HOPPER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled" in done.stdout
