@@ -126,3 +126,13 @@ def test_print_config_and_help(capsys):
         LowRankCLI(args=["fit", "--model.help", "lit_lowrank.tasks.CausalLMTask"])
     help_text = capsys.readouterr().out
     assert "adapters to inject" in help_text  # argument help comes from the docstrings
+
+
+def test_console_script_is_the_same_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lit-lowrank"]
+    assert script.value == "lit_lowrank.cli:main"
+    result = subprocess.run([sys.executable, "-m", "lit_lowrank.cli", "fit", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "--test_after_fit" in result.stdout

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_lowrank import LoRAConfig
 from lit_lowrank.backbones import transformers_backbone
+from lit_lowrank.callbacks import AdapterExport
 from lit_lowrank.tasks import CausalLMTask
 
 GLOBAL_BATCH, LENGTH, VOCAB = 8, 16, 64
@@ -89,9 +90,11 @@ def main() -> None:
         if args.strategy == "single":  # the starting point, to check that training moved the parameters
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_file(full_parameters(task.model), os.path.join(args.out, f"initial-{method}.safetensors"))
+        # With adapters, also export them at the end of fit: under FSDP2 every rank must join the gather.
+        export = [AdapterExport(dirpath=os.path.join(args.out, f"{args.strategy}-{method}-adapter"))] if lora else []
         trainer = L.Trainer(strategy=strategy(args.strategy)[0], accelerator="cpu", devices=world, max_steps=args.steps,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, use_distributed_sampler=False)
+                            enable_model_summary=False, use_distributed_sampler=False, callbacks=export)
         trainer.fit(task, datamodule=FixedOrderData(data))
         params = full_parameters(task.model)
         sharded = sum(hasattr(p, "full_tensor") for p in task.model.parameters())

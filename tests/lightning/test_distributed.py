@@ -48,3 +48,15 @@ def test_fsdp_really_shards(runs):
         assert int(handle.metadata()["sharded_parameters"]) > 0
     with safe_open(runs / "ddp-adamw.safetensors", "pt") as handle:
         assert int(handle.metadata()["sharded_parameters"]) == 0
+
+
+@pytest.mark.parametrize("method", ["lora_pro_efficient", "lora_pro_full"])
+def test_adapter_export_under_fsdp_holds_every_shard(runs, method):
+    exported = load_file(runs / f"fsdp-{method}-adapter" / "final" / "adapter_model.safetensors")
+    single = load_file(runs / f"single-{method}.safetensors")
+    prefix = "base_model.model."
+    for key, value in exported.items():
+        name = key[len(prefix):].replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+        assert value.shape == single[name].shape, name  # full shapes, not one rank's rows
+        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=2e-5)
+    assert len(exported) == 2 * 2 * 7  # 2 layers x 7 projections x (A, B)
