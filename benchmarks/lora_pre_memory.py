@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
 import platform
 import sys
 import time
@@ -33,6 +32,9 @@ from pathlib import Path
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, version  # noqa: E402
 
 # GaLore's configs/llama_*.json: hidden, intermediate, layers, heads; vocabulary 32000.
 LLAMA_CONFIGS = {
@@ -178,14 +180,14 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: float) ->
         writer.writeheader()
         writer.writerows(rows)
     versions = (
-        f"torch {torch.__version__}, transformers {_version('transformers')}, galore-torch {_version('galore-torch')}"
+        f"torch {torch.__version__}, transformers {version('transformers')}, galore-torch {version('galore-torch')}"
     )
     lines = [
         "# LoRA-Pre optimizer-state memory (Llama pre-training shapes)",
         "",
         (
             f"`python benchmarks/lora_pre_memory.py{' --smoke' if args.smoke else ''}`; "
-            f"{datetime.date.today().isoformat()}, {_cpu_name()}, "
+            f"{datetime.date.today().isoformat()}, {cpu_name()}, "
             f"Python {platform.python_version()}, {versions}; {seconds:.0f} s."
         ),
         "",
@@ -205,26 +207,6 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: float) ->
     for row in rows:
         lines.append("| " + " | ".join(str(value) for value in row.values()) + " |")
     (args.out / "lora_pre_memory.md").write_text("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def main(argv=None) -> list[dict]:

@@ -28,6 +28,7 @@ import functools
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -36,6 +37,9 @@ from pathlib import Path
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, time_interleaved, version  # noqa: E402
 
 PROFILE_CATEGORIES = {
     "p x q x r products (addmm)": ("aten::addmm", "aten::addmm_"),
@@ -135,72 +139,6 @@ def make_steppers(shape: tuple[int, int], ranks: list[int], period: int) -> dict
     return steppers
 
 
-def cpu_busy_fraction(interval: float = 0.25) -> float:
-    """Share of the machine's CPU time spent busy (by any process) over ``interval`` seconds; Linux only."""
-
-    def snapshot():
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
-
-    idle0, total0 = snapshot()
-    time.sleep(interval)
-    idle1, total1 = snapshot()
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def wait_for_idle_cpus(max_wait: float, threshold: float = 0.1) -> bool:
-    """Wait up to ``max_wait`` s until other processes leave the CPUs >= 90% idle: on a shared 2-core machine a
-    busy neighbour stalls every multi-threaded op of ours. False if it never got quiet (or no /proc/stat)."""
-    deadline = time.perf_counter() + max_wait
-    try:
-        while time.perf_counter() < deadline:
-            if cpu_busy_fraction() < threshold:
-                return True
-    except OSError:
-        pass
-    return False
-
-
-def busy_ticks() -> tuple[int, int]:
-    """(CPU ticks spent busy by all processes, ticks spent by this one), from /proc (Linux)."""
-    with open("/proc/stat") as handle:
-        fields = [int(x) for x in handle.readline().split()[1:]]
-    with open("/proc/self/stat") as handle:
-        ours = handle.read().rsplit(")", 1)[1].split()
-    return sum(fields) - fields[3] - fields[4], int(ours[11]) + int(ours[12])  # all but idle/iowait; utime + stime
-
-
-def time_interleaved(steppers: dict, repeats: int, warmup: float, wait_idle: float) -> tuple[dict, list[bool]]:
-    """Per-method step times, methods interleaved within each repeat, and whether each repeat was clean: other
-    processes used less than 5% of the CPU time it spanned (a busy neighbour stalls every multi-threaded op)."""
-    end = time.perf_counter() + warmup
-    while time.perf_counter() < end:
-        for step in steppers.values():
-            step()
-    times, clean = defaultdict(list), []
-    names = list(steppers)
-    ticks_per_second = os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-    for repeat in range(repeats):
-        if wait_idle > 0:
-            wait_for_idle_cpus(wait_idle)
-        try:
-            (busy0, ours0), start_all = busy_ticks(), time.perf_counter()
-        except OSError:
-            busy0 = None
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate the order
-            start = time.perf_counter()
-            steppers[name]()
-            times[name].append(time.perf_counter() - start)
-        if busy0 is None:
-            clean.append(True)
-        else:
-            busy1, ours1 = busy_ticks()
-            window = (time.perf_counter() - start_all) * ticks_per_second
-            clean.append((busy1 - busy0) - (ours1 - ours0) <= max(2, 0.05 * window))
-    return times, clean
-
-
 def summarise(shape, times: dict[str, list[float]], clean: list[bool], ranks: list[int], period: int) -> list[dict]:
     """Median / min per method and the median of per-repeat ratios to AdamW, over the clean repeats (over all
     of them if fewer than 10 were clean)."""
@@ -282,8 +220,8 @@ def write_results(args, rows, profile_rows, seconds, load) -> None:
         "# LoRA-Pre Adam optimizer step on CPU",
         "",
         (
-            f"`{command}`; {datetime.date.today().isoformat()}, {_cpu_name()}, {args.threads} threads, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, galore-torch {_version('galore-torch')}; "
+            f"`{command}`; {datetime.date.today().isoformat()}, {cpu_name()}, {args.threads} threads, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, galore-torch {version('galore-torch')}; "
             f"{args.repeats} repeats, methods interleaved, warm-up {args.warmup:.0f} s; {seconds:.0f} s; "
             f"load average before / after: {load[0]} / {load[1]}. A shared machine: each repeat first waits (up to "
             f"{args.wait_idle:.0f} s) for the CPUs to be >= 90% idle, and a repeat during which other processes "
@@ -317,26 +255,6 @@ def write_results(args, rows, profile_rows, seconds, load) -> None:
             for r in profile_rows
         ]
     (args.out / "lora_pre_step.md").write_text("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def main(argv=None) -> list[dict]:

@@ -23,6 +23,7 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from torch import nn
 from lit_lowrank import LoRAConfig, inject_lora
 from lit_lowrank.adapters import lora_modules
 from lit_lowrank.optim import LoRAPro, apply_lora_pro_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import paired_ratio  # noqa: E402
 
 STEP_METHODS = ("lora_adamw", "lora_pro_efficient", "lora_pro_full")
 
@@ -110,15 +114,6 @@ def bench_steps(args: argparse.Namespace, r: int) -> list[dict]:
                          optimizer_ms=1e3 * statistics.median(o for _, o in times[method]),
                          ratio=paired_ratio([t for t, _ in times[method]], [t for t, _ in times["lora_adamw"]])))
     return rows
-
-
-def paired_ratio(samples: list[float], baseline_samples: list[float]) -> float:
-    """Median over repeats of method time / baseline time within the same repeat.
-
-    The methods of one repeat run back to back, so a burst of load from other processes hits them
-    together and cancels in the ratio; a ratio of medians would mix different bursts.
-    """
-    return statistics.median(a / b for a, b in zip(samples, baseline_samples))
 
 
 def host_sylvester_rewrite_(modules, dense_projector: bool = False, damping: float = 1e-8) -> None:

@@ -1,0 +1,145 @@
+"""Every benchmark script runs end to end in --smoke mode (tiny sizes, seconds) and writes the files it promises.
+
+The scripts are loaded from their paths and run in this process (imports and the tokenizer are shared, which
+keeps the whole file short). kernels_gpu.py has its own test (tests/kernels/test_lora_pro_full_kernel.py).
+GaLore rows need galore-torch (the ``bench`` extra): without it they are absent and the tests expect that.
+"""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "train_step_speed", "lora_pre_step", "lora_pro_step",
+           "lora_pre_memory"]
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def galore() -> bool:
+    return importlib.util.find_spec("galore_torch") is not None
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load(name).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
+
+
+def test_pretrain_quality_smoke(tmp_path):
+    module = load("pretrain_quality")
+    summary = module.main(["--smoke", "--out", str(tmp_path)])
+    methods = module.default_methods()
+    assert ("galore" in methods) == galore()
+    assert [row["key"] for row in summary] == methods
+    runs = rows(tmp_path / "pretrain_quality.csv")
+    assert len(runs) == 2 * len(methods)  # one lr on seed 0, then seed 1
+    assert all(float(run["final_val_loss"]) > 0 and run["diverged"] == "False" for run in runs)
+    assert all(int(run["state_bytes"]) > 0 for run in runs)
+    curves = rows(tmp_path / "pretrain_quality_curves.csv")
+    assert {int(point["step"]) for point in curves} == {0, 3, 6}
+    table = (tmp_path / "pretrain_quality.md").read_text()
+    assert "- command: `python benchmarks/pretrain_quality.py --smoke" in table and "torch" in table
+    assert all(f"| {row['method']} |" in table for row in summary)
+    assert (tmp_path / "pretrain_quality.png").stat().st_size > 0
+    # --report-only rebuilds the same summary from the saved runs, keeping the sweep's command in the header
+    again = module.main(["--smoke", "--report-only", "--out", str(tmp_path)])
+    assert [r["val_loss_mean"] for r in again] == [r["val_loss_mean"] for r in summary]
+    assert "report rebuilt by" in (tmp_path / "pretrain_quality.md").read_text()
+
+
+def test_finetune_quality_smoke(tmp_path):
+    module = load("finetune_quality")
+    summary = module.main(["--smoke", "--out", str(tmp_path)])
+    assert [row["key"] for row in summary] == list(module.GRIDS)
+    runs = rows(tmp_path / "finetune_quality.csv")
+    assert len(runs) == 2 * len(module.GRIDS)
+    assert all(0.0 <= float(run["final_test_acc"]) <= 1.0 for run in runs)
+    by_method = {run["method"]: run for run in runs if run["seed"] == "0"}
+    # LoRA methods train adapters + head only; LoRA-Pro full keeps m x n moments, so more state than efficient
+    assert int(by_method["lora_adamw"]["trainable_params"]) < int(by_method["full_ft"]["trainable_params"])
+    assert int(by_method["lora_pro_full"]["state_bytes"]) > int(by_method["lora_pro_efficient"]["state_bytes"])
+    table = (tmp_path / "finetune_quality.md").read_text()
+    assert all(f"| {row['method']} |" in table for row in summary)
+    assert (tmp_path / "finetune_quality.png").stat().st_size > 0
+
+
+def test_memory_smoke(tmp_path):
+    module = load("memory")
+    result = module.main(["--smoke", "--out", str(tmp_path)])
+    measured = rows(tmp_path / "memory_runs.csv")
+    assert len(measured) == len(result["runs"]) == (6 if galore() else 5) + 5
+    assert all(float(row["state_MiB"]) > 0 and float(row["peak_rss_MiB"]) > 0 for row in measured)
+    llama = rows(tmp_path / "memory_llama.csv")
+    assert {row["method"] for row in llama} >= {"AdamW", "LoRA-Pre Adam", "LoRA-Pro efficient", "LoRA-Pro full"}
+    assert all(row["matches_formula"] == "True" for row in llama)
+    full = next(row for row in llama if row["method"] == "LoRA-Pro full")
+    adamw = next(row for row in llama if row["method"] == "AdamW")
+    assert full["lowrank_state_MiB"] == adamw["lowrank_state_MiB"]  # 2 m n per adapted layer, as AdamW's
+    assert (tmp_path / "memory.png").exists() and "## Llama-60M..1B" in (tmp_path / "memory.md").read_text()
+
+
+def test_train_step_speed_smoke(tmp_path):
+    module = load("train_step_speed")
+    measured = module.main(["--smoke", "--out", str(tmp_path)])
+    written = rows(tmp_path / "train_step_speed.csv")
+    assert len(written) == len(measured) == (6 + 2 if galore() else 5) + 5
+    baselines = {row["setting"]: row for row in written if row["method"] in ("adamw", "lora_adamw")}
+    assert set(baselines) == {"pretrain", "finetune"} and all(float(r["ratio"]) == 1.0 for r in baselines.values())
+    assert all(float(row["median_ms"]) > 0 for row in written)
+    assert (tmp_path / "train_step_speed.png").exists() and "load average" in (tmp_path / "train_step_speed.md").read_text()
+
+
+def test_lora_pre_step_smoke(tmp_path):
+    measured = load("lora_pre_step").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    methods = {row["method"] for row in rows(tmp_path / "lora_pre_step.csv")}
+    assert methods == {"adamw_foreach", "lora_pre_r4"} | ({"galore_r4_amortised"} if galore() else set())
+    assert len(measured) == len(methods) and "| 64x96 |" in (tmp_path / "lora_pre_step.md").read_text()
+
+
+def test_lora_pre_memory_smoke(tmp_path):
+    measured = load("lora_pre_memory").main(["--smoke", "--out", str(tmp_path)])
+    written = rows(tmp_path / "lora_pre_memory.csv")
+    assert len(written) == len(measured) == (4 if galore() else 3)
+    assert all(row["matches_formula"] == "True" for row in written)
+
+
+def test_lora_pro_step_smoke(tmp_path):
+    pytest.importorskip("scipy")
+    measured = load("lora_pro_step").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    written = rows(tmp_path / "lora_pro_step.csv")
+    assert len(written) == len(measured) == 3 + 3 * 2
+    assert "lora_pro_full" in (tmp_path / "lora_pro_step.md").read_text()
+
+
+def test_scripts_do_not_leave_common_shadowed():
+    """The scripts import their helpers as the top-level module ``common``; it must be benchmarks/common.py."""
+    for name in SCRIPTS:
+        load(name)
+    assert Path(sys.modules["common"].__file__).resolve() == BENCHMARKS / "common.py"
