@@ -445,19 +445,22 @@ def add_sweep_arguments(parser, name: str, grids: dict, seeds_help: str = "first
 
 
 def sweep_main(script: str, argv, args, grids: dict, run_one: Callable[[dict], dict], runner, score,
-               write_report) -> list[dict] | None:
+               write_report, summary_line: Callable[[dict], str]) -> list[dict]:
     """The body of a sweep script's ``main``: a ``--worker`` run, or the sweep (unless ``--report-only``) and its
-    report. Returns the report's summary rows (None for a worker)."""
+    report, printing ``summary_line(row)`` per method. Returns the report's summary rows ([] for a worker)."""
     if args.worker:
         write_json(args.result, run_one(json.loads(args.worker)))
-        return None
+        return []
     env = environment(command_line(script, argv), args.threads)
     env = environment_for_report(env, args.runs, args.report_only)
     started = time.perf_counter()
     if not args.report_only:
         sweep({m: (args.lrs or grids[m]) for m in args.methods}, args.seeds, runner(args), score, extend=args.extend)
     seconds = None if args.report_only else time.perf_counter() - started
-    return write_report(args, load_runs(args.runs, args.methods), env, seconds)
+    summary = write_report(args, load_runs(args.runs, args.methods), env, seconds)
+    for row in summary:
+        print(summary_line(row))
+    return summary
 
 
 def write_markdown(out: Path, name: str, lines: list[str], smoke: bool) -> None:

@@ -383,12 +383,8 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    summary = common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report)
-    if summary is None:  # a --worker run
-        return []
-    for row in summary:
-        print(f"{row['method']:34s} lr {row['lr']:<7g} test acc {row['test_acc_mean']:.1f}% ({row['test_acc_per_seed']})")
-    return summary
+    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
+                             lambda row: f"{row['method']:34s} lr {row['lr']:<7g} test acc {row['test_acc_mean']:.1f}% ({row['test_acc_per_seed']})")
 
 
 if __name__ == "__main__":

@@ -403,12 +403,8 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    summary = common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report)
-    if summary is None:  # a --worker run
-        return []
-    for row in summary:
-        print(f"{row['method']:55s} lr {row['lr']:<7g} val ppl {row['val_ppl_mean']:.2f} ({row['val_ppl_per_seed']})")
-    return summary
+    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
+                             lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val ppl {row['val_ppl_mean']:.2f} ({row['val_ppl_per_seed']})")
 
 
 if __name__ == "__main__":
