@@ -7,8 +7,6 @@ The interpreter runs small tiles (32 x 32, two tiles per slot, rank chunks of 16
 several tiles, slots and rank chunks, with ragged edges in every dimension.
 """
 import copy
-import os
-import subprocess
 import sys
 import threading
 import warnings
@@ -19,6 +17,7 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton cannot be imported")
 
+from hopper_compile import compile_for_hopper  # noqa: E402
 from lit_lowrank.kernels import dispatch  # noqa: E402
 from lit_lowrank.kernels import lora_pre_adam  # noqa: E402
 from lit_lowrank.kernels.dispatch import KernelFallbackWarning, should_use_kernel  # noqa: E402
@@ -411,30 +410,6 @@ def test_gpu_configs_and_launch_glue_in_the_interpreter(monkeypatch):
 
 
 COMPILE_FOR_HOPPER = r"""
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-def compile_(fn, types, constexprs, num_warps, num_stages):
-    names = fn.arg_names
-    signature = {name: types.get(name, "constexpr") for name in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types.get(name, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-
-@triton.jit
-def copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
-
-try:  # the toolchain itself (this Triton's API, its bundled ptxas)
-    compile_(copy, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 64}, 4, 1)
-except Exception as error:
-    print(f"cannot compile for sm_90 here: {type(error).__name__}: {error}")
-    sys.exit(3)
-
 from lit_lowrank.kernels import lora_pre_adam as K
 first, second = K._first_pass, K._second_pass
 def first_types(dtype):
@@ -476,12 +451,4 @@ print("compiled", cases)
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """The interpreter never lowers the kernels; this compiles the GPU configs to sm_90 cubins (no GPU needed)."""
-    script = tmp_path / "compile_for_hopper.py"  # triton.jit needs its kernels in a file
-    script.write_text(COMPILE_FOR_HOPPER)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode == 3:
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "compiled" in done.stdout
+    compile_for_hopper(tmp_path, COMPILE_FOR_HOPPER, timeout=600)

@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton cannot be imported")
 
 from lit_lowrank import LoRAConfig, inject_lora  # noqa: E402
 from lit_lowrank.adapters import lora_modules  # noqa: E402
+from hopper_compile import compile_for_hopper  # noqa: E402
 from lit_lowrank.kernels import dispatch  # noqa: E402
 from lit_lowrank.kernels import lora_pro_full  # noqa: E402
 from lit_lowrank.optim import LoRAPro  # noqa: E402
@@ -192,30 +193,6 @@ def test_optimizer_with_kernel_equals_torch_path(dtype, weight_decay, kernel_cal
 
 
 COMPILE_FOR_HOPPER = r"""
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-def compile_(fn, types, constexprs, num_warps=4, num_stages=1):
-    names = fn.arg_names
-    signature = {name: types.get(name, "constexpr") for name in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types.get(name, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-
-@triton.jit
-def copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
-
-try:  # the toolchain itself (this Triton's API, its bundled ptxas)
-    compile_(copy, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 64})
-except Exception as error:
-    print(f"cannot compile for sm_90 here: {type(error).__name__}: {error}")
-    sys.exit(3)
-
 from lit_lowrank.kernels import lora_pro_full as K
 fn = K._full_step_tile
 types = {name: "*fp32" for name in fn.arg_names[:9]}
@@ -238,15 +215,7 @@ print("compiled", len(cases))
 
 def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     """The interpreter never lowers the kernel; this compiles every GPU config to an sm_90 cubin (no GPU needed)."""
-    script = tmp_path / "compile_for_hopper.py"  # triton.jit needs its kernels in a file
-    script.write_text(COMPILE_FOR_HOPPER)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode == 3:
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "compiled" in done.stdout
+    compile_for_hopper(tmp_path, COMPILE_FOR_HOPPER, timeout=300)
 
 
 def test_gpu_benchmark_exits_cleanly_without_gpu(tmp_path):
