@@ -26,7 +26,6 @@ import datetime
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name, version  # noqa: E402
+from common import cpu_name, galore_available, version  # noqa: E402
 
 # GaLore's configs/llama_*.json: hidden, intermediate, layers, heads; vocabulary 32000.
 LLAMA_CONFIGS = {
@@ -130,16 +129,6 @@ def make_optimizer(method: str, model: torch.nn.Module, rank: int, galore_rank: 
         return GaLoreAdamW(galore_groups, no_deprecation_warning=True), groups
     optimizer_class = LoRAPreAdamW if method == "LoRA-Pre Adam" else LoRAPreMuon
     return optimizer_class(groups, rank=rank), groups
-
-
-def galore_available() -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import galore_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run(args: argparse.Namespace) -> list[dict]:

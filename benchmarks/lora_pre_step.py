@@ -39,7 +39,7 @@ import torch
 from lit_lowrank.optim import LoRAPreAdamW
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name, time_interleaved, version  # noqa: E402
+from common import cpu_name, galore_available, time_interleaved, version  # noqa: E402
 
 PROFILE_CATEGORIES = {
     "p x q x r products (addmm)": ("aten::addmm", "aten::addmm_"),
@@ -97,16 +97,6 @@ def galore_optimizer(param: torch.nn.Parameter, rank: int, period: int):
 
         group = {"params": [param], "rank": rank, "update_proj_gap": period, "scale": 0.25, "proj_type": "std"}
         return GaLoreAdamW([group], no_deprecation_warning=True)
-
-
-def galore_available() -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import galore_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def galore_step(optimizer: torch.optim.Optimizer, counter: int) -> None:
