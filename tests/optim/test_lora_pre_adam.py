@@ -15,13 +15,7 @@ from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, build_optimizer, lowran
 FACTORS = ("B", "A", "V_B", "V_A")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
 def make_mlp(seed=0, dtype=torch.float32):

@@ -17,13 +17,7 @@ F64 = torch.float64
 SPEC_ALTERNATING_ERRORS = {1: 0.84, 2: 0.70, 4: 0.45, 8: 0.25}  # the spec's simulation, r = 1 / 2 / 4 / 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
 def spec_step(W, g, B, A, V_B, V_A, *, t, lr, beta1, beta2, eps, wd, scale, damping, jacobi=False):

@@ -13,13 +13,7 @@ from lit_lowrank.optim.lora_pre_muon_update import muon_update_scale, newton_sch
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
 def reference_newton_schulz(G, steps=5):

@@ -12,13 +12,7 @@ from lit_lowrank.optim import equivalent_gradient, lora_pro_gradients
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
 def problem(m, n, r, s=2.0, seed=0, dtype=F64):

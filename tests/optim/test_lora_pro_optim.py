@@ -20,13 +20,7 @@ from lit_lowrank.optim import LoRAPro, apply_lora_pro_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second OpenMP thread only adds spin-wait stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
 def reference_lora_pro(A, B, gA, gB, s):
