@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Union
 
 from torch import nn
 
+from lit_lowrank.adapters.heads import HEAD_NAMES, _is_under, head_module_names, task_heads  # noqa: F401 (HEAD_NAMES: old home)
 from lit_lowrank.adapters.inits import LORA_INITS
 from lit_lowrank.adapters.lora import (
     MHA_PARTS,
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 #: Attribute on the module ``inject_lora`` was called on; ``save_adapter`` reads it back.
 INJECTION_RECORD = "lora_injection"
-#: Child names treated as output heads by "all-linear" (PEFT excludes the head the same way).
-HEAD_NAMES = ("lm_head", "classifier", "score", "head")
 
 
 @dataclass
@@ -46,7 +45,10 @@ class LoRAConfig:
         exclude_modules: names to leave alone, same forms as ``target_modules``.
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init: a name registered in :data:`lit_lowrank.adapters.inits.LORA_INITS` ("default", "gaussian", ...).
-        modules_to_save: modules trained fully and saved with the adapter (e.g. ``["classifier"]``).
+        modules_to_save: modules trained fully and saved with the adapter (e.g. ``["classifier"]``). ``None``
+            (the default) picks the heads a task adds, as PEFT's task types do (see
+            :data:`~lit_lowrank.adapters.heads.TASK_HEAD_NAMES`: ``classifier``, ``score``, timm's ``head``);
+            ``[]`` keeps everything but the adapters frozen.
 
     Example:
         >>> LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]).scaling
@@ -71,6 +73,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"unknown LoRAConfig.init={self.init!r}; registered inits: {sorted(LORA_INITS)}")
+        if isinstance(self.modules_to_save, str):  # iterating a string would resolve its characters
+            raise ValueError(f"LoRAConfig.modules_to_save must be a list of names, got the string "
+                             f"{self.modules_to_save!r}. HINT: write [{self.modules_to_save!r}].")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty; use 'all-linear' or name the layers")
 
@@ -141,29 +146,6 @@ def adaptable_layers(model: nn.Module) -> List[_Target]:
     return targets
 
 
-def head_module_names(model: nn.Module) -> set[str]:
-    """Output heads that "all-linear" leaves alone (they are usually trained fully via modules_to_save)."""
-    heads: set[int] = set()
-    for module in model.modules():
-        for getter in ("get_output_embeddings", "get_classifier"):  # transformers, timm
-            fn = getattr(module, getter, None)
-            try:
-                head = fn() if callable(fn) else None
-            except (NotImplementedError, AttributeError, TypeError):
-                head = None
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-    names = set()
-    for name, module in model.named_modules():
-        if id(module) in heads or (name and name.split(".")[-1] in HEAD_NAMES):
-            names.add(name)
-    return names
-
-
-def _is_under(name: str, roots: set[str]) -> bool:
-    return any(name == root or name.startswith(root + ".") for root in roots)
-
-
 def select_targets(model: nn.Module, config: LoRAConfig) -> List[_Target]:
     """The layers ``config`` adapts in ``model``; raises with the candidate names when nothing matches."""
     candidates = adaptable_layers(model)
@@ -203,8 +185,9 @@ def describe_candidates(candidates: List[_Target], limit: int = 30) -> str:
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Wrap the targeted layers of ``model`` with LoRA adapters in place and freeze everything else.
 
-    Only ``lora_A``/``lora_B`` and the parameters of ``config.modules_to_save`` stay trainable.
-    Nothing is changed when validation fails (unknown targets, rank too large, already injected).
+    Only ``lora_A``/``lora_B`` and the parameters of ``config.modules_to_save`` stay trainable; with
+    ``modules_to_save=None`` that is the task heads found by :func:`~lit_lowrank.adapters.heads.task_heads`
+    (logged). Nothing is changed when validation fails (unknown targets, rank too large, already injected).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -212,6 +195,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         >>> net = inject_lora(net, LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
         >>> sorted(n for n, p in net.named_parameters() if p.requires_grad)
         ['0.lora_A', '0.lora_B', '2.bias', '2.weight']
+        >>> net = nn.Sequential()
+        >>> net.body, net.classifier = nn.Linear(8, 8), nn.Linear(8, 3)  # a new task head: trained by default
+        >>> sorted(n for n, p in inject_lora(net, LoRAConfig(r=2)).named_parameters() if p.requires_grad)
+        ['body.lora_A', 'body.lora_B', 'classifier.bias', 'classifier.weight']
     """
     existing = [name for name, _ in lora_modules(model)]
     if existing:
@@ -227,7 +214,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                 f"LoRA rank r={config.r} is larger than layer {target.name!r} allows (in={n_in}, out={n_out}); "
                 f"r must be <= {min(n_in, n_out)}. HINT: lower LoRAConfig.r or exclude this layer."
             )
-    to_save = _resolve_modules_to_save(model, config.modules_to_save)
+    if config.modules_to_save is None:
+        to_save = task_heads(model, adapted=[t.owner for t in targets])
+        if to_save:
+            log.info("LoRA: task heads %s are trained fully (modules_to_save=None picks them); "
+                     "LoRAConfig(modules_to_save=[]) keeps them frozen", to_save)
+    else:
+        to_save = _resolve_modules_to_save(model, config.modules_to_save)
     if config.dropout > 0 and any(t.part for t in targets):
         log.warning("LoRA dropout=%s is not applied to nn.MultiheadAttention adapters (weight-delta form)", config.dropout)
 

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_lowrank.adapters import save_adapter
+from lit_lowrank.adapters import is_peft_loadable, save_adapter
 from lit_lowrank.adapters.peft_io import find_injection_root
 
 log = logging.getLogger(__name__)
@@ -19,12 +19,19 @@ class AdapterExport(Callback):
     """Write ``<dirpath>/best`` (with each new best checkpoint) and ``<dirpath>/final`` (end of fit).
 
     Each is ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained``
-    (Linear/Conv1D adapters) or :func:`lit_lowrank.load_adapter`. Under FSDP2 every rank takes part in gathering
-    the full adapter tensors and global rank 0 writes them: no shard is lost.
+    (Linear/Conv1D adapters) or :func:`lit_lowrank.load_adapter`; :meth:`format_label` says which. The config
+    names the backbone actually loaded and PEFT's task type, so ``peft.AutoPeftModelFor...`` can rebuild the model.
+    Under FSDP2 every rank takes part in gathering the full adapter tensors and global rank 0 writes them.
 
     Args:
         dirpath: output folder; default ``<trainer.log_dir>/adapter``.
-        base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+        base_model_name_or_path: written for backbones that do not record their source (built from a config,
+            timm, open_clip). A transformers model loaded with ``from_pretrained`` writes where it was loaded
+            from; a different value here is reported and ignored.
+
+    Example:
+        >>> AdapterExport("adapters/").exported
+        {}
     """
 
     def __init__(self, dirpath: Optional[str] = None, base_model_name_or_path: Optional[str] = None) -> None:
@@ -43,6 +50,12 @@ class AdapterExport(Callback):
         if trainer.is_global_zero:
             log.info("adapter (%s) exported to %s", name, target)
         return target
+
+    def format_label(self, name: str) -> str:
+        """How the exported adapter ``name`` ("best", "final") loads, for run summaries."""
+        if is_peft_loadable(self.exported[name]):
+            return "PEFT format"
+        return "lit_lowrank format: attention adapters, load with lit_lowrank.load_adapter"
 
     def _has_adapters(self, pl_module: L.LightningModule) -> bool:
         try:

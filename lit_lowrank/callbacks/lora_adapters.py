@@ -6,9 +6,11 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig, inject_lora, lora_modules
+from lit_lowrank.adapters.inject import INJECTION_RECORD
 
 
 class LoRAAdapters(Callback):
@@ -16,6 +18,10 @@ class LoRAAdapters(Callback):
 
     Injection happens in ``setup`` (before ``configure_optimizers`` and before a checkpoint is restored, so
     resuming finds the adapter weights). A module that already has adapters is left as it is.
+
+    Heads a task adds (``classifier`` / ``score`` of a transformers classifier, timm's ``head``) are freshly
+    initialised, so with ``config.modules_to_save=None`` they are trained fully, as PEFT's task types do, and
+    the callback says which; ``modules_to_save=[]`` keeps them frozen.
 
     Args:
         config: which layers to adapt and how (rank, alpha, targets, modules_to_save).
@@ -57,6 +63,10 @@ class LoRAAdapters(Callback):
         target = self.target(pl_module)
         if next(lora_modules(target), None) is None:
             inject_lora(target, self.config)
+            heads = getattr(target, INJECTION_RECORD).modules_to_save
+            if self.config.modules_to_save is None and heads:
+                rank_zero_info(f"LoRAAdapters: task heads {heads} are trained fully next to the adapters "
+                               "(LoRAConfig(modules_to_save=[]) keeps them frozen)")
 
     @override
     def state_dict(self) -> dict[str, Any]:

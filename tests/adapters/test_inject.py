@@ -10,6 +10,8 @@ from tiny_models import DEFAULT_TARGETS, FAMILIES
 # Adapter pairs each family gets with its default targets (2 blocks each).
 # gpt2: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; bert: query, key, value and three "dense" per block + the pooler
 EXPECTED_PAIRS = {"llama": 14, "bert": 2 * 6 + 1, "gpt2": 2 * 4, "vit": 2 * 4, "clip": 2 * 2 * 4}
+# Heads a task adds (fresh init), trained fully by default as PEFT's SEQ_CLS does.
+TASK_HEADS = {"bert": "classifier", "vit": "head"}
 
 
 def _randomize_b(model):
@@ -19,7 +21,7 @@ def _randomize_b(model):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_only_adapters_train_and_output_is_unchanged_at_init(family):
+def test_only_adapters_and_task_heads_train_and_output_is_unchanged_at_init(family):
     model, inputs, forward = FAMILIES[family]()
     model.eval()
     before = forward(model, inputs).detach()
@@ -28,6 +30,8 @@ def test_only_adapters_train_and_output_is_unchanged_at_init(family):
     assert len(pairs) == EXPECTED_PAIRS[family]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     expected = {f"{name}.lora_{side}" for name in pairs for side in "AB"}
+    if family in TASK_HEADS:
+        expected |= {f"{TASK_HEADS[family]}.{p}" for p in ("weight", "bias")}
     assert trainable == expected
     torch.testing.assert_close(forward(model, inputs), before, rtol=0, atol=0)
 
