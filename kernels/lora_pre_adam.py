@@ -12,7 +12,8 @@ COL_TILES consecutive BLOCK_N-column tiles, visited in order). Per tile:
 1. ``g A_pinv^T`` and ``|g| V_A_pinv^T`` added to two BLOCK_M x R_PAD fp32 accumulators (R_PAD: r padded to a
    power of two >= 16 for ``tl.dot``), i.e. split-K partial sums over the slot's columns;
 2. ``m = g + kappa * (B A)`` and ``root_v = hypot(|g|, rho * (V_B V_A)) + eps_hat`` (K = r in BLOCK_R chunks);
-   ``hypot`` is formed without squares, which overflow fp32 for |g| > 1.8e19, as in the reference;
+   ``hypot`` is formed without squares, which overflow fp32 for |g| > 1.8e19, as in the reference; with an
+   update bound (``FLOOR``) ``root_v = max(hypot(...), floor * |m|) + eps_hat``, in registers (no extra pass);
 3. ``W <- W * (1 - lr wd)`` rounded to W's dtype (the reference's in-place ``mul_``), then
    ``W <- W + (-step_size * m) / root_v`` (IEEE division, like ``addcdiv_``), stored in W's dtype.
 
@@ -118,8 +119,8 @@ def _first_pass(
     a_ptr, va_ptr, ap_ptr, vap_ptr,  # A, V_A, A_pinv, V_A_pinv: r x q, row-major fp32
     part_ptr,  # (slots, 2, p, r) fp32: this program writes [pid_n, :, rows, :]
     p, q, stride_wp, stride_wq, stride_gp, stride_gq,
-    kappa, rho, neg_step, eps_hat, decay,  # fp32 scalars of the step (see adam_step_constants)
-    r: tl.constexpr, R_PAD: tl.constexpr, DECAY: tl.constexpr,
+    kappa, rho, neg_step, eps_hat, decay, floor,  # fp32 scalars of the step (see adam_step_constants)
+    r: tl.constexpr, R_PAD: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round fp32 -> bf16 on the bits (the interpreter's cast truncates)
@@ -172,7 +173,10 @@ def _first_pass(
             va = tl.load(va_ptr + right_at, mask=right_in, other=0.0)
             vv = tl.dot(vb, va, vv, input_precision=DOT_PRECISION)
         m = g + kappa * ba
-        root_v = _hypot(rho * vv, abs_g) + eps_hat
+        root_v = _hypot(rho * vv, abs_g)
+        if FLOOR:  # the update bound: sqrt(v_hat) >= |m_hat| / sqrt(C), see adam_step_constants
+            root_v = tl.maximum(root_v, floor * tl.abs(m), propagate_nan=tl.PropagateNan.ALL)
+        root_v = root_v + eps_hat
 
         w_at = w_ptr + rows64 * stride_wp + cols64 * stride_wq
         w = tl.load(w_at, mask=tile, other=0.0)
@@ -272,16 +276,17 @@ def _r_pad(r: int) -> int:
 
 
 def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: float, step_size: float,
-               eps_hat: float, decay: Optional[float], workspace: Workspace, precision: Optional[str] = None):
+               eps_hat: float, decay: Optional[float], workspace: Workspace, precision: Optional[str] = None,
+               floor: float = 0.0):
     """Update ``param`` in place and return ``(g A_pinv^T, |g| V_A_pinv^T)`` stacked, ``(2, p, r)`` fp32.
 
     ``right_pinvs``: ``(2, r, q)`` fp32, ``A_pinv`` and ``V_A_pinv``; ``decay``: ``1 - lr * weight_decay``, or
-    None for no weight decay. The result is a view of a workspace buffer (valid until the next call).
+    None for no weight decay; ``floor``: the update bound's factor (0: none). The result is a view of a workspace buffer (valid until the next call).
     """
     p, q = param.shape
     r = A.shape[0]
     B, V_B, A, V_A, right_pinvs = (t.contiguous() for t in (B, V_B, A, V_A, right_pinvs))
-    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, SOFT_BF16=INTERPRETED,
+    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, FLOOR=floor != 0.0, SOFT_BF16=INTERPRETED,
                      DOT_PRECISION=precision or dot_precision(param.device))
     if _first_autotuned is None:  # interpreted
         kernel, constants = _first_pass, {**constants, **INTERPRETER_FIRST}
@@ -298,7 +303,7 @@ def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: f
     kernel[grid](
         param, grad, B, V_B, A, V_A, right_pinvs[0], right_pinvs[1], partials,
         p, q, param.stride(0), param.stride(1), grad.stride(0), grad.stride(1),
-        kappa, rho, -step_size, eps_hat, 1.0 if decay is None else decay,
+        kappa, rho, -step_size, eps_hat, 1.0 if decay is None else decay, floor,
         **constants,
     )
     return torch.sum(partials, dim=0, out=workspace.get("kernel_left_sums", (2, p, r), torch.float32, param.device))
@@ -348,7 +353,8 @@ def lora_pre_adam_update_(
     factor_update: str,
     workspace: Workspace,
     shards: Optional[RowShards] = None,
-    debias_second_moment: bool = False,
+    debias_second_moment: bool = True,
+    update_bound: str = "v_floor",
     precision: Optional[str] = None,
 ) -> None:
     """The reference's step (same arguments, ``chunk_rows`` aside) with the p x q work in the two passes.
@@ -359,7 +365,7 @@ def lora_pre_adam_update_(
     reference. ``precision``: ``tl.dot``'s ``input_precision`` (default :func:`dot_precision`).
     """
     c = adam_step_constants(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
-                            debias_second_moment=debias_second_moment)
+                            debias_second_moment=debias_second_moment, update_bound=update_bound)
     jacobi = factor_update == "jacobi"
     right_pinvs = damped_pinv_pair(A, V_A, "right_pinv", damping, workspace)
     if jacobi:
@@ -368,7 +374,7 @@ def lora_pre_adam_update_(
     left_sums = first_pass(param, grad, B, A, V_B, V_A, right_pinvs, kappa=c.kappa, rho=c.rho,
                            step_size=c.step_size, eps_hat=c.eps_hat,
                            decay=1.0 - lr * weight_decay if weight_decay != 0.0 else None,
-                           workspace=workspace, precision=precision)
+                           workspace=workspace, precision=precision, floor=c.floor)
     B.mul_(1.0 - c.gamma1).add_(left_sums[0], alpha=c.gamma1)
     V_B.mul_(1.0 - c.gamma2).add_(left_sums[1], alpha=c.gamma2)
 

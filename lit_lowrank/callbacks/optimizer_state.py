@@ -9,11 +9,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lit_lowrank.callbacks.skipped_steps import skipped_steps
+
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``optimizer.state`` on this process (a DTensor counts its local shard).
 
-    Optimizers with a ``state_bytes()`` method (LoRA-Pre, LoRA-Pro) report it themselves.
+    Optimizers with a ``state_bytes()`` method (LoRAPreAdamW, LoRAPreMuon) report it themselves.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(10, 10))
@@ -42,7 +44,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class OptimizerStateMonitor(Callback):
-    """Log ``optimizer/state_bytes`` (exact, summed over ranks under sharding) and ``memory/peak_bytes``.
+    """Log ``optimizer/state_bytes`` (exact, summed over ranks under sharding), ``memory/peak_bytes`` and
+    ``optimizer/skipped_steps`` (updates the optimizers skipped for non-finite gradients, where they count them).
 
     Values go straight to the loggers as integers (``self.log`` would round them to float32).
 
@@ -64,7 +67,8 @@ class OptimizerStateMonitor(Callback):
         total = int(trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64, device=pl_module.device),
                                             reduce_op="sum")) if _is_sharded(trainer) else local
         self.last = {"optimizer/state_bytes": total, "optimizer/state_bytes_per_rank": local,
-                     "memory/peak_bytes": peak_memory_bytes(pl_module.device)}
+                     "memory/peak_bytes": peak_memory_bytes(pl_module.device),
+                     "optimizer/skipped_steps": skipped_steps(trainer)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(dict(self.last), step=step)

@@ -5,7 +5,7 @@
 - :func:`lowrank_param_groups`: which tensors of a model are factored (the rest get AdamW in the same optimizer).
 
 The per-matrix steps, which a fused kernel may replace, are :func:`lora_pre_adam_update_` and
-:func:`lora_pre_muon_update_`. The contract is ``shared/spec/lora-pre.md``.
+:func:`lora_pre_muon_update_`. The method as implemented: ``docs/lora-pre.md``.
 
 Example:
     >>> import torch

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
-from lit_lowrank.optim.lora_pre_adam_update import KERNEL, lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre_adam_update import KERNEL, UPDATE_BOUNDS, lora_pre_adam_update_
 from lit_lowrank.optim.lora_pre_base import (
     LowRankOptimizerBase,
     check_betas,
@@ -13,6 +14,8 @@ from lit_lowrank.optim.lora_pre_base import (
     check_use_triton,
 )
 from lit_lowrank.optim.sharding import RowShards, local
+
+log = logging.getLogger(__name__)
 
 
 class LoRAPreAdamW(LowRankOptimizerBase):
@@ -23,17 +26,17 @@ class LoRAPreAdamW(LowRankOptimizerBase):
     ``2 (p + q) r`` float32 elements instead of AdamW's ``2 p q``. Each step forms ``m_t`` and ``v_t`` transiently,
     applies the AdamW update (decoupled weight decay, bias correction from step 1), then moves each factor by
     one damped least-squares step towards ``g`` (first moment, ``1 - gamma1 = sqrt(beta1)``) or ``|g|`` (second
-    moment, ``1 - gamma2 = beta2 ** 0.25``) so that the products follow Adam's EMAs (see
-    ``shared/spec/lora-pre.md`` and :func:`~lit_lowrank.optim.lora_pre_adam_update.lora_pre_adam_update_`).
+    moment, ``1 - gamma2 = beta2 ** 0.25``) so that the products follow Adam's EMAs. The math, our defaults and
+    the measurements behind them: ``docs/lora-pre.md``.
 
-    Note on the second moment's bias correction (the spec's, kept as is): with exact factors and a steady
-    gradient the product ``V_B V_A`` follows the EMA of ``|g|`` at rate ``sqrt(beta2)``, so ``v_t`` warms up
-    like ``beta2 (1 - beta2^((t-1)/2))^2 + (1 - beta2)`` rather than Adam's ``1 - beta2^t``; dividing by the
-    latter makes early steps larger than Adam's (up to ~5x around t = 100 at beta2 = 0.999, ~1.25x at t = 3000),
-    and element-wise far larger where the current gradient is small but earlier ones were not (``v`` then holds
-    almost nothing of them). ``debias_second_moment=True`` (our extension, off by default to keep the spec's
-    behaviour) rescales ``V_B V_A`` by ``sqrt(1 - beta2^(t-1)) / (1 - beta2^((t-1)/2))`` before squaring, so that
-    ``v_t`` warms up like Adam's; with a steady gradient of rank <= r the step then equals Adam's at every t.
+    Bounded, finite steps (the defaults): the two moments are independent low-rank fits, so nothing keeps
+    ``v_hat`` near ``m_hat^2`` element-wise, and the factored ``|g|`` fills more slowly than Adam's ``v``. So by
+    default the second moment is bias-corrected as it fills (``debias_second_moment=True``) and ``v_hat`` is floored
+    at ``m_hat^2`` (``update_bound="v_floor"``): no entry moves by more than ``lr * scale`` (plus weight decay),
+    whatever the gradient; for a steady gradient the factors represent exactly, the step equals Adam's. A matrix or
+    tensor whose gradient holds NaN/inf is skipped (parameter, state and step count unchanged) and counted in
+    :meth:`skipped_steps`. ``debias_second_moment=False, update_bound="none"`` is the paper's formula: unbounded
+    (one zero gradient can move a weight by thousands of ``lr``), kept for reproducing the paper only.
 
     Which tensors are factored:
 
@@ -57,7 +60,12 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             alternating least squares. ``"jacobi"``: both from the old pair. Caveat: Jacobi tracks the moments
             worse and gets *worse as the rank grows* (relative error 0.90 / 0.81 / 1.04 / 1.28 at r = 1 / 2 / 4 / 8
             in the spec's simulation, against 0.84 / 0.70 / 0.45 / 0.25 for alternating); it exists for comparison.
-        debias_second_moment: warm the factored second moment up like Adam's (see the note above).
+        debias_second_moment: bias-correct the factored second moment as it fills (``sqrt(beta2)`` per step for
+            ``V_B V_A``, so ``v_t`` warms up like Adam's); ``False`` is the paper's correction (see above).
+        update_bound: ``"v_floor"`` (default): ``v_hat >= m_hat^2``, so ``|update| <= 1``; ``"adam_floor"``:
+            ``v_hat >= m_hat^2 / C_t``, Adam's own worst case (``|update| <= sqrt(C_t)``, up to ~7.3 for the default
+            betas); ``"rms_clip"``: the update's RMS over the matrix clipped at 1 (Adafactor; torch path only, one
+            host read per matrix); ``"none"``: unbounded. The floors are fused into the kernel's first pass.
         use_triton: the fused Triton kernel of the factored matrices' step (``lit_lowrank.kernels.lora_pre_adam``):
             ``"auto"`` uses it for CUDA tensors and the torch path on CPU, ``True`` wherever it can run (CPU only
             under ``TRITON_INTERPRET=1``), ``False`` never. A missing or broken Triton, or a tensor the kernel does not
@@ -102,7 +110,8 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         full_rank: Literal["error", "dense", "factored"] = "error",
         chunk_rows: int | None = None,
         seed: int | None = None,
-        debias_second_moment: bool = False,
+        debias_second_moment: bool = True,
+        update_bound: Literal["v_floor", "adam_floor", "rms_clip", "none"] = "v_floor",
     ) -> None:
         check_use_triton(type(self).__name__, use_triton, kernel=KERNEL)
         self.use_triton = use_triton
@@ -119,6 +128,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             "chunk_rows": chunk_rows,
             "lowrank": True,
             "debias_second_moment": debias_second_moment,
+            "update_bound": update_bound,
         }
         super().__init__(params, defaults, seed=seed)
 
@@ -132,13 +142,20 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             raise ValueError(f"{owner}: invalid scale {group['scale']!r}; expected a finite float > 0.")
         if not isinstance(group["lowrank"], bool):
             raise TypeError(f"{owner}: invalid lowrank {group['lowrank']!r}; expected True or False.")
+        if group["update_bound"] not in UPDATE_BOUNDS:
+            raise ValueError(f"{owner}: invalid update_bound {group['update_bound']!r}; expected one of {UPDATE_BOUNDS}.")
+        if not isinstance(group["debias_second_moment"], bool):
+            raise TypeError(f"{owner}: invalid debias_second_moment {group['debias_second_moment']!r}; expected a bool.")
+        if group["update_bound"] == "none" and not group["debias_second_moment"]:
+            log.warning(
+                "%s: debias_second_moment=False with update_bound='none' is the paper's literal formula, whose steps "
+                "are not bounded: one zero or tiny gradient can move a weight by orders of magnitude more than lr "
+                "(docs/lora-pre.md). HINT: keep the defaults unless you are reproducing the paper.", owner)
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list) -> None:
         beta1, beta2 = group["betas"]
         dense = []
-        for param in group["params"]:
-            if param.grad is None:
-                continue
+        for param in params:
             grad = self._grad_of(param)
             if not self._uses_factors(param, group):
                 dense.append(param)
@@ -165,6 +182,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 workspace=self._workspace,
                 shards=RowShards.of(param),
                 debias_second_moment=group["debias_second_moment"],
+                update_bound=group["update_bound"],
                 use_triton=self.use_triton,
             )
         if dense:

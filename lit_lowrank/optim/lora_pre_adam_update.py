@@ -1,11 +1,12 @@
 """One LoRA-Pre Adam step for one matrix (torch reference path).
 
 This is the function a fused kernel replaces: it reads the parameter, its gradient and the four factors,
-and updates the parameter and the factors in place. Its math is the spec's (``shared/spec/lora-pre.md``):
+and updates the parameter and the factors in place (the math, our defaults and why: ``docs/lora-pre.md``):
 
     m_t = beta1 * (B A) + (1 - beta1) * g                     (B, A from step t-1)
-    v_t = beta2 * (V_B V_A)^2 + (1 - beta2) * g^2
-    W  <- W - lr * ( scale * (m_t / (1 - beta1^t)) / (sqrt(v_t / (1 - beta2^t)) + eps) + weight_decay * W )
+    v_t = beta2 * (D_t V_B V_A)^2 + (1 - beta2) * g^2         D_t: the warm-up correction (1 without debiasing)
+    m_hat = m_t / (1 - beta1^t),  v_hat = max(v_t / (1 - beta2^t), m_hat^2 / C)   (the bound; C = 1 by default)
+    W  <- W - lr * ( scale * m_hat / (sqrt(v_hat) + eps) + weight_decay * W )
     B  <- (1 - gamma1) B + gamma1 * g A^T (A A^T)^-1          1 - gamma1 = sqrt(beta1)
     A  <- (1 - gamma1) A + gamma1 * (B^T B)^-1 B^T g          B: the new B ("alternating"), or the old one ("jacobi")
     V_B, V_A: the same with gamma2 (1 - gamma2 = beta2^(1/4)) and target |g|
@@ -29,6 +30,12 @@ KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Parameter and gradient dtypes the kernel takes (its factors and arithmetic are float32)."""
 KERNEL_MAX_RANK = 128
 """Largest rank the kernel takes: it keeps rank-wide fp32 accumulators in registers, which spill heavily beyond."""
+UPDATE_BOUNDS = ("v_floor", "adam_floor", "rms_clip", "none")
+"""How the update is bounded: ``v_hat`` floored at ``m_hat^2`` (``|update| <= 1``, the default), floored at
+``m_hat^2 / C_t`` (Adam's own worst case, ``|update| <= sqrt(C_t)``), the update's RMS over the matrix clipped at
+1 (Adafactor), or not at all (the paper's formula: unsafe, see ``docs/lora-pre.md``)."""
+KERNEL_UPDATE_BOUNDS = ("v_floor", "adam_floor", "none")
+"""Bounds fused into the kernel's first pass; ``rms_clip`` needs the whole update's RMS first (torch path only)."""
 
 
 class AdamStepConstants(NamedTuple):
@@ -36,14 +43,30 @@ class AdamStepConstants(NamedTuple):
 
     kappa: float  # m_t / (1 - beta1) = g + kappa * B A
     rho: float  # sqrt(v_t) / sqrt(1 - beta2) = hypot(|g|, rho * V_B V_A)
-    step_size: float  # W -= step_size * (g + kappa B A) / (hypot(...) + eps_hat)
+    step_size: float  # W -= step_size * (g + kappa B A) / (max(hypot(...), floor * |g + kappa B A|) + eps_hat)
     eps_hat: float
     gamma1: float  # factor update rates: 1 - gamma1 = sqrt(beta1), 1 - gamma2 = beta2^(1/4)
     gamma2: float
+    floor: float  # 0: no floor; else sqrt(v_hat) >= |m_hat| / sqrt(C) reads hypot(...) >= floor * |g + kappa B A|
+
+
+def adam_worst_case(step: int, beta1: float, beta2: float) -> float:
+    """``C_t = sum_i w_i^2 / u_i``: Adam's bound ``m_hat^2 <= C_t v_hat`` (Cauchy-Schwarz over the EMA weights).
+
+    ``w_i = (1 - beta1) beta1^(t-i) / (1 - beta1^t)`` and ``u_i`` likewise with ``beta2``; 1 at step 1, tending to
+    ``(1 - beta1)^2 / ((1 - beta2)(1 - beta1^2 / beta2))`` (about 53 for (0.9, 0.999)).
+
+    Example:
+        >>> round(adam_worst_case(1, 0.9, 0.999), 6), round(adam_worst_case(10**6, 0.9, 0.999), 1)
+        (1.0, 52.7)
+    """
+    ratio = beta1 * beta1 / beta2
+    geometric = float(step) if ratio == 1.0 else (1.0 - ratio**step) / (1.0 - ratio)
+    return (1.0 - beta1) ** 2 * (1.0 - beta2**step) / ((1.0 - beta1**step) ** 2 * (1.0 - beta2)) * geometric
 
 
 def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps: float, scale: float,
-                        debias_second_moment: bool) -> AdamStepConstants:
+                        debias_second_moment: bool = True, update_bound: str = "v_floor") -> AdamStepConstants:
     """The constants of step ``step`` (>= 1) after the rewrites described in :func:`lora_pre_adam_update_`."""
     kappa = beta1 / (1.0 - beta1)
     rho = math.sqrt(beta2 / (1.0 - beta2))
@@ -52,8 +75,14 @@ def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps
         # far below Adam's v_{t-1} ~ (1 - beta2^(t-1)); rescale it to Adam's scale (exact for a steady gradient).
         rho *= math.sqrt(1.0 - beta2 ** (step - 1)) / (1.0 - beta2 ** ((step - 1) / 2))
     c = math.sqrt(1.0 - beta2) / math.sqrt(1.0 - beta2**step)  # sqrt(v_t / (1 - beta2^t)) = c * hypot(...)
-    step_size = lr * scale * (1.0 - beta1) / ((1.0 - beta1**step) * c)
-    return AdamStepConstants(kappa, rho, step_size, eps / c, 1.0 - math.sqrt(beta1), 1.0 - beta2**0.25)
+    m_hat_per_m = (1.0 - beta1) / ((1.0 - beta1**step) * c)  # m_hat / (c (g + kappa B A))
+    floor = 0.0
+    if update_bound == "v_floor":
+        floor = m_hat_per_m
+    elif update_bound == "adam_floor":
+        floor = m_hat_per_m / math.sqrt(adam_worst_case(step, beta1, beta2))
+    return AdamStepConstants(kappa, rho, lr * scale * m_hat_per_m, eps / c, 1.0 - math.sqrt(beta1),
+                             1.0 - beta2**0.25, floor)
 
 
 def damped_pinv_pair(first: Tensor, second: Tensor, role: str, damping: float, workspace: Workspace,
@@ -83,7 +112,8 @@ def lora_pre_adam_update_(
     chunk_rows: int,
     workspace: Workspace,
     shards: RowShards | None = None,
-    debias_second_moment: bool = False,
+    debias_second_moment: bool = True,
+    update_bound: str = "v_floor",
     use_triton: UseTriton = False,
 ) -> None:
     """Apply LoRA-Pre Adam step ``step`` (>= 1) to a ``p x q`` ``param`` and its factors, all in place.
@@ -100,8 +130,11 @@ def lora_pre_adam_update_(
     factor's damped pseudo-inverse from :func:`~lit_lowrank.optim.lowrank_factors.damped_pinvs`, e.g.
     ``B <- (1 - gamma1) B + gamma1 g A_pinv^T`` with ``A_pinv^T = A^T (A A^T + lambda I)^-1``.
 
-    ``debias_second_moment`` (an extension of the spec, off by default) rescales ``V_B V_A`` by
-    ``sqrt(1 - beta2^(t-1)) / (1 - beta2^((t-1)/2))`` before it is squared, so that ``v_t`` warms up like Adam's.
+    ``debias_second_moment`` (default) rescales ``V_B V_A`` by ``sqrt(1 - beta2^(t-1)) / (1 - beta2^((t-1)/2))``
+    before it is squared, so that ``v_t`` warms up like Adam's. ``update_bound`` (one of ``UPDATE_BOUNDS``): the
+    floors cost one ``abs`` and one ``maximum`` per element (``m`` is formed pre-scaled by the floor factor, so the
+    floor needs no multiply); ``"rms_clip"`` forms the update once more to measure its RMS first.
+    ``debias_second_moment=False, update_bound="none"`` is the paper's formula (unbounded: see ``docs/lora-pre.md``).
 
     Under FSDP2 (``shards`` given) every tensor here is this rank's row block, except ``A`` and ``V_A`` which
     are replicated: the left factors' Gram matrices and the ``r x q`` products ``B^+ g`` and ``V_B^+ |g|`` are
@@ -126,14 +159,19 @@ def lora_pre_adam_update_(
     """
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                  damping=damping, factor_update=factor_update, workspace=workspace, shards=shards,
-                 debias_second_moment=debias_second_moment)
+                 debias_second_moment=debias_second_moment, update_bound=update_bound)
     if _kernel_step(use_triton, param, grad, B, A, V_B, V_A, hyper):
         return
     p, q = param.shape
     dtype, device = B.dtype, B.device
-    kappa, rho, step_size, eps_hat, gamma1, gamma2 = adam_step_constants(
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale, debias_second_moment=debias_second_moment)
+    kappa, rho, step_size, eps_hat, gamma1, gamma2, floor = adam_step_constants(
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale, debias_second_moment=debias_second_moment,
+        update_bound=update_bound)
     jacobi = factor_update == "jacobi"
+    # With a floor, m is formed as floor * (g + kappa B A), so that the floor is a plain maximum with |m|.
+    m_beta, m_alpha = (floor, floor * kappa) if floor else (1.0, kappa)
+    if floor:
+        step_size /= floor
 
     def pinvs(first: Tensor, second: Tensor, role: str, shards: RowShards | None = None) -> Tensor:
         return damped_pinv_pair(first, second, role, damping, workspace, shards)
@@ -147,15 +185,22 @@ def lora_pre_adam_update_(
     m_buffer = workspace.get("m", (chunk_rows, q), dtype, device)
     root_v_buffer = workspace.get("root_v", (chunk_rows, q), dtype, device)
     abs_grad_buffer = workspace.get("abs_grad", (chunk_rows, q), dtype, device)
+    abs_m_buffer = workspace.get("abs_m", (chunk_rows, q), dtype, device) if floor else None
     grad_buffer = workspace.get("grad", (chunk_rows, q), dtype, device) if grad.dtype != dtype else None
     chunks = list(row_chunks(p, chunk_rows))
+    if update_bound == "rms_clip":  # a first look at the whole update: the step that keeps its RMS at most 1
+        step_size *= _rms_clip_factor(grad, B, A, V_B, V_A, kappa, rho, eps_hat, step_size / (lr * scale) if lr else 0.0,
+                                      chunks, shards)
     for rows in chunks:
         n = rows.stop - rows.start
         g = grad[rows] if grad_buffer is None else grad_buffer[:n].copy_(grad[rows])
-        m = torch.addmm(g, B[rows], A, alpha=kappa, out=m_buffer[:n])  # m_t / (1 - beta1)
+        m = torch.addmm(g, B[rows], A, beta=m_beta, alpha=m_alpha, out=m_buffer[:n])  # m_t / (1 - beta1), scaled
         root_v = torch.addmm(root_v_buffer[:n], V_B[rows], V_A, beta=0.0, alpha=rho, out=root_v_buffer[:n])
         abs_g = torch.abs(g, out=abs_grad_buffer[:n])
-        torch.hypot(root_v, abs_g, out=root_v).add_(eps_hat)  # (sqrt(v_t / (1 - beta2^t)) + eps) / c
+        torch.hypot(root_v, abs_g, out=root_v)  # sqrt(v_t / (1 - beta2^t)) / c
+        if floor:
+            torch.maximum(root_v, torch.abs(m, out=abs_m_buffer[:n]), out=root_v)
+        root_v.add_(eps_hat)
         if weight_decay != 0.0:
             param[rows].mul_(1.0 - lr * weight_decay)
         param[rows].addcdiv_(m, root_v, value=-step_size)
@@ -194,6 +239,11 @@ def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, 
     its first pass writes ``param`` before its second pass compiles, so the dispatcher restores the tensors the
     step updates before falling back.
     """
+    if hyper["update_bound"] not in KERNEL_UPDATE_BOUNDS:
+        if use_triton is True:
+            fallback_warning(KERNEL, "update_bound", f"it fuses the bounds {KERNEL_UPDATE_BOUNDS}, "
+                             f"not {hyper['update_bound']!r}, which needs the whole update's RMS first")
+        return False
     if not should_use_kernel(use_triton, param, grad, kernel=KERNEL, dtypes=KERNEL_PARAM_DTYPES):
         return False
     if not should_use_kernel(use_triton, B, A, V_B, V_A, kernel=KERNEL, dtypes=(torch.float32,)):
@@ -208,3 +258,24 @@ def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, 
         return True
 
     return run_with_fallback(KERNEL, launch, undo=(param, B, A, V_B, V_A)) is not None
+
+
+def _rms_clip_factor(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float, rho: float,
+                     eps_hat: float, m_hat_per_m: float, chunks: list, shards: RowShards | None) -> float:
+    """``min(1, 1 / RMS(u))`` for the Adam-form update ``u = m_hat / (sqrt(v_hat) + eps)`` of the whole matrix
+    (all ranks' rows under FSDP2), ``u = m_hat_per_m * (g + kappa B A) / (hypot(...) + eps_hat)``.
+
+    Adafactor's update clipping with threshold 1. It reads the sum of squares on the host: the option is a
+    candidate measured in the benchmarks, not the default, and the fused kernel does not implement it.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=B.device)
+    for rows in chunks:
+        g = grad[rows].to(B.dtype)
+        m = torch.addmm(g, B[rows], A, alpha=kappa)
+        root_v = torch.hypot(torch.mm(V_B[rows], V_A).mul_(rho), g).add_(eps_hat)
+        total += m.div_(root_v).square().sum(dtype=torch.float64)
+    if shards is not None:
+        shards.sum_(total)
+    elements = grad.shape[1] * (shards.param.shape[0] if shards is not None else grad.shape[0])
+    rms = m_hat_per_m * math.sqrt(float(total) / elements)
+    return 1.0 / max(1.0, rms)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -22,7 +23,7 @@ from lit_lowrank.optim.lowrank_factors import (
     factor_dtype,
     init_factor_pairs,
 )
-from lit_lowrank.optim.sharding import RowShards, local
+from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
 
 log = logging.getLogger(__name__)
 
@@ -251,16 +252,47 @@ class LowRankOptimizerBase(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss (optional)."""
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss (optional).
+
+        A parameter whose gradient holds a NaN or an infinity is skipped: it, its state and its step count stay
+        as they were, and its ``skipped_steps`` count (see :meth:`skipped_steps`) goes up by one.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        stepped = [[param for param in group["params"] if param.grad is not None] for group in self.param_groups]
+        finite = self._finite(sum(stepped, []))
+        for group, params in zip(self.param_groups, stepped):
+            for param in params:
+                if not finite[param]:
+                    state = self.state[param]
+                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            self._step_group(group, [param for param in params if finite[param]])
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _finite(self, params: list[Tensor]) -> dict[Tensor, bool]:
+        """Whether each gradient is finite, read on the host once per step (nothing to wait for on a CPU).
+
+        One max-norm per gradient (``_foreach_norm``, a read pass; NaN and inf propagate into it) and one
+        device-to-host copy of the flags for the whole step, like ``torch.amp.GradScaler``'s skip decision.
+        Under FSDP2 a non-finite entry in any rank's shard skips the parameter on every rank.
+        """
+        if not params:
+            return {}
+        grads = [local(self._grad_of(param)) for param in params]
+        norms = torch._foreach_norm(grads, math.inf)
+        bad = torch.stack([norm.to(torch.float32) for norm in norms]).isfinite().logical_not_().to(torch.int32)
+        all_reduce_(bad, process_group(params), op=dist.ReduceOp.MAX)
+        return dict(zip(params, (flag == 0 for flag in bad.tolist())))
+
+    def skipped_steps(self) -> int:
+        """Parameter updates skipped so far because of a non-finite gradient (summed over parameters; kept in
+        the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it."""
+        return sum(int(state.get("skipped_steps", 0)) for state in self.state.values())
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params``: the group's parameters that have a finite gradient."""
         raise NotImplementedError
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:

@@ -31,7 +31,8 @@ class LoRAPreMuon(LowRankOptimizerBase):
     instead of ``p q``). Each step orthogonalises ``mu B A + g`` (or its Nesterov form ``g + mu (mu B A + g)``)
     with five quintic Newton-Schulz iterations in float32, updates ``W <- W - lr (scale O + weight_decay W)``,
     then moves the factors by one damped least-squares step each towards ``g / (1 - mu)`` with
-    ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre_muon_update`).
+    ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre_muon_update`). A matrix or tensor whose gradient
+    holds NaN/inf is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`.
 
     Muon is for matrices only, so non-matrix tensors run AdamW inside the same optimizer, with the ``adamw_*``
     hyper-parameters:
@@ -163,8 +164,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
                         "pass the model / a plain parameter list, which are split automatically."
                     )
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params = [param for param in group["params"] if param.grad is not None]
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if not group["lowrank"]:
             if params:
                 self._adamw_step(group, params)

@@ -1,6 +1,6 @@
 """One LoRA-Pre Muon step for one matrix (torch reference path), and the Newton-Schulz orthogonalisation.
 
-Muon's momentum buffer ``M_t = mu M_{t-1} + g`` is kept as ``B A``. One step (``shared/spec/lora-pre.md``):
+Muon's momentum buffer ``M_t = mu M_{t-1} + g`` is kept as ``B A``. One step (``docs/lora-pre.md``):
 
     O  = NewtonSchulz5(mu B A + g)                  (Nesterov: NewtonSchulz5(g + mu (mu B A + g)))
     W <- W - lr * (scale(p, q) * O + weight_decay * W)

@@ -258,7 +258,8 @@ class LoRAPro(torch.optim.Optimizer):
     (one ``eigh`` for all their Gram matrices). Bias correction counts steps from 1. Small solves and
     optimizer state are fp32 for bf16/fp16 parameters (fp64 for fp64). With fp16 and ``GradScaler``, ``scaler.step`` unscales before ``step``.
     Layers (and other parameters) whose gradients are non-finite are skipped on the device: parameters and
-    state stay unchanged, their step count does not advance, nothing becomes NaN, no host sync.
+    state stay unchanged, their step count does not advance, nothing becomes NaN, no host sync; they are
+    counted in :meth:`skipped_steps`.
     Gradient clipping must see the rewritten gradients, not the raw ones (clipping the raw norm is a defect of
     the reference code), and a trainer clips before ``step``. So LoRAPro clips itself: ``max_grad_norm``
     bounds the global norm of ``(dA, dB)`` (efficient) or of ``g~`` (full), together with the other
@@ -367,6 +368,7 @@ class LoRAPro(torch.optim.Optimizer):
             states = [self._state(p, exp_avg=p.shape, exp_avg_sq=p.shape) for p in plan.params]
             adamw_foreach_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
                            **self._hyper(plan.group))
+        self._count_skips(plans, others)  # after the updates, which create the states
         return loss
 
     def _clip_(self, plans: list, others: list) -> None:
@@ -387,12 +389,28 @@ class LoRAPro(torch.optim.Optimizer):
         for plan in others:
             torch._foreach_mul_(plan.grads, coefficient.to(plan.grads[0].dtype))
 
+    def _count_skips(self, plans: list, others: list) -> None:
+        """Add 1 to ``skipped_steps`` of each adapter (kept in its ``lora_A``'s state) and other parameter whose
+        gradient was not finite, on the device."""
+        for params, ok in [([pair.A for pair in plan.batch], plan.ok) for plan in plans] + [
+                (plan.params, plan.ok) for plan in others]:
+            states = [self._state(p) for p in params]
+            torch._foreach_add_([s["skipped_steps"] for s in states], list((~ok).to(torch.float32).unbind()))
+
+    def skipped_steps(self) -> int:
+        """Updates skipped so far because of non-finite gradients (one per adapter or other parameter and step;
+        kept in the state, so it survives a checkpoint). Reading it waits for the device."""
+        counters = [s["skipped_steps"] for s in self.state.values() if "skipped_steps" in s]
+        return int(torch.stack(counters).sum().item()) if counters else 0
+
     def _state(self, param: torch.Tensor, **moment_shapes: torch.Size) -> dict:
         """Moments shaped like the parameter follow its sharding (DTensor); full-mode m x n ones are plain."""
         state = self.state[param]
         if not state:
             dtype = compute_dtype(param)
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            # Updates skipped for non-finite gradients, counted on the device (read by skipped_steps()).
+            state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=param.device)
             for key, shape in moment_shapes.items():
                 if shape == param.shape:
                     state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)

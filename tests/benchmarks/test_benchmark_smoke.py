@@ -143,3 +143,14 @@ def test_scripts_do_not_leave_common_shadowed():
     for name in SCRIPTS:
         load(name)
     assert Path(sys.modules["common"].__file__).resolve() == BENCHMARKS / "common.py"
+
+
+def test_lora_pre_bound_probe(tmp_path):
+    found = {(row["variant"], str(row["zero gradient at step"])): row
+             for row in load("lora_pre_bound_probe").main(["--out", str(tmp_path)])}
+    default = [row for (variant, _), row in found.items() if "(default)" in variant]
+    paper = [row for (variant, _), row in found.items() if variant.startswith("paper-literal")]
+    # the biases are plain AdamW inside the same optimizer: their own bound is sqrt(C_t) lr, 1.02 lr at step 6
+    assert len(default) == 3 and all(row["largest move (x lr)"] <= 1.03 for row in default)
+    assert all(row["largest move (x lr)"] > 50 for row in paper)  # the unbounded steps
+    assert "| debiased, v_floor (default) |" in (tmp_path / "lora_pre_bound_probe.md").read_text()

@@ -104,33 +104,62 @@ def assert_paths_agree(kernel, torch_path, W0, factor_rtol=2e-5):
         close(got, want, rtol=factor_rtol)
 
 
-CASES = [  # p, q, r, dtype, factor_update, weight_decay, debias_second_moment, scale
-    (37, 53, 3, torch.float32, "alternating", 0.0, False, 2.0),
-    (37, 53, 3, torch.float32, "jacobi", 0.1, True, 0.25),
-    (37, 53, 3, torch.bfloat16, "alternating", 0.1, True, 0.25),
-    (64, 130, 8, torch.float32, "alternating", 0.1, False, 0.25),
-    (64, 130, 8, torch.bfloat16, "alternating", 0.0, True, 1.0),
-    (70, 45, 18, torch.float32, "alternating", 0.1, True, 0.5),  # r = 18: two rank chunks, R_PAD = 32
-    (70, 45, 18, torch.bfloat16, "jacobi", 0.1, False, 1.0),
-    (33, 40, 5, torch.float16, "alternating", 0.1, True, 1.0),
+CASES = [  # p, q, r, dtype, factor_update, weight_decay, debias_second_moment, scale, update_bound
+    (37, 53, 3, torch.float32, "alternating", 0.0, False, 2.0, "none"),
+    (37, 53, 3, torch.float32, "jacobi", 0.1, True, 0.25, "v_floor"),
+    (37, 53, 3, torch.bfloat16, "alternating", 0.1, True, 0.25, "adam_floor"),
+    (64, 130, 8, torch.float32, "alternating", 0.1, False, 0.25, "v_floor"),
+    (64, 130, 8, torch.bfloat16, "alternating", 0.0, True, 1.0, "v_floor"),
+    (70, 45, 18, torch.float32, "alternating", 0.1, True, 0.5, "adam_floor"),  # r = 18: two rank chunks, R_PAD = 32
+    (70, 45, 18, torch.bfloat16, "jacobi", 0.1, False, 1.0, "none"),
+    (33, 40, 5, torch.float16, "alternating", 0.1, True, 1.0, "v_floor"),
 ]
 
 
-@pytest.mark.parametrize("p,q,r,dtype,factor_update,weight_decay,debias,scale", CASES,
-                         ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-{c[4]}-wd{c[5]}-debias{c[6]}-scale{c[7]}"
+@pytest.mark.parametrize("p,q,r,dtype,factor_update,weight_decay,debias,scale,bound", CASES,
+                         ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-{c[4]}-wd{c[5]}-debias{c[6]}-scale{c[7]}-{c[8]}"
                               for c in CASES])
 def test_kernel_equals_torch_reference_over_steps(p, q, r, dtype, factor_update, weight_decay, debias, scale,
-                                                  kernel_calls):
+                                                  bound, kernel_calls):
     gen = torch.Generator().manual_seed(p * q + r)
     W0 = torch.randn(p, q, generator=gen).to(dtype)
     # A gradient stream with a persistent low-rank part, so the factors have something to track.
     signal = torch.randn(p, 2, generator=gen) @ torch.randn(2, q, generator=gen)
     grads = [(signal + torch.randn(p, q, generator=gen)).mul(1e-2).to(dtype) for _ in range(3)]
     kernel, torch_path = run_both(W0, grads, r, factor_update=factor_update, weight_decay=weight_decay,
-                                  debias_second_moment=debias, scale=scale)
+                                  debias_second_moment=debias, scale=scale, update_bound=bound)
     assert len(kernel_calls) == 3
     assert not torch.equal(kernel.W, W0) and kernel.B.abs().max() > 0  # the step did move things
     assert_paths_agree(kernel, torch_path, W0)
+
+
+@pytest.mark.parametrize("bound", ["v_floor", "adam_floor"])
+def test_the_fused_bound_holds_where_it_binds_like_the_reference(bound, kernel_calls):
+    """A zero gradient after two normal ones: the floor binds (|m_hat| > sqrt(v_hat) in many entries), in the
+    kernel's registers as in the torch path, and no entry moves by more than lr * scale * sqrt(C_t)."""
+    gen = torch.Generator().manual_seed(5)
+    W0 = torch.randn(45, 70, generator=gen)
+    grads = [torch.randn(45, 70, generator=gen), torch.randn(45, 70, generator=gen), torch.zeros(45, 70)]
+    kernel, torch_path = Matrix(W0, 4), Matrix(W0, 4)
+    for step, grad in enumerate(grads, start=1):
+        before = kernel.W.clone()
+        kernel.step(grad, step, True, update_bound=bound, scale=0.5)
+        torch_path.step(grad, step, False, update_bound=bound, scale=0.5)
+        limit = 1.0 if bound == "v_floor" else reference.adam_worst_case(step, 0.9, 0.999) ** 0.5
+        assert (kernel.W - before).abs().max() <= HYPER["lr"] * 0.5 * limit * (1 + 1e-5) + 1e-6
+    unbounded = Matrix(W0, 4)
+    for step, grad in enumerate(grads, start=1):
+        unbounded.step(grad, step, False, update_bound="none", scale=0.5)
+    assert (unbounded.W - W0).abs().max() > 2 * (kernel.W - W0).abs().max()  # the bound did bind
+    assert len(kernel_calls) == 3
+    assert_paths_agree(kernel, torch_path, W0)
+
+
+def test_rms_clip_is_not_fused_and_falls_back_with_one_warning(kernel_calls):
+    matrix = Matrix(torch.randn(40, 36), 4)
+    with pytest.warns(KernelFallbackWarning, match="rms_clip"):
+        matrix.step(torch.randn(40, 36), 1, True, update_bound="rms_clip")
+    assert kernel_calls == []
 
 
 def test_strided_parameter_and_gradient(kernel_calls):

@@ -20,16 +20,30 @@ SPEC_ALTERNATING_ERRORS = {1: 0.84, 2: 0.70, 4: 0.45, 8: 0.25}  # the spec's sim
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/optim/conftest.py)
 
 
-def spec_step(W, g, B, A, V_B, V_A, *, t, lr, beta1, beta2, eps, wd, scale, damping, jacobi=False):
-    """The spec's LoRA-Pre Adam step, transcribed literally (returns new tensors)."""
+def adam_worst_case_by_sum(t, beta1, beta2):
+    """C_t = sum_i w_i^2 / u_i over the normalised EMA weights, summed term by term."""
+    w = [(1 - beta1) * beta1 ** (t - i) / (1 - beta1**t) for i in range(1, t + 1)]
+    u = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2**t) for i in range(1, t + 1)]
+    return sum(a * a / b for a, b in zip(w, u))
+
+
+def spec_step(W, g, B, A, V_B, V_A, *, t, lr, beta1, beta2, eps, wd, scale, damping, jacobi=False,
+              debias=False, bound="none"):
+    """The spec's LoRA-Pre Adam step, transcribed literally (returns new tensors). ``debias`` and ``bound`` are
+    the 2026-11-30 amendment: the |g| EMA rescaled to Adam's warm-up, and v_hat floored at m_hat^2 / C."""
 
     def damped_inverse(M):
         r = M.shape[0]
         return torch.linalg.inv(M + damping * (torch.trace(M) / r + 1e-60) * torch.eye(r, dtype=M.dtype))
 
+    warmup = math.sqrt(1 - beta2 ** (t - 1)) / (1 - beta2 ** ((t - 1) / 2)) if debias and t > 1 else 1.0
     m = beta1 * (B @ A) + (1 - beta1) * g
-    v = beta2 * (V_B @ V_A) ** 2 + (1 - beta2) * g**2
-    W = W - lr * (scale * (m / (1 - beta1**t)) / (torch.sqrt(v / (1 - beta2**t)) + eps) + wd * W)
+    v = beta2 * (warmup * V_B @ V_A) ** 2 + (1 - beta2) * g**2
+    m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+    if bound != "none":
+        C = 1.0 if bound == "v_floor" else adam_worst_case_by_sum(t, beta1, beta2)
+        v_hat = torch.maximum(v_hat, m_hat**2 / C)
+    W = W - lr * (scale * m_hat / (torch.sqrt(v_hat) + eps) + wd * W)
     new = {}
     for left, right, target, gamma, key in (
         (B, A, g, 1 - math.sqrt(beta1), ""),
@@ -67,13 +81,15 @@ def step_factors(W, g, factors, *, damping=1e-6, factor_update="alternating", t=
 
 @pytest.mark.parametrize("grad_dtype", [F64, torch.bfloat16])  # bf16: converted chunk by chunk (13 rows, chunks of 5)
 @pytest.mark.parametrize("factor_update", ["alternating", "jacobi"])
-def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dtype):
+@pytest.mark.parametrize("debias, bound", [(False, "none"), (True, "v_floor"), (True, "adam_floor"), (False, "v_floor")])
+def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dtype, debias, bound):
     p, q, r = 13, 9, 3
     factors = random_factors(p, q, r, seed=1)
     gen = torch.Generator().manual_seed(2)
     W, g = torch.randn(p, q, generator=gen, dtype=F64), torch.randn(p, q, generator=gen).to(grad_dtype)
     options = {"lr": 0.03, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1, "scale": 0.25}
-    got = step_factors(W, g, factors, factor_update=factor_update, t=4, **options)
+    got = step_factors(W, g, factors, factor_update=factor_update, t=4, debias_second_moment=debias,
+                       update_bound=bound, **options)
     expected = spec_step(
         W,
         g.double(),
@@ -87,7 +103,14 @@ def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dt
         scale=0.25,
         damping=1e-6,
         jacobi=factor_update == "jacobi",
+        debias=debias,
+        bound=bound,
     )
+    if bound != "none":  # the floor must have been active somewhere, or this would not test it
+        m_hat = (0.8 * factors[0] @ factors[1] + 0.2 * g.double()) / (1 - 0.8**4)
+        unbounded = spec_step(W, g.double(), *factors, t=4, lr=0.03, beta1=0.8, beta2=0.99, eps=1e-6, wd=0.1,
+                              scale=0.25, damping=1e-6, jacobi=factor_update == "jacobi", debias=debias)
+        assert not torch.allclose(unbounded[0], expected[0]) and m_hat.abs().max() > 0
     for name, a, b in zip(("W", "B", "A", "V_B", "V_A"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13, msg=name)
 
@@ -204,7 +227,9 @@ def test_6_no_nan_or_inf_for_zero_tiny_or_huge_gradients(magnitude):
 
 def test_6_bf16_parameters_keep_float32_state_and_follow_the_float32_run():
     torch.manual_seed(10)
-    W0 = torch.randn(32, 24)
+    # Weights of size ~0.1: bf16 resolves them to ~4e-4, well below the bounded steps (~lr = 1e-2). (With unit
+    # weights, bf16's spacing of 8e-3 near 1 would be the size of a step, and only an unbounded step could pass.)
+    W0 = 0.1 * torch.randn(32, 24)
     grads = [torch.randn(32, 24) for _ in range(5)]
     runs = {}
     for dtype in (torch.bfloat16, torch.float32):

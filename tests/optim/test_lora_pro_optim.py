@@ -292,7 +292,12 @@ def test_non_finite_gradients_skip_the_layer_without_nan(mode):
         assert torch.equal(p, snapshot["params"][index]) == skipped, index
         old_state = snapshot["state"].get(snapshot["params"][index], {})
         for key, value in opt.state.get(p, {}).items():
+            if key == "skipped_steps":  # counted per adapter (in lora_A's state) and per other parameter
+                counted = p is net[0].lora_A or p is net[4].weight
+                assert float(value) == float(old_state[key]) + counted, (index, key)
+                continue
             assert torch.equal(value, old_state[key]) == skipped, (index, key)
+    assert opt.skipped_steps() == 2
 
 
 def test_apply_lora_pro_keeps_non_finite_layers_non_finite():
