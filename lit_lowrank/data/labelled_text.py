@@ -56,12 +56,21 @@ class _ClassificationDataModule(SeededDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are below this: the tokenizer's vocabulary, added tokens included (the tasks check the model)."""
+        return len(self.tokenizer)
+
     def _split_loader(self, split: str, shuffle: bool = False):
+        return self._loader(ListDataset(self._split(split)), shuffle, TokenizeCollator(self.tokenizer, self.max_length))
+
+    def _split(self, split: str) -> List[Example]:
         if not self.splits:
             self._require(None, f"{split} split")
         if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__} has no {split} split. HINT: give test_file=...")
-        return self._loader(ListDataset(self.splits[split]), shuffle, TokenizeCollator(self.tokenizer, self.max_length))
+            raise RuntimeError(f"{type(self).__name__} has no {split} split (predict uses the test split too). "
+                               "HINT: set data.init_args.test_file")
+        return self.splits[split]
 
     def train_dataloader(self):
         return self._split_loader("train", shuffle=True)
@@ -73,8 +82,13 @@ class _ClassificationDataModule(SeededDataModule):
         return self._split_loader("test")
 
     def predict_dataloader(self):
-        """The test split (labels included; a task's ``predict_step`` ignores them)."""
+        """The test split: there is no separate predict file. Labels stay in the batches, so the prediction file
+        can show them next to the predictions; ``predict_step`` does not use them."""
         return self._split_loader("test")
+
+    def predict_inputs(self) -> List[str]:
+        """The text of each predict example, in loader order (for :class:`~lit_lowrank.callbacks.PredictionWriter`)."""
+        return [text for text, _ in self._split("test")]
 
 
 class TextClassificationDataModule(_ClassificationDataModule):
@@ -92,7 +106,7 @@ class TextClassificationDataModule(_ClassificationDataModule):
         train_file: training examples, ``.csv``, ``.tsv`` or ``.jsonl`` (one JSON object per line).
         val_file: validation examples; by default ``val_fraction`` of ``train_file``, chosen by a stable hash of
             each row's position and text.
-        test_file: test examples (also used by ``predict``).
+        test_file: test examples; ``predict`` runs on them too (there is no separate predict file).
         text_field: column holding the text.
         label_field: column holding the label (a string or an integer).
         class_names: every class, in label-id order; by default found in the files as described above.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -43,6 +44,7 @@ def build_optimizer(factory: Callable, model: nn.Module) -> torch.optim.Optimize
         >>> [p.shape for p in opt.param_groups[0]["params"]]
         [torch.Size([2, 4])]
     """
+    check_optimizer_fits_model(factory, model)
     cls = optimizer_class(factory)
     if cls is not None and getattr(cls, "accepts_module", False):
         return factory(model)
@@ -53,13 +55,60 @@ def build_optimizer(factory: Callable, model: nn.Module) -> torch.optim.Optimize
     return factory(params)
 
 
+def check_optimizer_fits_model(factory: Callable, model: nn.Module) -> None:
+    """Refuse a LoRA-Pre optimizer on a model with trainable LoRA adapters, naming the YAML keys to change.
+
+    LoRA-Pre compresses the momenta of full weight matrices; with adapters injected none is trainable, so it
+    would quietly run as plain AdamW on the adapters.
+
+    Example:
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> from lit_lowrank.optim import LoRAPreAdamW
+        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+        >>> check_optimizer_fits_model(LoRAPreAdamW, net)
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRAPreAdamW with LoRA adapters ...
+    """
+    from lit_lowrank.optim.groups import trainable_adapter_names
+    from lit_lowrank.optim.lora_pre_base import LowRankOptimizerBase
+
+    cls = optimizer_class(factory)
+    if cls is None or not issubclass(cls, LowRankOptimizerBase):
+        return
+    if trainable_adapter_names(model):
+        raise ValueError(
+            f"{cls.__name__} with LoRA adapters would train the adapters with plain AdamW: LoRA-Pre factors the "
+            "momenta of full weight matrices, and an adapted model has none trainable. HINT: for LoRA-Pre "
+            "full-parameter fine-tuning set `model.init_args.lora: null`; to train adapters set "
+            "`model.init_args.optimizer.class_path` to lit_lowrank.optim.LoRAPro or torch.optim.AdamW.")
+
+
+def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, run_steps: Optional[float] = None):
+    """Call the scheduler ``factory``; schedulers with a ``fit_to_run(run_steps)`` method (``WarmupCosineLR``) are
+    then tied to the run's optimizer steps (``trainer.estimated_stepping_batches``) when ``run_steps`` is known.
+
+    Example:
+        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> build_scheduler(WarmupCosineLR, opt, run_steps=50).total_steps
+        50
+    """
+    scheduler = factory(optimizer)
+    fit_to_run = getattr(scheduler, "fit_to_run", None)
+    if run_steps is not None and callable(fit_to_run):
+        fit_to_run(run_steps)
+    return scheduler
+
+
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up to the base learning rate, then cosine decay to ``min_ratio`` of it.
 
     Args:
         optimizer: the optimizer whose learning rates are scheduled.
         warmup_steps: steps of linear warm-up from 0.
-        total_steps: steps at which the cosine reaches ``min_ratio``; held there afterwards.
+        total_steps: steps at which the cosine reaches ``min_ratio``; held there afterwards. ``None`` (the default)
+            means the run's optimizer steps: the tasks set it to ``trainer.estimated_stepping_batches``. An explicit
+            value below the run's steps is an error there (the run would end at ``min_ratio`` x lr).
         min_ratio: final learning rate as a fraction of the base one.
 
     Example:
@@ -69,14 +118,40 @@ class WarmupCosineLR(LambdaLR):
         [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000, min_ratio: float = 0.0):
-        if total_steps <= warmup_steps:
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: Optional[int] = None,
+                 min_ratio: float = 0.0):
+        if total_steps is not None and total_steps <= warmup_steps:
             raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
         super().__init__(optimizer, self.lr_lambda)
 
+    def fit_to_run(self, run_steps: float) -> None:
+        """Set an unset ``total_steps`` to ``run_steps``; refuse a run longer than an explicit ``total_steps``."""
+        if self.total_steps is None:
+            if not math.isfinite(run_steps):
+                raise ValueError("WarmupCosineLR has no total_steps and the run has no length (trainer.max_steps=-1 "
+                                 "and trainer.max_epochs=-1). HINT: set trainer.max_steps, or the scheduler's "
+                                 "init_args.total_steps")
+            if run_steps <= self.warmup_steps:
+                # A smoke test of a few steps should run, but say that its learning rate never got to warm up.
+                warnings.warn(f"the run takes {int(run_steps)} optimizer steps, no more than WarmupCosineLR's "
+                              f"warmup_steps={self.warmup_steps}: it never reaches the base learning rate")
+            self.total_steps = max(int(run_steps), self.warmup_steps + 1)
+        elif run_steps > self.total_steps:
+            raise ValueError(
+                f"the run takes {int(run_steps)} optimizer steps (trainer.max_steps, or trainer.max_epochs x batches "
+                f"per epoch / accumulate_grad_batches) but the scheduler's total_steps is {self.total_steps}: the last "
+                f"{int(run_steps) - self.total_steps} steps would train at min_ratio={self.min_ratio} x lr. HINT: drop "
+                "`model.init_args.scheduler.init_args.total_steps` (it then follows the run), raise it to "
+                f"{int(run_steps)}, or lower trainer.max_epochs / trainer.max_steps")
+
     def lr_lambda(self, step: int) -> float:
         if step < self.warmup_steps:
             return step / self.warmup_steps
+        if self.total_steps is None:
+            if step == self.warmup_steps:
+                return 1.0
+            raise RuntimeError("WarmupCosineLR(total_steps=None) was stepped past its warm-up without a length. "
+                               "HINT: pass total_steps=..., or call fit_to_run(steps) (the tasks do it for you)")
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -51,6 +51,11 @@ def lowrank_param_groups(
         **group_options: other keys of the low-rank group (``scale=0.25``, ``lr=...``). The AdamW group only
             gets ``lowrank=False``, so the optimizer's defaults apply to it; edit the returned dicts for more.
 
+    Raises:
+        ValueError: when ``model`` carries trainable LoRA adapters (``inject_lora``): LoRA-Pre compresses the
+            momenta of full weight matrices, and an adapted model has none trainable, so every parameter would
+            land in the AdamW group and the optimizer would silently be plain AdamW.
+
     Returns:
         ``[{"params", "param_names", "lowrank": True, "rank", **group_options}, {"params", "param_names",
         "lowrank": False}]``, without a group that would be empty. ``param_names`` is the key under which
@@ -64,6 +69,7 @@ def lowrank_param_groups(
         >>> lowrank["param_names"][:2], len(lowrank["params"]), adamw["param_names"][0]
         (['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight'], 14, 'model.embed_tokens.weight')
     """
+    _reject_adapters(model)
     head_params = _head_parameter_ids(model)
     matches_include = _matcher(include)
     matches_exclude = _matcher(exclude)
@@ -107,6 +113,31 @@ def param_group_names(groups_or_optimizer: Sequence[dict[str, Any]] | torch.opti
     """
     groups = getattr(groups_or_optimizer, "param_groups", groups_or_optimizer)
     return [list(group.get("param_names", ["?"] * len(list(group["params"])))) for group in groups]
+
+
+def trainable_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters in ``model`` (from ``inject_lora``) whose ``lora_A`` or ``lora_B`` is trainable.
+
+    Example:
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> trainable_adapter_names(inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"])))
+        ['0']
+    """
+    # Imported when called, so importing this module needs torch alone (as with transformers' Conv1D below).
+    from lit_lowrank.adapters.lora import LoRAAdapter
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, LoRAAdapter) and (module.lora_A.requires_grad or module.lora_B.requires_grad)]
+
+
+def _reject_adapters(model: nn.Module) -> None:
+    adapters = trainable_adapter_names(model)
+    if adapters:
+        raise ValueError(
+            f"{type(model).__name__} has {len(adapters)} trainable LoRA adapter(s) (e.g. {adapters[0]!r}): LoRA-Pre "
+            "factors the momenta of full weight matrices, and with adapters every trainable tensor would get plain "
+            "AdamW (no low-rank group at all). HINT: for LoRA-Pre full-parameter training do not inject adapters "
+            "(YAML: `lora: null`); to train adapters use LoRAPro or torch.optim.AdamW instead of LoRA-Pre.")
 
 
 def _is_block_path(module_name: str) -> bool:

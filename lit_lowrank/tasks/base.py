@@ -11,7 +11,9 @@ from torch import nn
 
 from lit_lowrank.adapters import LoRAConfig, inject_lora
 from lit_lowrank.backbones import Backbone
-from lit_lowrank.optim.factory import build_optimizer
+from lit_lowrank.callbacks.skipped_steps import SkippedStepsGuard
+from lit_lowrank.optim.factory import build_optimizer, build_scheduler, check_optimizer_fits_model
+from lit_lowrank.tasks.rng_state import collect_rng_states, restore_rng_states
 
 #: ``LoRAConfig(target_modules="default")`` in a task means: the backbone's own default targets.
 DEFAULT_TARGETS = "default"
@@ -52,6 +54,7 @@ class LowRankTask(L.LightningModule):
         self.lora = lora
         if lora is not None:
             inject_lora(self.model, self._resolve_lora(lora, backbone))
+        check_optimizer_fits_model(optimizer, self.model)  # fail at construction, not after loading the data
 
     def _resolve_lora(self, lora: LoRAConfig, backbone: Backbone) -> LoRAConfig:
         changes: dict[str, Any] = {}
@@ -80,8 +83,17 @@ class LowRankTask(L.LightningModule):
         optimizer = build_optimizer(self.optimizer_factory, self.model)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        # Ties WarmupCosineLR's total_steps to the run; without a Trainer (benchmarks call this directly) it stays.
+        run_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, run_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> List[L.Callback]:
+        """A :class:`~lit_lowrank.callbacks.SkippedStepsGuard` (stop after 10 consecutive steps that skipped a
+        non-finite gradient) unless the Trainer has one: list your own under ``trainer.callbacks`` to change N."""
+        if self._trainer is not None and any(isinstance(c, SkippedStepsGuard) for c in self.trainer.callbacks):
+            return []
+        return [SkippedStepsGuard()]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as the Trainer says, except for optimizers that rewrite gradients inside ``step`` (LoRA-Pro):
@@ -93,6 +105,23 @@ class LowRankTask(L.LightningModule):
             optimizer.max_grad_norm = float(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dropout (and main-process augmentation) draws continue from here in the uninterrupted run.
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Not restored yet: building the optimizers and Lightning's own steps before training would draw from them.
+        self._resume_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """Resuming (``fit(ckpt_path=...)``): set the RNG states saved with the checkpoint, after everything only the
+        resumed run does (optimizer setup; the sanity check, under ``isolate_rng`` anyway) and before the first batch
+        is fetched. Our loaders draw worker seeds from their own generators, so from here on the draws are the
+        uninterrupted run's."""
+        states, self._resume_rng_states = getattr(self, "_resume_rng_states", None), None
+        if states is not None and self.trainer.ckpt_path:  # not after load_from_checkpoint then a fresh fit
+            restore_rng_states(states)
 
     def _batch_size(self, batch: dict) -> int:
         first = next(v for v in batch.values() if isinstance(v, torch.Tensor))

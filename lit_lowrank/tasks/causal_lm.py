@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.tasks.base import LowRankTask
+from lit_lowrank.tasks.checks import attached_datamodule, check_vocabulary
 
 
 class CausalLMTask(LowRankTask):
@@ -44,6 +45,10 @@ class CausalLMTask(LowRankTask):
         super().__init__(backbone, lora, optimizer, scheduler)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_vocabulary(self.model, attached_datamodule(self))  # before a bare IndexError in the embedding
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy of the batch."""

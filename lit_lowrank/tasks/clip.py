@@ -11,15 +11,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.tasks.base import LowRankTask
+from lit_lowrank.tasks.checks import attached_datamodule
+from lit_lowrank.tasks.predictions import WritesPredictions
 
 
-class CLIPTask(LowRankTask):
+class CLIPTask(WritesPredictions, LowRankTask):
     """Classify images against text prompts built from class names, as CLIP-LoRA does.
 
     The classifier is the normalised text embedding of each class (averaged over ``templates``). In training
     it is recomputed every step, so adapters in the text tower learn too; in evaluation it is computed once per
     epoch. Batches with ``"texts"`` and no ``"labels"`` (image-caption pairs) train with CLIP's symmetric
-    contrastive loss instead. ``python cli.py validate`` without adapters gives zero-shot accuracy.
+    contrastive loss instead. ``python cli.py validate`` without adapters gives zero-shot accuracy; ``predict``
+    writes one row per image to ``<log dir>/predictions.csv`` (:class:`~lit_lowrank.callbacks.PredictionWriter`).
 
     Args:
         backbone: an open_clip model with its tokenizer.
@@ -59,6 +62,12 @@ class CLIPTask(LowRankTask):
             self._build_metrics()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data_names = getattr(attached_datamodule(self), "class_names", None)
+        if self.class_names and data_names and len(data_names) != len(self.class_names):
+            raise ValueError(f"model.init_args.class_names has {len(self.class_names)} names but the data has "
+                             f"{len(data_names)} classes ({list(data_names)[:10]}). HINT: drop "
+                             "model.init_args.class_names (the data's are used), or list one name per data class")
         if self.class_names is None:
             names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
             if not names:

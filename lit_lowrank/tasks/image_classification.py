@@ -12,13 +12,19 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.tasks.base import LowRankTask
+from lit_lowrank.tasks.checks import attached_datamodule, check_num_classes
+from lit_lowrank.tasks.predictions import WritesPredictions
 
 
-class ImageClassificationTask(LowRankTask):
+class ImageClassificationTask(WritesPredictions, LowRankTask):
     """Classify ``{"images", "labels"}`` batches with a timm model; logs top-1 and top-5 accuracy.
 
     With adapters, timm's classifier (``model.default_cfg["classifier"]``, usually ``head``) is trained fully
     unless ``lora.modules_to_save`` says otherwise.
+
+    ``setup`` checks the head's ``num_classes`` against the DataModule's. ``predict`` writes one row per image
+    (path, predicted class name, label) to ``<log dir>/predictions.csv``
+    (:class:`~lit_lowrank.callbacks.PredictionWriter`).
 
     Args:
         backbone: a timm model with ``num_classes`` matching the data.
@@ -55,6 +61,10 @@ class ImageClassificationTask(LowRankTask):
         })
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_num_classes(self.num_classes, attached_datamodule(self), "model.init_args.backbone.init_args.num_classes")
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["images"])

@@ -11,13 +11,19 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.tasks.base import LowRankTask
+from lit_lowrank.tasks.checks import attached_datamodule, check_num_classes, check_vocabulary
+from lit_lowrank.tasks.predictions import WritesPredictions
 
 
-class SequenceClassificationTask(LowRankTask):
+class SequenceClassificationTask(WritesPredictions, LowRankTask):
     """Classify token sequences with a transformers ``AutoModelForSequenceClassification``.
 
     With adapters, the classification head (``classifier`` / ``score``) is trained fully unless
     ``lora.modules_to_save`` names something else, as PEFT does for sequence classification.
+
+    ``setup`` checks the head's ``num_labels`` against the DataModule's ``num_classes`` and the tokenizer's
+    vocabulary against the embedding. ``predict`` writes one row per example (text, predicted class name, label)
+    to ``<log dir>/predictions.csv`` through :class:`~lit_lowrank.callbacks.PredictionWriter`.
 
     Args:
         backbone: a sequence-classification model whose ``config.num_labels`` matches the data.
@@ -54,11 +60,10 @@ class SequenceClassificationTask(LowRankTask):
         self.test_metrics = metrics.clone(prefix="test/")
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(datamodule, "num_classes", None)
-        if classes is not None and classes != self.num_labels:
-            raise ValueError(f"the data has {classes} classes but the model head has num_labels={self.num_labels}. "
-                             f"HINT: set backbone model_kwargs.num_labels: {classes}")
+        super().setup(stage)
+        datamodule = attached_datamodule(self)
+        check_num_classes(self.num_labels, datamodule, "model.init_args.backbone.init_args.model_kwargs.num_labels")
+        check_vocabulary(self.model, datamodule)
 
     def forward(self, batch: dict):
         return self.model(**batch)

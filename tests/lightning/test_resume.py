@@ -1,5 +1,6 @@
-"""Checkpoint after one epoch, resume in a fresh process: the next steps' losses and the final parameters are
-bitwise those of the uninterrupted run, for every optimizer (CPU, deterministic math)."""
+"""Stop a run with dropout, resume it in a fresh process from mid-epoch and epoch-end checkpoints: the next
+steps' losses and the final parameters are bitwise those of the uninterrupted run, for every optimizer and with
+a loader worker (CPU, deterministic math). Needs the RNG states and the sampler position in the checkpoint."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
-METHODS = ["adamw", "lora_pro_efficient", "lora_pro_full", "lora_pre_adam", "lora_pre_muon"]
+sys.path.insert(0, str(SCRIPT.parent))
+from resume_run import CASES, POINTS  # noqa: E402
+
+RESUMED_FROM = {"mid0": 1, "end0": 2, "mid1": 3}  # global step of each resume point's checkpoint
 pytestmark = pytest.mark.slow
 
 
@@ -18,19 +22,22 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
     for phase in ("straight", "first", "resume"):
-        result = subprocess.run([sys.executable, str(SCRIPT), "--phase", phase, "--methods", ",".join(METHODS),
-                                 "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
+        result = subprocess.run([sys.executable, str(SCRIPT), "--phase", phase, "--cases", ",".join(CASES),
+                                 "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent)
         assert result.returncode == 0, f"{phase} failed:\n{result.stderr[-6000:]}"
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, method):
-    straight = json.loads((runs / f"straight-{method}.json").read_text())
-    resumed = json.loads((runs / f"resume-{method}.json").read_text())
-    first = json.loads((runs / f"first-{method}.json").read_text())
-    assert sorted(first) == ["1", "2"] and sorted(resumed) == ["3", "4"]  # two steps per epoch
-    assert [resumed[k] for k in ("3", "4")] == [straight[k] for k in ("3", "4")]
-    final, again = load_file(runs / f"straight-{method}.safetensors"), load_file(runs / f"resume-{method}.safetensors")
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("case", CASES)
+def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, case, point):
+    straight = json.loads((runs / f"straight-{case}.json").read_text())
+    first = json.loads((runs / f"first-{case}.json").read_text())
+    resumed = json.loads((runs / f"resume-{point}-{case}.json").read_text())
+    assert sorted(straight) == ["1", "2", "3", "4"] and sorted(first) == ["1", "2", "3"]  # two steps per epoch
+    assert sorted(resumed) == [str(step) for step in range(RESUMED_FROM[point] + 1, 5)]
+    assert resumed == {step: straight[step] for step in resumed}
+    final = load_file(runs / f"straight-{case}.safetensors")
+    again = load_file(runs / f"resume-{point}-{case}.safetensors")
     for name, value in final.items():
         assert torch.equal(again[name], value), name

@@ -111,3 +111,16 @@ def test_include_and_exclude_override_the_detection():
 def test_a_model_without_block_matrices_gives_only_the_adamw_group():
     groups = lowrank_param_groups(nn.Linear(4, 4))
     assert [g["lowrank"] for g in groups] == [False] and param_group_names(groups) == [["weight", "bias"]]
+
+
+def test_a_model_with_lora_adapters_is_refused_not_turned_into_adamw():
+    # With adapters no full matrix is trainable: the groups used to be one AdamW group (factors=0), silently.
+    from lit_lowrank import LoRAConfig, inject_lora
+
+    model = nn.Sequential(nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]))
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match=r"2 trainable LoRA adapter\(s\).*HINT: .*lora: null.*LoRAPro or torch"):
+        lowrank_param_groups(model)
+    for optimizer_class in (LoRAPreAdamW, LoRAPreMuon):
+        with pytest.raises(ValueError, match="LoRA adapter"):
+            optimizer_class(model, rank=2)
