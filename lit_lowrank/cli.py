@@ -1,15 +1,22 @@
 """``python cli.py fit|validate|test|predict --config ...``: LightningCLI with tasks and data in subclass mode."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Literal, Optional, Union
 
 import lightning as L
+import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lit_lowrank.callbacks import AdapterExport, MetricsPlot
+from lit_lowrank.cli_errors import CLIConfigError, explain, report
+from lit_lowrank.cli_resume import (RESUMABLE, RescaleResumedLR, describe, differences, flat_model_config,
+                                   mismatch_message)
+from lit_lowrank.cli_rundir import VersionedRunDir
 from lit_lowrank.tasks import LowRankTask
 
 
@@ -17,17 +24,72 @@ class LowRankCLI(LightningCLI):
     """LightningCLI whose ``model`` is any :class:`~lit_lowrank.tasks.LowRankTask` and ``data`` any DataModule.
 
     Adds ``--test_after_fit`` (evaluate the best checkpoint on the test split when fit ends) and prints where
-    every artefact went when fit ends.
+    every artefact went when fit ends. ``fit --ckpt_path`` stops when the command's model settings differ from the
+    checkpoint's (``--resume_with_changed lr`` allows a new learning rate); errors raised while building the
+    model name the config key and say the constructor's message first; runs without a logger get their own
+    ``<default_root_dir>/version_<n>`` folder.
     """
 
     def __init__(self, args: Optional[list] = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self._resume_callbacks: list = []
         super().__init__(LowRankTask, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          auto_configure_optimizers=False, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run the test split with the best checkpoint and report its metrics.")
+        names = Literal[tuple(RESUMABLE)]
+        parser.add_argument("--resume_with_changed", type=Union[names, List[names]], default=[],
+                            help="fit --ckpt_path only: model settings that may differ from the checkpoint's; 'lr' "
+                                 "resumes with the command's learning rate (the restored optimizer and scheduler "
+                                 "rates are rescaled to it). Any other difference stops fit with a list of them.")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI parses the checkpoint's hyper-parameters over the command's model config: compare first, so
+        # that no setting given on the command line is dropped silently (see lit_lowrank/cli_resume.py).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
+        if not saved:
+            return super()._parse_ckpt_path()
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        command = flat_model_config(dumped[subcommand]["model"])
+        if "_class_path" not in saved:  # saved by a task built from Python: only some arguments were recorded
+            command = {name: value for name, value in command.items() if name in saved}
+        found = differences(command, dict(saved))
+        if subcommand != "fit":  # evaluating: the checkpoint's settings match its weights, so they win
+            if found:
+                rank_zero_warn(f"{subcommand} --ckpt_path {ckpt_path}: using the checkpoint's model settings "
+                               f"instead of the command's for:\n{describe(found)}")
+            return super()._parse_ckpt_path()
+        opted_in = self.config[subcommand].get("resume_with_changed") or []
+        allowed = {RESUMABLE[name] for name in ([opted_in] if isinstance(opted_in, str) else opted_in)}
+        blocked = [key for key in found if key not in allowed]
+        if blocked:
+            raise CLIConfigError(mismatch_message(str(ckpt_path), found))
+        # Only opted-in settings differ: keep the command's config (the checkpoint's in all else) and make them count.
+        if RESUMABLE["lr"] in found:
+            new_lr, old_lr = found[RESUMABLE["lr"]]
+            self._resume_callbacks.append(RescaleResumedLR(old_lr, new_lr))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            explained = explain(error)  # jsonargparse buries a constructor's message in nested Union errors
+            if explained is None:
+                raise
+            raise explained from explained.__cause__
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # first, so that its setup picks the run folder before the config saver and ModelCheckpoint read it
+        trainer.callbacks.insert(0, VersionedRunDir())
+        trainer.callbacks.extend(self._resume_callbacks)
+        return trainer
 
     def after_fit(self) -> None:
         test_metrics = {}
@@ -56,7 +118,7 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
             lines.append(f"  metrics plot (PNG)  {callback.path.resolve()}")
         if isinstance(callback, AdapterExport):
             for name, path in callback.exported.items():
-                lines.append(f"  adapter ({name:5s})     {path.resolve()}  (PEFT format)")
+                lines.append(f"  adapter ({name:5s})     {path.resolve()}  ({callback.format_label(name)})")
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if best:
         lines.append(f"  best checkpoint     {Path(best).resolve()}")
@@ -73,7 +135,11 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
 
 def main(args: Optional[list] = None) -> None:
     """Console entry point (``lit-lowrank`` and ``python cli.py``)."""
-    LowRankCLI(args=args)
+    try:
+        LowRankCLI(args=args)
+    except CLIConfigError as error:  # a configuration mistake: its message first, not a page of traceback
+        report(error)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

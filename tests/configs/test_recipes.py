@@ -3,6 +3,7 @@ strategy and precision files compose with it as a second --config."""
 import subprocess
 import sys
 from pathlib import Path
+from typing import Union
 
 import pytest
 import yaml
@@ -11,34 +12,14 @@ from sklearn.datasets import load_digits
 
 from lit_lowrank.cli import LowRankCLI
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
-TINY_BERT = {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "vocab_size": 30522, "max_position_embeddings": 512}
+from cli_runs import CONFIGS, ROOT, SHORT, TINY_BERT
+from cli_runs import hf as _hf
+from cli_runs import override as _override
+
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 512,
               "tie_word_embeddings": True}
 TINY_VIT = {"pretrained": False, "img_size": 32, "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
-SHORT = ["--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--trainer.limit_test_batches=1", "--trainer.val_check_interval=null", "--trainer.enable_progress_bar=false",
-         "--trainer.accelerator=cpu", "--trainer.devices=1"]
-
-
-def _override(tmp: Path, backbone: dict = None, data: dict = None) -> list:
-    """A second --config file: nested nulls (name_or_path: null) survive a YAML file, while jsonargparse
-    4.53 turns a dotted ``--...name_or_path=null`` inside a nested class_path into the string 'None'."""
-    override = {}
-    if backbone is not None:
-        override["model"] = {"init_args": {"backbone": {"init_args": backbone}}}
-    if data is not None:
-        override["data"] = {"init_args": data}
-    path = tmp / f"override-{len(list(tmp.glob('override-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return ["--config", str(path)]
-
-
-def _hf(config: dict) -> dict:
-    return {"name_or_path": None, "config": config}
 
 
 def _digit_files(root: Path) -> Path:
@@ -102,6 +83,41 @@ def test_precision_files_compose(precision, tmp_path, monkeypatch):
     cli = LowRankCLI(args=args)
     expected = "bf16-mixed" if precision == "16-mixed" else precision  # Lightning: fp16 AMP is GPU-only
     assert cli.trainer.precision == expected and cli.trainer.global_step == 2
+
+
+COMPOSABLE = sorted((CONFIGS / "strategy").glob("*.yaml")) + sorted((CONFIGS / "precision").glob("*.yaml"))
+
+
+def _print_config(capsys, *configs: Path) -> dict:
+    with pytest.raises(SystemExit) as exited:
+        LowRankCLI(args=["fit", *[arg for c in configs for arg in ("--config", str(c))], "--print_config"])
+    assert exited.value.code in (0, None), capsys.readouterr().err[-3000:]
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", COMPOSABLE, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_strategy_and_precision_files_parse_with_the_quickstart(path, capsys):
+    printed = _print_config(capsys, CONFIGS / "quickstart.yaml", path)["trainer"]
+    for key, value in yaml.safe_load(path.read_text())["trainer"].items():
+        if isinstance(value, dict):  # a class: the printed config adds every default init_arg
+            assert printed[key]["class_path"] == value["class_path"]
+            for section in ("init_args", "dict_kwargs"):
+                assert value.get(section, {}).items() <= printed[key].get(section, {}).items(), (key, section)
+        else:
+            assert printed[key] == value, key
+
+
+def test_fsdp1_file_builds_lightnings_fsdp_strategy(capsys):
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    printed = _print_config(capsys, CONFIGS / "quickstart.yaml", CONFIGS / "strategy" / "fsdp1.yaml")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": printed["trainer"]["strategy"]})).strategy
+    assert type(strategy) is FSDPStrategy and printed["trainer"]["accelerator"] == "gpu"
+    assert strategy.kwargs["use_orig_params"] is True and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
 
 
 @pytest.mark.slow

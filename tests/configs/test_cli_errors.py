@@ -1,0 +1,43 @@
+"""An error raised by a constructor while the CLI builds the model comes first, with the config key, not buried in
+jsonargparse's nested "Does not validate against any of the Union subtypes"."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lit_lowrank.cli import LowRankCLI
+from lit_lowrank.cli_errors import CLIConfigError
+
+from cli_runs import ROOT, SHORT, override, tiny_quickstart
+
+CASES = {
+    "lora rank, command line": (["--model.init_args.lora.init_args.r=0"], "model.init_args.lora",
+                                "LoRAConfig.r must be a positive integer"),
+    "lora rank, YAML": ({"model": {"init_args": {"lora": {"r": 0}}}}, "model.init_args.lora",
+                        "LoRAConfig.r must be a positive integer"),
+    "backbone factory": ({"model": {"init_args": {"backbone": {"init_args": {"auto_class": "Nope"}}}}},
+                         "model.init_args.backbone", "unknown transformers auto class 'Nope'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_constructor_error_is_named_and_said_first(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    change, key, message = CASES[case]
+    extra = change if isinstance(change, list) else override(tmp_path, **change)
+    with pytest.raises(CLIConfigError) as error:
+        LowRankCLI(args=[*tiny_quickstart(tmp_path), *extra, *SHORT], run=False)
+    assert str(error.value).startswith(f"could not build {key}: ValueError: {message}")
+    assert "Union subtypes" not in str(error.value)
+
+
+def test_command_line_shows_the_message_before_any_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", *tiny_quickstart(tmp_path),
+                             "--model.init_args.lora.init_args.r=0"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Seed set")]
+    assert lines[0] == ("error: could not build model.init_args.lora: ValueError: LoRAConfig.r must be a positive "
+                        "integer, got 0"), result.stderr[-3000:]
+    assert "Union subtypes" not in result.stderr and len(lines) < 12  # where it was raised, without jsonargparse
