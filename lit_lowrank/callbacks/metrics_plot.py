@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 
@@ -65,12 +65,27 @@ class MetricsPlot(Callback):
         self.path: Optional[Path] = None
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Say it before training, not after: a run without a CSV log has nothing to plot.
+        if stage == "fit" and _csv_logger(trainer) is None:
+            rank_zero_warn("MetricsPlot draws from the CSV log, and trainer.logger has no CSVLogger: no plot will be "
+                           "drawn. HINT: add lightning.pytorch.loggers.CSVLogger to trainer.logger, or drop MetricsPlot "
+                           "from trainer.callbacks.")
+
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv_logger = _csv_logger(trainer)
         if csv_logger is None:
-            raise ValueError("MetricsPlot reads the CSV log: add lightning.pytorch.loggers.CSVLogger to trainer.logger")
+            return
         csv_logger.save()
         csv_path = Path(csv_logger.experiment.metrics_file_path)
+        if not csv_path.exists():  # e.g. a resumed run that ended before its next logging step
+            rank_zero_warn(f"MetricsPlot: nothing was logged to {csv_path} in this run, so no plot was drawn.")
+            return
         self.path = plot_metrics(csv_path, self.metrics, Path(csv_logger.log_dir) / self.filename,
                                  title=type(pl_module).__name__)
+
+
+def _csv_logger(trainer: L.Trainer) -> Optional[CSVLogger]:
+    return next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
