@@ -135,6 +135,11 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
 
 def main(args: Optional[list] = None) -> None:
     """Console entry point (``lit-lowrank`` and ``python cli.py``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["memory"]:  # not a LightningCLI subcommand: per-GPU memory tables (lit_lowrank/memory_cli.py)
+        from lit_lowrank.memory_cli import main as memory_main
+
+        sys.exit(memory_main(argv[1:]))
     try:
         LowRankCLI(args=args)
     except CLIConfigError as error:  # a configuration mistake: its message first, not a page of traceback
