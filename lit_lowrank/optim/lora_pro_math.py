@@ -1,6 +1,6 @@
 """LoRA-Pro's closed form: adapter gradients whose equivalent gradient is the best rank-r fit of ``g``.
 
-Notation (see ``shared/spec/lora-pro.md``): ``W = W0 + s * B @ A`` with ``A`` (r x n), ``B`` (m x r);
+Notation (see ``docs/lora-pro.md``): ``W = W0 + s * B @ A`` with ``A`` (r x n), ``B`` (m x r);
 ``g_A = s B^T g`` and ``g_B = s g A^T`` are the plain LoRA gradients of ``g = dL/dW``.
 
 Everything here uses r x r matrices and skinny products only: no m x m or n x n projector is ever
@@ -27,7 +27,7 @@ is treated as exactly zero (its inverse is 0, not a huge ``1/tiny``), so nothing
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -143,12 +143,17 @@ def sylvester_x(spectrum: GramSpectrum, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form(spectrum: GramSpectrum, A: torch.Tensor, B_t: torch.Tensor, grad_A: torch.Tensor,
-                grad_B_t: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, torch.Tensor]:
+                grad_B_t: torch.Tensor, scaling: Scaling,
+                b_grad_b: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dB^T)`` from r-row factors in the compute dtype (``scaling`` from :func:`batch_scalar`).
 
     dA = (1/s^2) Q_B g_A + X A
     dB = (1/s^2) (I - P_B) g_B Q_A - B X  =  (1/s^2) g_B Q_A - B ((1/s^2) Q_B B^T g_B Q_A + X)
     The second form of dB folds two m x r products into one r x r sum (3 skinny products, not 4).
+
+    dB is row-local given the r x r ``B^T g_B``: with ``b_grad_b`` (that product summed over every row block),
+    ``B_t`` and ``grad_B_t`` may hold one block of columns (a rank's rows of B) and ``dB^T`` comes back for
+    those columns only; ``spectrum`` and ``grad_A`` must still be those of the whole layer.
     """
     q_B, q_A = spectrum.q_B(), spectrum.q_A()
     inv_s2 = 1.0 / (scaling * scaling)
@@ -157,7 +162,9 @@ def closed_form(spectrum: GramSpectrum, A: torch.Tensor, B_t: torch.Tensor, grad
     # X keeps (dA, dB) closest to the plain LoRA gradients among all pairs with the same g~.
     X = sylvester_x(spectrum, -(dA_min @ A.mT))
     dA = matmul_add(dA_min, X, A)  # dA_min is not needed afterwards
-    Y = inv_s2 * (q_B @ (B_t @ grad_B_t.mT) @ q_A) + X
+    if b_grad_b is None:
+        b_grad_b = B_t @ grad_B_t.mT
+    Y = inv_s2 * (q_B @ b_grad_b @ q_A) + X
     dB_t = matmul_add((inv_s2 * q_A) @ grad_B_t, Y.mT, B_t, alpha=-1.0)
     return dA, dB_t
 

@@ -1,4 +1,4 @@
-"""The spec's invariants of LoRA-Pre Adam (shared/spec/lora-pre.md, 1-6), each against an independent computation.
+"""The invariants of LoRA-Pre Adam (docs/lora-pre.md), numbered 1-6, each against an independent computation.
 
 The reference is a direct float64 transcription of the spec's equations (explicit inverses, m_t and v_t formed
 whole), written here without the optimizer's rewrites (hypot, folded constants, row chunks, Cholesky).
