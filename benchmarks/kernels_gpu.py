@@ -32,6 +32,9 @@ and, for LoRA-Pre, of the same parameter dtype (fp32 otherwise). ``% peak`` divi
 NVIDIA's datasheets (``PEAK_GBPS``; ``--peak-gbps`` overrides). ``max rel err`` compares the kernel's
 new moments with the torch reference on the same inputs (fp32 ``tf32x3`` dots on NVIDIA); for LoRA-Pre, the
 step's parameter displacement and new factors against the torch path's after one step from the same state.
+The dispatcher's self-check (``lit_lowrank.kernels.dispatch``, on by default on GPUs) also runs once per shape,
+rank and dtype through ``use_triton=True``; its verdicts are printed and written at the end, and the script exits 1
+if one failed (the fused calls timed above bypass the dispatcher, so they time the kernel even then).
 
 Adding a kernel: write ``bench_<name>(shape, r, dtype, args) -> list[Row]`` and append it to ``BENCHES``; the
 table, CSV and ratio column pick it up.
@@ -256,6 +259,9 @@ def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
         pairs = [(mine[0].float() - params[0].float(), ref[0].float() - params[0].float()), *zip(mine[1], ref[1])]
         return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in pairs)
 
+    # The dispatcher's path once, on copies: its self-check at this shape (reported by main()).
+    lora_pre_adam_update_(params[0].clone(), grads[0], *[f.clone() for f in factors[0]], chunk_rows=m,
+                          workspace=Workspace(), use_triton=True, **hyper)
     rows = []
     for name, precision in (("lora_pre_adam_step", None), ("lora_pre_adam_step_tf32", "tf32")):
         err = error(precision)
@@ -277,7 +283,8 @@ def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
     def passes():
         for i in range(L):
             lora_pre_adam.first_pass(params[i], grads[i], *factors[i], pinvs[i][0], kappa=c.kappa, rho=c.rho,
-                                     step_size=c.step_size, eps_hat=c.eps_hat, decay=1.0 - 1e-6, workspace=workspace)
+                                     step_size=c.step_size, eps_hat=c.eps_hat, decay=1.0 - 1e-6, workspace=workspace,
+                                     floor=c.floor)  # the default update bound, as in the steps above
             lora_pre_adam.second_pass(grads[i], pinvs[i][1], workspace=workspace)
 
     ms = cuda_ms(passes, args.warmup, args.repeats)
@@ -307,7 +314,18 @@ def pre_config(module, r: int) -> str:
 BENCHES: list[tuple[str, Callable]] = [("lora_pro_full", bench_lora_pro_full), ("lora_pre_adam", bench_lora_pre_adam)]
 
 
-def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: Optional[float]) -> None:
+def self_check_verdicts() -> tuple[list[str], list[str]]:
+    """The dispatcher's self-check keys that passed and failed in this process."""
+    from lit_lowrank.kernels import dispatch
+
+    verdicts = ([], [])
+    for key, ok in dispatch._checked.items():
+        verdicts[0 if ok else 1].append(", ".join(map(str, key)))
+    return verdicts
+
+
+def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: Optional[float],
+                  checks: tuple[list[str], list[str]]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["kernel", "shape", "rank", "dtype", "layers", "ms", "ratio", "gbps", "pct_peak", "max_rel_err", "config"]
     with open(args.out / "kernels_gpu.csv", "w", newline="") as handle:
@@ -329,6 +347,8 @@ def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: 
         lines.append(f"| {row.kernel} | {row.shape} | {row.rank or ''} | {row.dtype} | {row.ms:.3f} | {row.ratio:.2f} | "
                      f"{row.gbps:.0f} | {row.pct_peak:.0f} | {'' if row.max_rel_err != row.max_rel_err else f'{row.max_rel_err:.1e}'} "
                      f"| {row.config} |")
+    lines += ["", f"Self-check (kernel vs torch on the first call per key): {len(checks[0])} passed, {len(checks[1])} failed."]
+    lines += [f"- FAILED: {key}" for key in checks[1]]
     (args.out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
 
 
@@ -364,9 +384,11 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row.kernel:<26} {row.shape:<10} {row.rank or '':>4} {row.dtype:<9} {row.ms:8.3f} {row.ratio:6.2f} "
               f"{row.gbps:6.0f} {row.pct_peak:5.0f}  {row.max_rel_err:.1e}")
-    write_results(rows, args, device, peak)
+    checks = self_check_verdicts()
+    print(f"self-check: {len(checks[0])} keys passed, {len(checks[1])} failed" + "".join(f"\n  FAILED: {k}" for k in checks[1]))
+    write_results(rows, args, device, peak, checks)
     print(f"wrote {args.out / 'kernels_gpu.csv'} and {args.out / 'kernels_gpu.md'}")
-    return 0
+    return 1 if checks[1] else 0
 
 
 if __name__ == "__main__":

@@ -30,23 +30,44 @@ is wired this way from ``lit_lowrank.optim.lora_pre_adam_update``, with ``undo=`
 
 Launches must stay free of host syncs (no ``.item()``, grid sizes from shapes only) so a step can be
 captured in a CUDA graph once the kernel has been compiled and autotuned by a first, uncaptured call.
+
+**Self-check.** The kernels are tested in the interpreter, which runs numpy, not the code a GPU compiles. So on
+the first call per :class:`SelfCheck` key (kernel, shapes, strides, dtypes, constexpr options, dot precision)
+:func:`run_with_fallback` also runs the torch reference on copies of the state and compares every output (see
+:func:`output_error`). Beyond :data:`CHECK_RTOL` it warns once for that key, keeps the torch result for the call
+and runs torch for that key from then on; other keys keep the kernel. ``LIT_LOWRANK_KERNEL_CHECK`` (or
+:func:`set_kernel_check`): ``auto`` (default: on GPUs, off in the interpreter, where the tests compare kernel
+and torch themselves and a silent fallback would hide a kernel bug from them), ``1`` (also in the interpreter)
+or ``0`` (never). The first call, already uncapturable (compilation, autotuning), then also holds one copy of
+the state and syncs with the host once.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
+import threading
 import warnings
-from typing import Callable, Optional, Sequence, TypeVar, Union
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Sequence, TypeVar, Union
 
 import torch
 
 __all__ = [
+    "CHECK_ENV",
+    "CHECK_RTOL",
+    "GPU_DOT_PRECISION",
     "KernelFallbackWarning",
+    "SelfCheck",
     "UseTriton",
     "built_by_interpreter",
+    "dot_precision",
     "fallback_warning",
     "load_kernel_module",
+    "output_error",
     "run_with_fallback",
+    "set_kernel_check",
     "should_use_kernel",
     "triton_available",
     "validate_use_triton",
@@ -61,6 +82,30 @@ _warned: set[tuple[str, str]] = set()
 _broken: dict[str, str] = {}
 #: Kernels that completed a launch in this process: later errors are real errors and propagate.
 _verified: set[str] = set()
+#: Self-checked keys: True passed (the kernel runs), False failed (torch runs for that key).
+_checked: dict[Hashable, bool] = {}
+#: set_kernel_check's override of CHECK_ENV (None: the variable decides).
+_check_override: Optional[UseTriton] = None
+
+#: fp32 ``tl.dot`` precision of every kernel on NVIDIA GPUs. Triton's default there is ``tf32`` (inputs rounded to
+#: 10 mantissa bits, ~5e-4 relative), which the interpreter does not model: it multiplies in fp32 whatever is asked,
+#: so tf32 errors would first show on a GPU. ``tf32x3`` (three tf32 products on tensor cores) is within a few fp32
+#: ulps of fp32 FMAs, i.e. what the CPU tests check, at 3x tf32's cost; both kernels stay memory-bound with it up to
+#: r ~ 40-66 on an H100 (see each kernel's ``dot_precision``). ``ieee`` (fp32 FMAs) elsewhere: the interpreter,
+#: AMD (HIP has no tf32x3).
+GPU_DOT_PRECISION = "tf32x3"
+#: Self-check tolerance per dot precision the dispatcher runs: the largest error of an output, relative to its
+#: magnitude (to its displacement for state updated in place), that still counts as rounding. With fp32 products
+#: (``ieee``) the kernel tests, run with the check forced, stay below 1e-4 (LoRA-Pre's W after a few steps: its
+#: update divides by sqrt(v), which rounding in nearly cancelling entries of m and v reaches); ``tf32x3`` products
+#: are ~8x less precise than fp32 FMAs (2^-21 against 2^-24), hence 10x margin for both. An indexing or masking
+#: bug is off by far more. Plain tf32 (benchmarks only, never dispatched) would need ~1e-2.
+CHECK_RTOL = {"ieee": 1e-3, "tf32x3": 1e-3}
+#: bf16 / fp16 outputs are rounded last, so an fp32 rounding difference can flip them by one ulp: allowed, no more.
+CHECK_ULPS = 1.0
+#: Environment variable of the self-check: "auto" (default), "1" or "0"; see the module docstring.
+CHECK_ENV = "LIT_LOWRANK_KERNEL_CHECK"
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 class KernelFallbackWarning(UserWarning):
@@ -164,8 +209,156 @@ def should_use_kernel(use_triton: UseTriton, *tensors: torch.Tensor, kernel: str
     return True
 
 
+def dot_precision(device: torch.device, interpreted: bool = False) -> str:
+    """The fp32 ``tl.dot`` precision kernels use on ``device``: :data:`GPU_DOT_PRECISION` on NVIDIA, else ``ieee``."""
+    if interpreted or device.type != "cuda" or torch.version.hip:
+        return "ieee"
+    return GPU_DOT_PRECISION
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """How :func:`run_with_fallback` checks a kernel's first call per ``key`` against the torch reference.
+
+    ``key``: what the kernel was compiled and autotuned for (shapes, strides, dtypes, constexpr options; the
+    dispatcher adds the kernel and the dot precision). ``state``: the tensors the step updates in place.
+    ``reference(copies)``: the torch path on copies of ``state`` (updated in place), returning what ``launch``
+    returns. ``names``: of ``state``'s tensors, then of the returned ones (for the warning).
+    """
+
+    key: Hashable
+    state: Sequence[torch.Tensor]
+    reference: Callable[[list[torch.Tensor]], object]
+    names: Sequence[str] = ()
+
+
+def set_kernel_check(value: Optional[UseTriton]) -> None:
+    """Self-check on (``True``, also in the interpreter), off (``False``), ``"auto"``, or None: as :data:`CHECK_ENV` says."""
+    global _check_override
+    if value is not None:
+        validate_use_triton(value)
+    _check_override = value
+
+
+def _check_enabled(interpreted: bool) -> bool:
+    setting = _check_override if _check_override is not None else os.environ.get(CHECK_ENV, "auto").strip().lower()
+    if setting is True or setting in _ON:
+        return True
+    if setting is False or setting in _OFF:
+        return False
+    if setting != "auto":
+        raise ValueError(f"{CHECK_ENV}={os.environ.get(CHECK_ENV)!r} is not understood. HINT: set it to 1 (check each "
+                         "kernel's first call per shape against torch, also in the interpreter), 0 (never) or auto.")
+    return not interpreted
+
+
+def output_error(got: torch.Tensor, want: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                 rtol: float = CHECK_RTOL["ieee"]) -> tuple[float, float, str]:
+    """``(error, tolerance, unit)`` of one kernel output against the reference's; it passes if error <= tolerance.
+
+    fp32: the largest difference over ``scale`` (default ``max |want|``: entries near 0 carry absolute error, as in
+    the tests' ``close``), tolerance ``rtol``. bf16 / fp16: the largest difference in ulps of ``want``, tolerance
+    :data:`CHECK_ULPS`. Equal entries (the same NaN or inf included) count 0, any other non-finite difference inf.
+    """
+    got, want = got.detach(), want.detach()
+    same = (got == want) | (got.isnan() & want.isnan())
+    if want.dtype in (torch.bfloat16, torch.float16):
+        ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+        diff, tolerance, unit = (got.float() - want.float()).abs() / ulp, CHECK_ULPS, "ulps"
+    else:
+        scale = _finite_max(want) if scale is None else scale
+        diff, tolerance, unit = (got - want).abs() / scale.clamp_min(torch.finfo(want.dtype).tiny), rtol, "relative"
+    diff = torch.nan_to_num(torch.where(same, 0.0, diff), nan=float("inf"))
+    return (float(diff.max()) if diff.numel() else 0.0), tolerance, unit
+
+
+def _finite_max(values: torch.Tensor) -> torch.Tensor:
+    magnitude = values.detach().abs()
+    return torch.where(magnitude.isfinite(), magnitude, 0.0).max() if magnitude.numel() else magnitude.new_zeros(())
+
+
+_precision_lock = threading.Lock()
+_precision_users = [0, "highest"]  # threads inside _fp32_matmuls, the precision to restore after the last one
+
+
+@contextlib.contextmanager
+def _fp32_matmuls():
+    """torch's fp32 matmuls in fp32 (not TF32 / bf16, which ``set_float32_matmul_precision`` may allow): the
+    reference of the self-check must be more precise than the kernel's tf32x3. Counted, for threads (test ranks)."""
+    with _precision_lock:
+        if _precision_users[0] == 0:
+            _precision_users[1] = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
+        _precision_users[0] += 1
+    try:
+        yield
+    finally:
+        with _precision_lock:
+            _precision_users[0] -= 1
+            if _precision_users[0] == 0:
+                torch.set_float32_matmul_precision(_precision_users[1])
+
+
+def _tensors(result: object) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for t in result if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: SelfCheck, key: Hashable,
+                    precision: str) -> T:
+    """The first call for ``key``: the reference on copies (which then hold its result), then the kernel, compared."""
+    copies = [t.detach().clone() for t in check.state]
+    with torch.no_grad(), _fp32_matmuls():
+        expected = check.reference(copies)
+        # In-place state is compared by its displacement: a weight hardly moves in a step, so relative to its
+        # magnitude a wrong update would look like rounding. Taken now, before the kernel overwrites the state.
+        scales = [_finite_max(after - before) for after, before in zip(copies, check.state)]
+    try:
+        result = launch(module)
+    except Exception as error:
+        if kernel in _verified:
+            raise  # a bug, not a missing toolchain (see run_with_fallback)
+        _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
+        fallback_warning(kernel, "broken", _broken[kernel])
+        _restore(check.state, copies)
+        return expected  # type: ignore[return-value]
+    _verified.add(kernel)
+    rtol = CHECK_RTOL.get(precision, CHECK_RTOL["ieee"])
+    outputs = list(zip(_tensors(result), _tensors(expected)))
+    n, named = len(copies), list(check.names)
+    names = named[:n] + [f"state[{i}]" for i in range(len(named), n)]
+    names += named[n:] + [f"output[{i}]" for i in range(len(named[n:]), len(outputs))]
+    pairs = zip(names, [*check.state, *(g for g, _ in outputs)], [*copies, *(w for _, w in outputs)],
+                [*scales, *(None for _ in outputs)])
+    worst = None  # (excess over the tolerance, name, error, tolerance, unit)
+    for name, got, want, scale in pairs:
+        error, tolerance, unit = output_error(got, want, scale, rtol)
+        if not error <= tolerance and (worst is None or error / tolerance > worst[0]):
+            worst = (error / tolerance, name, error, tolerance, unit)
+    _checked[key] = worst is None
+    if worst is None:
+        return result
+    _, name, error, tolerance, unit = worst
+    fallback_warning(kernel, f"check {key}", (
+        f"its first call for {', '.join(map(str, key[1:-1]))} differs from the torch reference: {name} is off by {error:.1e} {unit} "
+        f"(tolerance {tolerance:.0e}, {precision} dots). This call keeps the torch result and torch runs for this key "
+        f"from now on (other shapes keep the kernel). HINT: please report this message; use_triton=False skips the "
+        f"kernel, {CHECK_ENV}=0 skips this check and keeps the kernel."))
+    _restore(check.state, copies)
+    return expected  # type: ignore[return-value]
+
+
+def _restore(state: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for tensor, value in zip(state, values):
+            tensor.copy_(value)
+
+
 def run_with_fallback(kernel: str, launch: Callable[[object], T],
-                      undo: Sequence[torch.Tensor] = ()) -> Optional[T]:
+                      undo: Sequence[torch.Tensor] = (), check: Optional[SelfCheck] = None) -> Optional[T]:
     """``launch(module)`` for the kernel module, or None (one warning) if it cannot be loaded or its first launch fails.
 
     Compilation happens inside the first launch, so a broken toolchain (no C compiler, ptxas errors)
@@ -178,10 +371,20 @@ def run_with_fallback(kernel: str, launch: Callable[[object], T],
     kernels where a later one compiles after an earlier one wrote (e.g. ``lora_pre_adam``'s second pass).
     Only for the first, unverified launch they are copied beforehand and restored if it raises, so the torch
     fallback starts from the same values; verified launches copy nothing.
+
+    ``check``: the self-check of the module docstring (when enabled). On the first call per key the reference's
+    copies replace ``undo``; for a key that failed it, this returns None (the caller runs torch) without launching.
     """
     module = load_kernel_module(kernel)
     if module is None:
         return None
+    if check is not None and _check_enabled(module.INTERPRETED):
+        precision = dot_precision(check.state[0].device, module.INTERPRETED)
+        key = (kernel, *(check.key if isinstance(check.key, tuple) else (check.key,)), precision)
+        if key not in _checked:
+            return _checked_launch(kernel, module, launch, check, key, precision)
+        if not _checked[key]:
+            return None
     if kernel in _verified:
         return launch(module)
     saved = [tensor.detach().clone() for tensor in undo]
@@ -204,3 +407,4 @@ def reset() -> None:
     _warned.clear()
     _broken.clear()
     _verified.clear()
+    _checked.clear()

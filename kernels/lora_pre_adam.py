@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_lowrank.kernels.dispatch import built_by_interpreter
+from lit_lowrank.kernels.dispatch import built_by_interpreter, dot_precision as _dot_precision
 from lit_lowrank.optim.lora_pre_adam_update import adam_step_constants, damped_pinv_pair
 from lit_lowrank.optim.lowrank_factors import Workspace
 from lit_lowrank.optim.sharding import RowShards
@@ -264,11 +264,10 @@ def dot_precision(device: torch.device) -> str:
     fp32 FMAs (``ieee``, 67 TFLOP/s), r ~ 66 / 33 with ``tf32x3`` (three tf32 products, ~165 TFLOP/s effective)
     and r ~ 200 / 100 with plain ``tf32`` (495 TFLOP/s), by datasheet arithmetic. ``tf32x3`` is the default as it
     keeps fp32-level agreement with the torch reference; ``tf32`` rounds the factors and ``g`` to 10 mantissa bits
-    (~1e-3 relative) in ``m``, ``v`` and the factor updates. The GPU benchmark reports both.
+    (~1e-3 relative) in ``m``, ``v`` and the factor updates. The GPU benchmark reports both. One choice for all
+    kernels: :func:`lit_lowrank.kernels.dispatch.dot_precision`.
     """
-    if INTERPRETED or device.type != "cuda" or torch.version.hip:
-        return "ieee"
-    return "tf32x3"
+    return _dot_precision(device, INTERPRETED)
 
 
 def _r_pad(r: int) -> int:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_lowrank.kernels.dispatch import built_by_interpreter
+from lit_lowrank.kernels.dispatch import built_by_interpreter, dot_precision as _dot_precision
 
 #: Block sizes tried on GPU. The split-K partial sums cost 8 r (1 / (BLOCK_M ROW_TILES) + 1 / BLOCK_N) bytes
 #: of traffic per weight entry, next to the 16 of the moments: at r = 128 and 64 x 64 tiles that is 32, so
@@ -159,16 +159,13 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 
 def dot_precision(device: torch.device) -> str:
-    """Default fp32 ``tl.dot`` precision: ``tf32x3`` (near-fp32 on tensor cores) on NVIDIA, ``ieee`` elsewhere.
+    """fp32 ``tl.dot`` precision on ``device``: :func:`lit_lowrank.kernels.dispatch.dot_precision` (``tf32x3`` on NVIDIA).
 
-    The kernel does 8 r flops per weight entry against 16 bytes of moments, so with fp32 FMAs (``ieee``)
-    it turns compute-bound above r ~ 40 on an H100; ``tf32x3`` (three tf32 products) keeps fp32-level
-    agreement with torch at 3x tf32's cost; plain ``tf32`` (Triton's default) is fastest but rounds the
-    inputs of ``g~`` to 10 mantissa bits (~1e-3 relative), which then enters the fp32 state.
+    The kernel does 8 r flops per weight entry against 16 bytes of moments, so with fp32 FMAs (``ieee``) it turns
+    compute-bound above r ~ 40 on an H100; ``tf32x3`` keeps fp32-level agreement with torch on tensor cores; plain
+    ``tf32`` would round the inputs of ``g~`` to 10 mantissa bits (~1e-3 relative), which then enters the fp32 state.
     """
-    if INTERPRETED or device.type != "cuda" or torch.version.hip:
-        return "ieee"
-    return "tf32x3"
+    return _dot_precision(device, INTERPRETED)
 
 
 def coefficients(ok: torch.Tensor, bc1: torch.Tensor, bc2_sqrt: torch.Tensor, *,

@@ -21,10 +21,10 @@ METHODS = ("adamw", "lora", "lora_pro_efficient", "lora_pro_full", "lora_pre_ada
 STRATEGIES = ("ddp", "fsdp")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-#: LoRA-Pro full mode's m x n Adam moments under FSDP: ``False`` = whole on every rank, as ``LoRAPro`` keeps them
-#: today (plain tensors beside DTensor adapters); ``True`` = row shards like a weight. The one place to switch it
+#: LoRA-Pro full mode's m x n Adam moments under FSDP: ``True`` = row shards like the weight, as ``LoRAPro`` keeps
+#: them; ``False`` = whole on every rank (LoRAPro before it sharded them). The one place to switch it
 #: (``estimate_memory(lora_pro_full_sharded=...)`` overrides it per call).
-LORA_PRO_FULL_MOMENTS_SHARDED = False
+LORA_PRO_FULL_MOMENTS_SHARDED = True
 
 # Published shapes, written out so that no download is needed (RoPE settings change no parameter shape).
 _LLAMA = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -26,10 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, nargs="+", default=[1, 8], help="GPUs (default: 1 8)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="fsdp", help="default fsdp (FSDP2 row shards)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
-    parser.add_argument("--lora-pro-full-sharded", action="store_true",
-                        help="count LoRA-Pro full mode's m x n moments as row shards under FSDP (default: "
-                             f"lit_lowrank.memory.LORA_PRO_FULL_MOMENTS_SHARDED, now "
-                             f"{memory.LORA_PRO_FULL_MOMENTS_SHARDED})")
+    parser.add_argument("--lora-pro-full-replicated", action="store_true",
+                        help="count LoRA-Pro full mode's m x n moments as whole on every GPU under FSDP (LoRAPro "
+                             "before it sharded them by rows; default: lit_lowrank.memory.LORA_PRO_FULL_MOMENTS_SHARDED)")
     parser.add_argument("--detail", action="store_true", help="also weights, adapters and gradients per world size")
     return parser
 
@@ -38,7 +37,7 @@ def table(args: argparse.Namespace, config: str) -> list[str]:
     """Markdown lines for one config: a row per method, GiB per rank for each world size."""
     parts = ["total", "optimizer state"] + (["weights", "adapters", "gradients"] if args.detail else [])
     gpus = [f"{world} GPU{'s' if world > 1 else ''}" for world in args.world_size]
-    sharded = True if args.lora_pro_full_sharded else None
+    sharded = False if args.lora_pro_full_replicated else None
     lines = [f"| method | {' | '.join(f'{gpu}: {part}' for gpu in gpus for part in parts)} |",
              "|---|" + "---:|" * (len(gpus) * len(parts))]
     for method in args.methods:
@@ -53,7 +52,7 @@ def table(args: argparse.Namespace, config: str) -> list[str]:
 
 
 def notes(args: argparse.Namespace) -> list[str]:
-    full_sharded = args.lora_pro_full_sharded or memory.LORA_PRO_FULL_MOMENTS_SHARDED
+    full_sharded = memory.LORA_PRO_FULL_MOMENTS_SHARDED and not args.lora_pro_full_replicated
     lines = [(f"GiB per GPU (rank 0, the largest shard), {args.dtype} parameters, rank {args.rank}, "
               f"{args.strategy.upper()}. Activations, temporary buffers and the CUDA context are not included.")]
     if args.strategy == "fsdp":

@@ -104,13 +104,14 @@ def test_fsdp_lora_pro_full_by_hand(monkeypatch):
     # m x n moments: 64 + 32 + 32 + 64 + 96 + 96 + 96 = 480 entries, twice, float32, whole on every rank; as row
     # shards 3*8 + 2*8 + 2*8 + 3*8 + 4*8 + 4*8 + 3*12 = 180. Counters: step + skipped_steps of the 7 lora_A's.
     # Adapters: A (2 x n) keeps 1 row: 6*8 + 12 = 60; B (m x 2) keeps ceil(m/3) rows: (3+2+2+3+4+4+3)*2 = 42.
-    replicated = estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp")
+    replicated = estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp",
+                                 lora_pro_full_sharded=False)
     assert replicated.optimizer_state == OptimizerState(weight_moments=2 * 480 * 4, counters=7 * 8)
     assert (replicated.adapters, replicated.gradients, replicated.weights) == (102 * 4, 102 * 4, 253 * 4)
-    sharded = estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp", lora_pro_full_sharded=True)
+    sharded = estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp")  # LoRAPro's layout
     assert sharded.optimizer_state.weight_moments == 2 * 180 * 4
-    monkeypatch.setattr(memory, "LORA_PRO_FULL_MOMENTS_SHARDED", True)  # the module-level switch does the same
-    assert estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp") == sharded
+    monkeypatch.setattr(memory, "LORA_PRO_FULL_MOMENTS_SHARDED", False)  # the module-level switch does the same
+    assert estimate_memory(HAND, "lora_pro_full", rank=2, world_size=3, strategy="fsdp") == replicated
 
 
 def test_fsdp_galore_keeps_projected_state_whole():

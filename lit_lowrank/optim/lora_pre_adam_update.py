@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lit_lowrank.kernels.dispatch import UseTriton, fallback_warning, run_with_fallback, should_use_kernel
+from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, fallback_warning, run_with_fallback, should_use_kernel
 from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, row_chunks
 from lit_lowrank.optim.sharding import RowShards
 
@@ -160,7 +160,7 @@ def lora_pre_adam_update_(
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                  damping=damping, factor_update=factor_update, workspace=workspace, shards=shards,
                  debias_second_moment=debias_second_moment, update_bound=update_bound)
-    if _kernel_step(use_triton, param, grad, B, A, V_B, V_A, hyper):
+    if _kernel_step(use_triton, param, grad, B, A, V_B, V_A, hyper, chunk_rows):
         return
     p, q = param.shape
     dtype, device = B.dtype, B.device
@@ -232,12 +232,13 @@ def lora_pre_adam_update_(
 
 
 def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor,
-                 hyper: dict) -> bool:
+                 hyper: dict, chunk_rows: int) -> bool:
     """Run the step as the fused kernel if ``use_triton`` asks for it and it can run; False: run the torch path.
 
     The kernel's first launch in a process (which compiles, and may fail on a broken toolchain) is made undoable:
     its first pass writes ``param`` before its second pass compiles, so the dispatcher restores the tensors the
-    step updates before falling back.
+    step updates before falling back. Its first call per shape and options is also run by the torch path (with
+    ``chunk_rows`` and a scratch workspace) on copies and compared (``kernels/dispatch.py``: self-check).
     """
     if hyper["update_bound"] not in KERNEL_UPDATE_BOUNDS:
         if use_triton is True:
@@ -257,7 +258,21 @@ def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, 
         kernel.lora_pre_adam_update_(param, grad, B, A, V_B, V_A, **hyper)
         return True
 
-    return run_with_fallback(KERNEL, launch, undo=(param, B, A, V_B, V_A)) is not None
+    def reference(copies: list) -> bool:  # a scratch workspace: the torch path's row buffers are not kept
+        W, B_, A_, V_B_, V_A_ = copies
+        lora_pre_adam_update_(W, grad, B_, A_, V_B_, V_A_, **{**hyper, "workspace": Workspace()}, chunk_rows=chunk_rows,
+                              use_triton=False)
+        return True
+
+    # FSDP2: the whole parameter's shape is in the key too, so every rank checks (and runs the reference's
+    # collectives) at the same calls, whatever its row block.
+    whole = getattr(getattr(hyper["shards"], "param", None), "shape", None)
+    key = (f"W {tuple(param.shape)} {param.dtype} strides {param.stride()}",
+           f"grad {grad.dtype} strides {grad.stride()}", f"r {A.shape[0]}", hyper["factor_update"],
+           f"weight_decay {hyper['weight_decay'] != 0.0}", f"bound {hyper['update_bound'] != 'none'}",
+           f"sharded {tuple(whole) if whole is not None else hyper['shards'] is not None}")
+    check = SelfCheck(key=key, state=[param, B, A, V_B, V_A], reference=reference, names=["W", "B", "A", "V_B", "V_A"])
+    return run_with_fallback(KERNEL, launch, undo=(param, B, A, V_B, V_A), check=check) is not None
 
 
 def _rms_clip_factor(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float, rho: float,

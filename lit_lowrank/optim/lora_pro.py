@@ -24,7 +24,7 @@ from lit_lowrank.optim.lora_pro_math import (
 )
 from lit_lowrank.kernels.dispatch import validate_use_triton
 from lit_lowrank.optim.lora_pro_update import adamw_foreach_, full_mode_update
-from lit_lowrank.optim.sharding import all_reduce_, full, local, local_part, process_group
+from lit_lowrank.optim.sharding import RowShards, all_reduce_, full, local, local_part, process_group
 
 __all__ = ["LoRAPro", "apply_lora_pro_", "equivalent_gradient", "lora_pro_gradients"]
 
@@ -86,8 +86,8 @@ def read_factors(pairs: list[AdapterPair]) -> FactorStack:
     """The one place where adapter parameters and gradients are read as plain tensors.
 
     Sharded training (FSDP2 / DTensor) only has to gather the small A and B factors and their
-    gradients here; results go back through :func:`write_rows` (gradient rewrite, full mode) and the
-    in-place AdamW of efficient mode, the two places that would scatter them again.
+    gradients here; results go back through :func:`write_rows` (gradient rewrite, full mode's A),
+    :func:`write_local` (full mode's B, already this rank's rows) and the in-place AdamW of efficient mode.
     """
     def grad_of(p: nn.Parameter) -> torch.Tensor:
         if p.grad is None:
@@ -120,6 +120,11 @@ def write_rows(targets: list[torch.Tensor], values: torch.Tensor) -> None:
     """Scatter a stack back into per-layer tensors (parameters, gradients or state); a sharded target
     receives only its own rows."""
     torch._foreach_copy_([local(t) for t in targets], [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
+
+
+def write_local(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """Copy a stack of per-layer values that already hold only this rank's rows into the local shards."""
+    torch._foreach_copy_([local(t) for t in targets], list(values.unbind(0)))
 
 
 def batches(pairs: Iterable[AdapterPair], extra_key: Callable[[AdapterPair], object] = lambda pair: None):
@@ -249,7 +254,8 @@ class LoRAPro(torch.optim.Optimizer):
         ``"efficient"`` (default, LoRA's memory): gradients of A and B are replaced by LoRA-Pro's
         ``(dA, dB)``, then AdamW steps A and B (decoupled weight decay on A and B).
         ``"full"`` (the paper's main results): Adam moments of the equivalent gradient ``g~`` are kept per
-        adapted layer (m x n, fp32: full fine-tuning's optimizer memory); the Adam direction is projected
+        adapted layer (m x n, fp32: full fine-tuning's optimizer memory; under FSDP2 each rank keeps the rows
+        of its shard of the weight, so 1/world of it); the Adam direction is projected
         back with the same closed form, then ``A -= lr * dA`` and ``B -= lr * dB``. Weight decay acts on the
         adapted weight: A and B are scaled by ``sqrt(1 - lr * weight_decay)``; the base weight W0 is frozen
         and never decayed.
@@ -365,7 +371,7 @@ class LoRAPro(torch.optim.Optimizer):
         for plan in plans:
             self._apply_full(plan) if self.mode == "full" else self._apply_efficient(plan)
         for plan in others:
-            states = [self._state(p, exp_avg=p.shape, exp_avg_sq=p.shape) for p in plan.params]
+            states = [self._state(p, "exp_avg", "exp_avg_sq") for p in plan.params]
             adamw_foreach_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
                            **self._hyper(plan.group))
         self._count_skips(plans, others)  # after the updates, which create the states
@@ -403,19 +409,30 @@ class LoRAPro(torch.optim.Optimizer):
         counters = [s["skipped_steps"] for s in self.state.values() if "skipped_steps" in s]
         return int(torch.stack(counters).sum().item()) if counters else 0
 
-    def _state(self, param: torch.Tensor, **moment_shapes: torch.Size) -> dict:
-        """Moments shaped like the parameter follow its sharding (DTensor); full-mode m x n ones are plain."""
+    def _state(self, param: torch.Tensor, *moments: str) -> dict:
+        """The parameter's state; its ``moments`` are shaped like it and follow its sharding (DTensor)."""
         state = self.state[param]
         if not state:
             dtype = compute_dtype(param)
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             # Updates skipped for non-finite gradients, counted on the device (read by skipped_steps()).
             state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            for key, shape in moment_shapes.items():
-                if shape == param.shape:
-                    state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
-                else:
-                    state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+            for key in moments:
+                state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+        return state
+
+    def _weight_state(self, pair: AdapterPair, shards: Optional[RowShards]) -> dict:
+        """``lora_A``'s state with full mode's m x n moments of the adapted weight. Under FSDP2 they are a DTensor
+        split by rows like ``lora_B`` (and the weight), so a rank allocates and updates only its rows; a
+        distributed checkpoint then saves and reshards them like any sharded state."""
+        state = self._state(pair.A)
+        if "weight_exp_avg" not in state:
+            m, n, dtype = pair.B.shape[0], pair.A.shape[1], compute_dtype(pair.A)
+            for key in ("weight_exp_avg", "weight_exp_avg_sq"):
+                state[key] = shards.zeros(n, dtype) if shards else torch.zeros((m, n), dtype=dtype, device=pair.A.device)
+            # lora_B's state stays empty but present: torch's distributed checkpoint (strict by default, as under
+            # Lightning's ModelParallelStrategy) refuses to load a state without an entry for every trainable parameter.
+            self.state.setdefault(pair.B, {})
         return state
 
     def _hyper(self, group: dict) -> dict:
@@ -432,7 +449,7 @@ class LoRAPro(torch.optim.Optimizer):
 
     def _apply_efficient(self, plan: "EfficientPlan") -> None:
         params = [pair.A for pair in plan.batch] + [pair.B for pair in plan.batch]
-        states = [self._state(p, exp_avg=p.shape, exp_avg_sq=p.shape) for p in params]
+        states = [self._state(p, "exp_avg", "exp_avg_sq") for p in params]
         directions = list(plan.dA.unbind()) + [d.mT for d in plan.dB_t.unbind()]
         directions = [local_part(d, like=p) for d, p in zip(directions, params)]
         adamw_foreach_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
@@ -448,16 +465,17 @@ class LoRAPro(torch.optim.Optimizer):
 
     def _apply_full(self, plan: "FullPlan") -> None:
         batch, A, B_t = plan.batch, plan.A, plan.B_t
-        weight_shape = torch.Size((B_t.shape[-1], A.shape[-1]))
-        states = [self._state(p.A, weight_exp_avg=weight_shape, weight_exp_avg_sq=weight_shape) for p in batch]
+        # Layers of a batch share shapes and mesh, so one split describes all their rows.
+        shards = RowShards.of(batch[0].B)
+        states = [self._weight_state(pair, shards) for pair in batch]
         new_A, new_B_t, step = full_mode_update(
-            A, B_t, plan.U_t, plan.V, [s["weight_exp_avg"] for s in states], [s["weight_exp_avg_sq"] for s in states],
-            torch.stack([s["step"] for s in states]), plan.ok,
+            A, B_t, plan.U_t, plan.V, [local(s["weight_exp_avg"]) for s in states],
+            [local(s["weight_exp_avg_sq"]) for s in states], torch.stack([s["step"] for s in states]), plan.ok,
             scaling=batch[0].scaling, damping=plan.group["damping"], spectrum=plan.spectrum, **self._hyper(plan.group),
-            use_triton=self.use_triton,
+            use_triton=self.use_triton, shards=shards,
         )
         write_rows([p.A for p in batch], new_A)
-        write_rows([p.B for p in batch], new_B_t.mT)
+        write_local([p.B for p in batch], new_B_t.mT)
         write_rows([s["step"] for s in states], step)
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -13,8 +13,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from lit_lowrank.kernels.dispatch import UseTriton, run_with_fallback, should_use_kernel
+from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, run_with_fallback, should_use_kernel
 from lit_lowrank.optim.lora_pro_math import GramSpectrum, closed_form, gram_spectrum
+from lit_lowrank.optim.sharding import RowShards
 
 Number = Union[float, torch.Tensor]
 
@@ -104,6 +105,7 @@ def full_mode_update(
     damping: float,
     spectrum: Optional[GramSpectrum] = None,
     use_triton: UseTriton = False,
+    shards: Optional[RowShards] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One full-mode LoRA-Pro step for a stack of L layers of one shape (the unit a fused kernel replaces).
 
@@ -123,26 +125,47 @@ def full_mode_update(
         use_triton: ``"auto"`` (the fused kernel on CUDA, torch on CPU), ``True`` (the kernel wherever it
             can run, CPU included under ``TRITON_INTERPRET=1``) or ``False`` (this torch path, the
             default); see :mod:`lit_lowrank.kernels.dispatch`. The kernel takes fp32 only (fp64 runs here).
+        shards: under FSDP2, how ``lora_B`` (and the weight) is split by rows. The moments are then this
+            rank's rows (``m_local x n``) and ``B_t``, ``U_t`` still the whole layer's: the moments and the
+            row-local ``G A^T`` use their matching columns, and the row sums ``B^T G`` and ``B^T (G A^T)`` are
+            added up over ranks in one all-reduce of ``L x r x (n + r)`` numbers.
 
     Returns:
-        New ``A`` and ``B_t`` (compute dtype; the old values where not ok) and the new step counts.
+        New ``A`` and ``B_t`` (compute dtype; the old values where not ok) and the new step counts; with
+        ``shards``, ``B_t`` holds this rank's columns only.
 
     The torch path materialises ``g~`` and ``G`` one layer at a time (m x n); the kernel updates the
     moments tile by tile from ``U_t`` and ``V`` and accumulates the projections without them.
     """
     if spectrum is None:
         spectrum = gram_spectrum(A, B_t, damping)
+    if shards is not None:  # the Grams above need all of B; the m x n part only this rank's rows
+        B_t, U_t = shards.columns_of(B_t), shards.columns_of(U_t)
     step = step + ok.to(step.dtype)
     bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, A.dtype)
     moments = (A, B_t, U_t, V, exp_avg, exp_avg_sq, ok, bc1, bc2_sqrt)
     hyper = dict(beta1=beta1, beta2=beta2, eps=max(eps, torch.finfo(A.dtype).tiny))
     projections = None
     if should_use_kernel(use_triton, A, B_t, U_t, V, *exp_avg, *exp_avg_sq, kernel="lora_pro_full"):
-        projections = run_with_fallback("lora_pro_full", lambda kernel: kernel.moments_and_projections(*moments, **hyper))
+        # Its first call per shape is also run by torch and compared (kernels/dispatch.py: self-check).
+        L = len(exp_avg)
+        check = SelfCheck(
+            key=(f"A {tuple(A.shape)}", f"B_t {tuple(B_t.shape)}",
+                 f"moment strides {sorted({t.stride() for t in (*exp_avg, *exp_avg_sq)})}"),
+            state=[*exp_avg, *exp_avg_sq],
+            reference=lambda copies: torch_moments_and_projections(*moments[:4], copies[:L], copies[L:], *moments[6:],
+                                                                   **hyper),
+            names=[*(f"exp_avg[{i}]" for i in range(L)), *(f"exp_avg_sq[{i}]" for i in range(L)), "B^T G", "A G^T"])
+        projections = run_with_fallback("lora_pro_full", lambda kernel: kernel.moments_and_projections(*moments, **hyper),
+                                        check=check)
     if projections is None:
         projections = torch_moments_and_projections(*moments, **hyper)
     proj_A, proj_B_t = projections
-    dA, dB_t = closed_form(spectrum, A, B_t, proj_A * scaling, proj_B_t * scaling, scaling)
+    grad_A, grad_B_t = proj_A * scaling, proj_B_t * scaling
+    b_grad_b = None
+    if shards is not None:  # this rank's rows hold only a part of the sums over rows
+        grad_A, b_grad_b = shards.sum_parts_(grad_A, B_t @ grad_B_t.mT)
+    dA, dB_t = closed_form(spectrum, A, B_t, grad_A, grad_B_t, scaling, b_grad_b=b_grad_b)
     decay = (1 - lr * weight_decay) ** 0.5
     keep = ok.view(-1, 1, 1)
     return torch.where(keep, A * decay - lr * dA, A), torch.where(keep, B_t * decay - lr * dB_t, B_t), step

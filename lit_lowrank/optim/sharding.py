@@ -66,7 +66,8 @@ def all_reduce_(value: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist
 class RowShards:
     """How an FSDP2 parameter is split into row blocks over a 1-D mesh, with the two collectives a
     low-rank update needs: a sum over ranks of row-mixing products (``B^T g``, ``B^T B``, r x q or r x r) and,
-    for Muon's orthogonalisation only, the full matrix from its row blocks.
+    for Muon's orthogonalisation only, the full matrix from its row blocks. State that is split like the
+    parameter (``p x k``) is created here with only this rank's rows allocated.
 
     Example (single process, nothing sharded):
         >>> RowShards.of(torch.zeros(4, 3)) is None
@@ -93,12 +94,46 @@ class RowShards:
         """A full ``p x k`` tensor as a DTensor split like the parameter (this rank keeps its rows)."""
         return distribute_tensor(value, self.param.device_mesh, self.param.placements, src_data_rank=None)
 
+    def sum_parts_(self, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """Sum several partial products over ranks in one all-reduce (packed along their last dimension)."""
+        packed = self.sum_(torch.cat(parts, dim=-1))
+        return list(packed.split([part.shape[-1] for part in parts], dim=-1))
+
+    def row_range(self) -> tuple[int, int]:
+        """This rank's rows ``[start, stop)`` of the parameter, without communication.
+
+        Shard(0) splits like ``torch.chunk``: blocks of ``ceil(p / world)`` rows in mesh order, so the last ranks
+        may hold fewer rows or none.
+        """
+        rows, world = self.param.shape[0], self.param.device_mesh.size()
+        block = -(-rows // world)
+        start = min(self.param.device_mesh.get_local_rank() * block, rows)
+        stop = min(start + block, rows)
+        held = local(self.param).shape[0]
+        if stop - start != held:  # the rows of the moments must be those of the parameter, or updates mix rows
+            raise NotImplementedError(f"expected {stop - start} rows of {rows} on this rank (torch.chunk split), "
+                                      f"the parameter shard holds {held}")
+        return start, stop
+
+    def columns_of(self, stack_t: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of transposed full factors ``(..., k, p)`` (its rows of ``U`` or ``B``): a view."""
+        start, stop = self.row_range()
+        return stack_t[..., start:stop]
+
+    def zeros(self, columns: int, dtype: torch.dtype) -> "DTensor":
+        """A ``p x columns`` DTensor of zeros split like the parameter; each rank allocates only its rows."""
+        start, stop = self.row_range()
+        return self._whole(torch.zeros((stop - start, columns), dtype=dtype, device=local(self.param).device))
+
     def gather(self, local_rows: torch.Tensor) -> torch.Tensor:
         """The full ``p x k`` matrix from every rank's row block (an all-gather)."""
+        return self._whole(local_rows).full_tensor()
+
+    def _whole(self, local_rows: torch.Tensor) -> "DTensor":
+        """Every rank's row block as one ``p x k`` DTensor split like the parameter (no communication)."""
         shape = (self.param.shape[0], local_rows.shape[1])
-        whole = DTensor.from_local(local_rows, self.param.device_mesh, self.param.placements, run_check=False,
-                                   shape=torch.Size(shape), stride=(shape[1], 1))
-        return whole.full_tensor()
+        return DTensor.from_local(local_rows, self.param.device_mesh, self.param.placements, run_check=False,
+                                  shape=torch.Size(shape), stride=(shape[1], 1))
 
     def local_rows(self, value: torch.Tensor) -> torch.Tensor:
         return self.rows_of(value).to_local()

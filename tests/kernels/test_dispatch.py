@@ -3,6 +3,7 @@
 auto on CPU -> torch; True -> the kernel (CPU through the interpreter); False -> torch; a missing or broken
 Triton -> torch with exactly one warning, the same results as ``use_triton=False`` and no exception.
 """
+import os
 import sys
 import warnings
 
@@ -18,6 +19,9 @@ from lit_lowrank.optim.lora_pro_update import full_mode_update
 
 HAS_TRITON = dispatch.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton cannot be imported")
+# benchmarks/gpu_acceptance.sh runs these natively (TRITON_INTERPRET=0): tests that run a kernel on CPU tensors skip.
+NATIVE = os.environ.get("TRITON_INTERPRET", "1").lower() in ("0", "false", "off")
+interpreted = pytest.mark.skipif(NATIVE, reason="runs the kernel on CPU tensors, i.e. in Triton's interpreter")
 KERNEL = "lit_lowrank.kernels.lora_pro_full"
 
 
@@ -33,7 +37,7 @@ def kernel_module():
     pytest.importorskip("triton", reason="triton cannot be imported")
     from lit_lowrank.kernels import lora_pro_full
 
-    assert lora_pro_full.INTERPRETED, f"{KERNEL} was imported before TRITON_INTERPRET=1 was set"
+    assert lora_pro_full.INTERPRETED != NATIVE, f"{KERNEL} was imported before TRITON_INTERPRET was set"
     return lora_pro_full
 
 
@@ -94,6 +98,7 @@ def test_false_and_auto_on_cpu_run_torch_without_warning(monkeypatch):
 
 
 @needs_triton
+@interpreted
 def test_true_on_cpu_runs_the_kernel_under_the_interpreter(kernel_calls):
     inputs = stack()
     with warnings.catch_warnings():
@@ -139,7 +144,7 @@ def test_tensor_subclasses_take_the_torch_path():
         assert should_use_kernel("auto", x, kernel="lora_pro_full") is False
     with pytest.warns(KernelFallbackWarning, match="plain tensors"):
         assert should_use_kernel(True, x, kernel="lora_pro_full") is False
-    assert should_use_kernel(True, torch.nn.Parameter(torch.zeros(3)), kernel="lora_pro_full") is HAS_TRITON
+    assert should_use_kernel(True, torch.nn.Parameter(torch.zeros(3)), kernel="lora_pro_full") is (HAS_TRITON and not NATIVE)
 
 
 def test_missing_triton_warns_once_and_runs_torch(monkeypatch):
@@ -174,6 +179,7 @@ def test_kernel_module_that_fails_to_import_warns_and_runs_torch(monkeypatch):
 
 
 @needs_triton
+@interpreted
 def test_first_launch_failure_warns_once_and_runs_torch(kernel_module, monkeypatch):
     attempts = []
 
@@ -192,6 +198,7 @@ def test_first_launch_failure_warns_once_and_runs_torch(kernel_module, monkeypat
 
 
 @needs_triton
+@interpreted
 def test_errors_after_a_successful_launch_propagate(kernel_module, monkeypatch):
     inputs = stack()
     update(True, *inputs)  # verified
@@ -201,6 +208,7 @@ def test_errors_after_a_successful_launch_propagate(kernel_module, monkeypatch):
 
 
 @needs_triton
+@interpreted
 @pytest.mark.parametrize("mode", ["full", "efficient"])
 def test_lorapro_use_triton_true(mode, kernel_calls):
     torch.manual_seed(0)

@@ -1,21 +1,26 @@
-"""Train a tiny Llama for a few steps with each optimizer under one strategy; rank 0 saves the parameters.
+"""Train a tiny Llama for a few steps with each optimizer under one strategy; rank 0 saves the parameters and
+every rank its optimizer state (bytes logged by OptimizerStateMonitor, shapes of its state tensors).
 
 Run by tests/lightning/test_distributed.py as a script (Lightning's DDP and ModelParallel launchers re-execute
 the script for every rank):  python distributed_run.py --strategy fsdp --methods adamw,lora_pro_full --out DIR
+``--resume METHODS`` also trains those for ``--steps`` one-batch epochs straight, and for one epoch less then
+resumed from the epoch-end checkpoint (Lightning's own, a distributed checkpoint under FSDP2).
 """
 import argparse
 import functools
+import json
 import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from safetensors.torch import save_file
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_lowrank import LoRAConfig
 from lit_lowrank.backbones import transformers_backbone
-from lit_lowrank.callbacks import AdapterExport
+from lit_lowrank.callbacks import AdapterExport, OptimizerStateMonitor
 from lit_lowrank.tasks import CausalLMTask
 
 GLOBAL_BATCH, LENGTH, VOCAB = 8, 16, 64
@@ -73,35 +78,80 @@ def full_parameters(module: torch.nn.Module) -> dict:
     return out
 
 
+def state_shapes(task: L.LightningModule, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Every tensor of this rank's optimizer state: its parameter, key, local (this rank's) and global shape."""
+    names = {p: name for name, p in task.model.named_parameters()}
+    return [{"param": names[p], "key": key, "global": list(value.shape),
+             "local": list((value.to_local() if hasattr(value, "to_local") else value).shape)}
+            for p, state in optimizer.state.items() for key, value in state.items() if torch.is_tensor(value)]
+
+
+def make_task(method: str) -> CausalLMTask:
+    lora, optimizer = methods()[method]
+    L.seed_everything(0, verbose=False)
+    return CausalLMTask(transformers_backbone(config=TINY_LLAMA, tokenizer=False), lora=lora, optimizer=optimizer)
+
+
+def fit(args, task: CausalLMTask, data: list, steps: int, callbacks=(), ckpt_path=None) -> L.Trainer:
+    trainer = L.Trainer(strategy=strategy(args.strategy)[0], accelerator="cpu", devices=strategy(args.strategy)[1],
+                        max_steps=steps, logger=False, enable_checkpointing=any(
+                            isinstance(c, ModelCheckpoint) for c in callbacks),
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=list(callbacks))
+    trainer.fit(task, datamodule=FixedOrderData(data), ckpt_path=ckpt_path)
+    return trainer
+
+
+def save_parameters(trainer: L.Trainer, params: dict, path: str, **metadata: str) -> None:
+    if trainer.is_global_zero:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(params, path, metadata=metadata or None)
+
+
+def resume(args, method: str, data: list) -> None:
+    """One-batch epochs, so the checkpoint at an epoch end is where the uninterrupted run stands (Lightning
+    restarts a plain DataLoader's epoch from its first batch)."""
+    where = Path(args.out) / f"{args.strategy}-{method}-checkpoints"
+    one_batch = data[:GLOBAL_BATCH]
+    for name, steps, checkpoints, ckpt_path in [
+        ("straight", args.steps, [], None),
+        ("stopped", args.steps - 1, [ModelCheckpoint(where, "{epoch}", save_top_k=-1)], None),
+        ("resumed", args.steps, [], where / f"epoch={args.steps - 2}.ckpt"),
+    ]:
+        task = make_task(method)
+        trainer = fit(args, task, one_batch, steps, callbacks=checkpoints, ckpt_path=ckpt_path)
+        save_parameters(trainer, full_parameters(task.model),
+                        os.path.join(args.out, f"{args.strategy}-{method}-{name}.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["single", "ddp", "fsdp"], required=True)
     parser.add_argument("--methods", required=True)
+    parser.add_argument("--resume", default="", help="methods to check a resume with, comma-separated")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    world = strategy(args.strategy)[1]
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH * args.steps, LENGTH), generator=torch.Generator().manual_seed(7))
     data = [{"input_ids": row, "labels": row} for row in tokens]
     for method in args.methods.split(","):
-        lora, optimizer = methods()[method]
-        L.seed_everything(0, verbose=False)
-        task = CausalLMTask(transformers_backbone(config=TINY_LLAMA, tokenizer=False), lora=lora, optimizer=optimizer)
+        lora, _ = methods()[method]
+        task = make_task(method)
         if args.strategy == "single":  # the starting point, to check that training moved the parameters
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_file(full_parameters(task.model), os.path.join(args.out, f"initial-{method}.safetensors"))
         # With adapters, also export them at the end of fit: under FSDP2 every rank must join the gather.
         export = [AdapterExport(dirpath=os.path.join(args.out, f"{args.strategy}-{method}-adapter"))] if lora else []
-        trainer = L.Trainer(strategy=strategy(args.strategy)[0], accelerator="cpu", devices=world, max_steps=args.steps,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, use_distributed_sampler=False, callbacks=export)
-        trainer.fit(task, datamodule=FixedOrderData(data))
+        monitor = OptimizerStateMonitor(every_n_steps=1)
+        trainer = fit(args, task, data, args.steps, callbacks=[*export, monitor])
         params = full_parameters(task.model)
         sharded = sum(hasattr(p, "full_tensor") for p in task.model.parameters())
-        if trainer.is_global_zero:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            save_file(params, os.path.join(args.out, f"{args.strategy}-{method}.safetensors"),
-                      metadata={"sharded_parameters": str(sharded)})
+        save_parameters(trainer, params, os.path.join(args.out, f"{args.strategy}-{method}.safetensors"),
+                        sharded_parameters=str(sharded))
+        report = {**monitor.last, "state": state_shapes(task, trainer.optimizers[0])}
+        Path(args.out, f"{args.strategy}-{method}-rank{trainer.global_rank}.json").write_text(json.dumps(report))
+    for method in filter(None, args.resume.split(",")):
+        resume(args, method, data)
 
 
 if __name__ == "__main__":
