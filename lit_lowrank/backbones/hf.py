@@ -1,6 +1,7 @@
 """transformers backbones by name / local folder, or built from a config dict (no download)."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -44,6 +45,7 @@ def transformers_backbone(
     auto_class: str = "AutoModelForCausalLM",
     tokenizer: Union[bool, str] = True,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    quantization_config: Optional[Dict[str, Any]] = None,
 ) -> Backbone:
     """A transformers model with its tokenizer and default LoRA targets.
 
@@ -55,6 +57,11 @@ def transformers_backbone(
         tokenizer: True to load the tokenizer of ``name_or_path``, a name/folder to load another one,
             False for none.
         model_kwargs: extra keyword arguments for ``from_pretrained`` / the config (e.g. ``num_labels``).
+        quantization_config: load the pretrained weights quantized by bitsandbytes (QLoRA), e.g.
+            ``{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}`` or
+            ``{"load_in_8bit": true}``: the fields of transformers' ``BitsAndBytesConfig`` (a dict with another
+            ``quant_method`` goes to ``from_pretrained`` as it is). Needs ``name_or_path``. Adapters on quantized
+            layers train in fp32; :func:`lit_lowrank.export_merged` writes the dequantized, merged model.
 
     Example:
         >>> bb = transformers_backbone(config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
@@ -69,6 +76,13 @@ def transformers_backbone(
         raise ValueError(f"unknown transformers auto class {auto_class!r}; e.g. AutoModelForCausalLM, "
                          "AutoModelForSequenceClassification, AutoModel")
     kwargs = dict(model_kwargs or {})
+    if quantization_config is not None:
+        kwargs["quantization_config"] = _quantization(quantization_config)
+    if name_or_path is None and "quantization_config" in kwargs:
+        # AutoConfig would keep the entry as a plain attribute and build an unquantized model without a word.
+        raise ValueError("quantization_config needs pretrained weights (name_or_path): transformers quantizes while "
+                         "loading them. HINT: save_pretrained a model built from the config to a folder and pass that "
+                         "folder as name_or_path.")
     if name_or_path is None:
         cfg = dict(config)
         model_type = cfg.pop("model_type", None)
@@ -85,6 +99,20 @@ def transformers_backbone(
             raise ValueError("tokenizer=True needs name_or_path; pass tokenizer=<name or folder> or tokenizer=False")
         tok = _from_pretrained(transformers.AutoTokenizer, resolve_name(tok_source), tok_source, {})
     return Backbone(model, DEFAULT_TARGETS.get(model.config.model_type, "all-linear"), tokenizer=tok)
+
+
+def _quantization(config: Any) -> Any:
+    if not isinstance(config, dict) or config.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        return config
+    fields = {key: value for key, value in config.items() if key != "quant_method"}
+    # BitsAndBytesConfig drops unknown keys silently: a misspelt load_in_4bit would train an unquantized model.
+    known = set(inspect.signature(transformers.BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(fields) - known)
+    if unknown or not (fields.get("load_in_4bit") or fields.get("load_in_8bit")):
+        problem = f"unknown entries {unknown}" if unknown else "neither load_in_4bit nor load_in_8bit is true"
+        raise ValueError(f"quantization_config {config!r}: {problem}. HINT: use the fields of transformers' "
+                         f"BitsAndBytesConfig ({', '.join(sorted(known))}) with load_in_4bit or load_in_8bit: true.")
+    return transformers.BitsAndBytesConfig(**fields)
 
 
 def _from_pretrained(cls, path: str, name: str, kwargs: Dict[str, Any]):

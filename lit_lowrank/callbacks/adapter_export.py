@@ -1,4 +1,5 @@
-"""Export the adapters in PEFT's format at the end of fit and whenever the best checkpoint changes."""
+"""Export the adapters in PEFT's format at the end of fit and whenever the best checkpoint changes, and optionally
+the merged model (adapters folded in) at the end of fit."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from typing_extensions import override
 
 from lit_lowrank.adapters import is_peft_loadable, save_adapter
 from lit_lowrank.adapters.peft_io import find_injection_root
+from lit_lowrank.export import MODEL_FILE, export_merged
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,20 @@ class AdapterExport(Callback):
         base_model_name_or_path: written for backbones that do not record their source (built from a config,
             timm, open_clip). A transformers model loaded with ``from_pretrained`` writes where it was loaded
             from; a different value here is reported and ignored.
+        merged: also write ``<dirpath>/merged`` at the end of fit: the model with the adapters folded in, as a plain
+            model of its library (see :func:`lit_lowrank.export_merged`; transformers: ``from_pretrained`` it, with
+            the task's tokenizer; timm / open_clip: ``model.safetensors``). Quantized bases are dequantized.
 
     Example:
-        >>> AdapterExport("adapters/").exported
+        >>> AdapterExport("adapters/", merged=True).exported
         {}
     """
 
-    def __init__(self, dirpath: Optional[str] = None, base_model_name_or_path: Optional[str] = None) -> None:
+    def __init__(self, dirpath: Optional[str] = None, base_model_name_or_path: Optional[str] = None,
+                 merged: bool = False) -> None:
         self.dirpath = dirpath
         self.base_model_name_or_path = base_model_name_or_path
+        self.merged = merged
         self._best_path: Optional[str] = None
         self.exported: dict[str, Path] = {}
 
@@ -51,8 +58,21 @@ class AdapterExport(Callback):
             log.info("adapter (%s) exported to %s", name, target)
         return target
 
+    def export_merged(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        target = self._root(trainer) / "merged"
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        export_merged(pl_module, target, tokenizer=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+        self.exported["merged"] = target
+        if trainer.is_global_zero:
+            log.info("merged model exported to %s", target)
+        return target
+
     def format_label(self, name: str) -> str:
-        """How the exported adapter ``name`` ("best", "final") loads, for run summaries."""
+        """How the export ``name`` ("best", "final", "merged") loads, for run summaries."""
+        if name == "merged":
+            if (self.exported[name] / MODEL_FILE).is_file() and not (self.exported[name] / "config.json").is_file():
+                return "merged state dict: model.load_state_dict(safetensors.torch.load_file(...))"
+            return "merged model: transformers AutoModelFor....from_pretrained"
         if is_peft_loadable(self.exported[name]):
             return "PEFT format"
         return "lit_lowrank format: attention adapters, load with lit_lowrank.load_adapter"
@@ -76,6 +96,8 @@ class AdapterExport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._has_adapters(pl_module):
             self.export(trainer, pl_module, "final")
+        if self.merged:
+            self.export_merged(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

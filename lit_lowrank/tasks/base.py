@@ -9,10 +9,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lit_lowrank.adapters import LoRAConfig, inject_lora
+from lit_lowrank.adapters import LoRAConfig, inject_lora, lora_modules
 from lit_lowrank.backbones import Backbone
+from lit_lowrank.backbones.checkpointing import enable_gradient_checkpointing
 from lit_lowrank.callbacks.skipped_steps import SkippedStepsGuard
 from lit_lowrank.optim.factory import build_optimizer, build_scheduler, check_optimizer_fits_model
+from lit_lowrank.tasks.frozen_base import FROZEN_BASE_KEY, check_frozen_base, drop_frozen_base
 from lit_lowrank.tasks.rng_state import collect_rng_states, restore_rng_states
 
 #: ``LoRAConfig(target_modules="default")`` in a task means: the backbone's own default targets.
@@ -29,6 +31,12 @@ class LowRankTask(L.LightningModule):
         optimizer: optimizer factory; module-aware optimizers (LoRAPro, LoRAPreAdamW, LoRAPreMuon) get the
             model, others its trainable parameters.
         scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
+        gradient_checkpointing: recompute activations in backward instead of storing them (less memory, about a
+            third more compute), non-reentrant; see :func:`lit_lowrank.backbones.checkpointing.enable_gradient_checkpointing`.
+        checkpoint_trainable_only: Lightning checkpoints keep only what training changes (adapters,
+            ``modules_to_save``, normalisation statistics), with the optimizer and RNG states; the frozen base is
+            rebuilt from the config on resume and ``load_from_checkpoint``, and checked against a fingerprint saved
+            with the checkpoint. ``None`` (default): on when the model has adapters and is not sharded (FSDP2).
     """
 
     #: Head modules kept fully trainable next to the adapters unless ``lora.modules_to_save`` says otherwise.
@@ -40,6 +48,8 @@ class LowRankTask(L.LightningModule):
         lora: Optional[LoRAConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
+        gradient_checkpointing: bool = False,
+        checkpoint_trainable_only: Optional[bool] = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters are the parsed config (so load_from_checkpoint can rebuild
@@ -54,6 +64,10 @@ class LowRankTask(L.LightningModule):
         self.lora = lora
         if lora is not None:
             inject_lora(self.model, self._resolve_lora(lora, backbone))
+        self.checkpoint_trainable_only = checkpoint_trainable_only
+        self._frozen_fingerprints: dict = {}  # computed once per run: the base does not change
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         check_optimizer_fits_model(optimizer, self.model)  # fail at construction, not after loading the data
 
     def _resolve_lora(self, lora: LoRAConfig, backbone: Backbone) -> LoRAConfig:
@@ -70,6 +84,9 @@ class LowRankTask(L.LightningModule):
         every repeated block first, then the root. Frozen base weights and trainable adapters share a unit;
         FSDP2 allows mixed ``requires_grad`` because it shards parameters individually (DTensors)."""
         mesh = self.device_mesh
+        if mesh is not None and self.checkpoint_trainable_only:
+            raise ValueError("checkpoint_trainable_only: true is not supported with a sharded strategy (FSDP2) yet. "
+                             "HINT: leave it unset (null): sharded runs then save full checkpoints.")
         if mesh is None or _is_sharded(self.model):
             return
         from torch.distributed.fsdp import fully_shard
@@ -109,10 +126,35 @@ class LowRankTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout (and main-process augmentation) draws continue from here in the uninterrupted run.
         checkpoint["rng_states"] = collect_rng_states()
+        if self._saves_trainable_only():
+            drop_frozen_base(self, checkpoint, self._frozen_fingerprints)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Not restored yet: building the optimizers and Lightning's own steps before training would draw from them.
         self._resume_rng_states = checkpoint.get("rng_states")
+        if _is_sharded(self.model) and checkpoint.get(FROZEN_BASE_KEY):
+            raise ValueError("a trainable-only checkpoint cannot be loaded into a sharded (FSDP2) model yet. HINT: "
+                             "resume it without the sharded strategy, or re-save it with checkpoint_trainable_only: false.")
+        # load_state_dict (called next by Lightning) then accepts exactly these keys as missing.
+        self._frozen_keys_not_saved = check_frozen_base(self, checkpoint)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, except that right after ``on_load_checkpoint`` of a trainable-only checkpoint
+        the frozen base keys it left out (and only those) may be missing."""
+        expected_missing = self.__dict__.pop("_frozen_keys_not_saved", None)
+        if not expected_missing:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if key not in expected_missing]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                               f"unexpected keys {result.unexpected_keys}")
+        return result._replace(missing_keys=missing)
+
+    def _saves_trainable_only(self) -> bool:
+        if self.checkpoint_trainable_only is not None:
+            return self.checkpoint_trainable_only
+        return next(lora_modules(self.model), None) is not None and not _is_sharded(self.model)
 
     def on_train_start(self) -> None:
         """Resuming (``fit(ckpt_path=...)``): set the RNG states saved with the checkpoint, after everything only the

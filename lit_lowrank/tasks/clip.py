@@ -31,6 +31,9 @@ class CLIPTask(WritesPredictions, LowRankTask):
         lora: adapters to inject (both towers with the default targets); ``None`` fine-tunes everything.
         optimizer: optimizer factory.
         scheduler: optional learning-rate scheduler factory.
+        gradient_checkpointing: recompute activations in backward to save memory (see :class:`LowRankTask`).
+        checkpoint_trainable_only: checkpoints without the frozen base; ``None``: on with adapters (see
+            :class:`LowRankTask`).
 
     Example:
         >>> from lit_lowrank.backbones import open_clip_backbone
@@ -49,8 +52,11 @@ class CLIPTask(WritesPredictions, LowRankTask):
         lora: Optional[LoRAConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
+        gradient_checkpointing: bool = False,
+        checkpoint_trainable_only: Optional[bool] = None,
     ) -> None:
-        super().__init__(backbone, lora, optimizer, scheduler)
+        super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
+                         checkpoint_trainable_only=checkpoint_trainable_only)
         if any("{}" not in t for t in templates):
             raise ValueError(f"every prompt template needs a '{{}}' for the class name, got {list(templates)}")
         self.templates = list(templates)

@@ -32,6 +32,9 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
         optimizer: optimizer factory.
         scheduler: optional learning-rate scheduler factory.
         label_smoothing: cross-entropy label smoothing.
+        gradient_checkpointing: recompute activations in backward to save memory (see :class:`LowRankTask`).
+        checkpoint_trainable_only: checkpoints without the frozen base; ``None``: on with adapters (see
+            :class:`LowRankTask`).
 
     Example:
         >>> from lit_lowrank.backbones import timm_backbone
@@ -48,10 +51,13 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
         label_smoothing: float = 0.0,
+        gradient_checkpointing: bool = False,
+        checkpoint_trainable_only: Optional[bool] = None,
     ) -> None:
         head = getattr(backbone.model, "default_cfg", {}).get("classifier", "head")
         self.head_names = [head] if isinstance(head, str) else list(head)
-        super().__init__(backbone, lora, optimizer, scheduler)
+        super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
+                         checkpoint_trainable_only=checkpoint_trainable_only)
         self.label_smoothing = label_smoothing
         self.num_classes = self.model.num_classes
         top_k = min(5, self.num_classes)

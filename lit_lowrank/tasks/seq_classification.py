@@ -30,6 +30,9 @@ class SequenceClassificationTask(WritesPredictions, LowRankTask):
         lora: adapters to inject; ``None`` fine-tunes every parameter.
         optimizer: optimizer factory (AdamW, LoRAPro, LoRAPreAdamW, ...).
         scheduler: optional learning-rate scheduler factory.
+        gradient_checkpointing: recompute activations in backward to save memory (see :class:`LowRankTask`).
+        checkpoint_trainable_only: checkpoints without the frozen base; ``None``: on with adapters (see
+            :class:`LowRankTask`).
 
     Example:
         >>> from lit_lowrank.backbones import transformers_backbone
@@ -49,8 +52,11 @@ class SequenceClassificationTask(WritesPredictions, LowRankTask):
         lora: Optional[LoRAConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
+        gradient_checkpointing: bool = False,
+        checkpoint_trainable_only: Optional[bool] = None,
     ) -> None:
-        super().__init__(backbone, lora, optimizer, scheduler)
+        super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
+                         checkpoint_trainable_only=checkpoint_trainable_only)
         self.num_labels = self.model.config.num_labels
         metrics = MetricCollection({
             "acc": MulticlassAccuracy(self.num_labels, average="micro"),
