@@ -32,7 +32,9 @@ def differences(command: Any, checkpoint: Any, key: str = "model") -> Dict[str, 
         if command.get(class_key) != checkpoint.get(class_key):  # other classes: their arguments do not compare
             return {f"{key}.class_path": (command.get(class_key, _ABSENT), checkpoint.get(class_key, _ABSENT))}
     found: Dict[str, Tuple[Any, Any]] = {}
-    for name in sorted((set(command) | set(checkpoint)) - {"_class_path", "_instantiator"}):
+    # A key the checkpoint lacks (an argument added after it was saved) keeps the command's value when Lightning
+    # loads the checkpoint's hyper-parameters over the config, so it cannot be silently overridden: not a difference.
+    for name in sorted(set(checkpoint) - {"_class_path", "_instantiator"}):
         # top-level hyper-parameters are the model's init_args, spelled as on the command line
         child = f"{key}.init_args.{name}" if "_class_path" in command else f"{key}.{name}"
         found.update(differences(command.get(name, _ABSENT), checkpoint.get(name, _ABSENT), child))

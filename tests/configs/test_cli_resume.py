@@ -71,3 +71,11 @@ def test_evaluating_a_checkpoint_says_it_uses_the_checkpoints_settings(trained, 
         cli = LowRankCLI(args=["test", *tiny_quickstart(tmp), *SHORT, "--ckpt_path", ckpt,
                                "--model.init_args.lora.init_args.r=4"])
     assert cli.model.lora.r == 8  # Lightning builds the model the checkpoint's weights fit
+
+
+def test_arguments_the_checkpoint_predates_are_not_differences():
+    from lit_lowrank.cli_resume import differences
+
+    command = {"_class_path": "Task", "lr": 0.1, "gradient_checkpointing": False, "lora": {"r": 8}}
+    older = {"_class_path": "Task", "lr": 0.1, "lora": {"r": 4}}
+    assert differences(command, older) == {"model.init_args.lora.r": (8, 4)}
