@@ -58,7 +58,7 @@ def adam_worst_case(step: int, beta1: float, beta2: float) -> float:
 
     Example:
         >>> round(adam_worst_case(1, 0.9, 0.999), 6), round(adam_worst_case(10**6, 0.9, 0.999), 1)
-        (1.0, 52.7)
+        (1.0, 52.9)
     """
     ratio = beta1 * beta1 / beta2
     geometric = float(step) if ratio == 1.0 else (1.0 - ratio**step) / (1.0 - ratio)
