@@ -11,7 +11,10 @@ Methods:
     lora_pro_efficient  the same adapters, LoRAPro(mode="efficient")
     lora_pro_full       the same adapters, LoRAPro(mode="full") (m x n Adam moments per adapted layer)
     full_ft             every parameter, torch.optim.AdamW
-    lora_pre_adam       every parameter, LoRAPreAdamW rank 8 (block matrices factored, the rest AdamW), scale 1
+    lora_pre_adam       every parameter, LoRAPreAdamW rank 8 (block matrices factored, the rest AdamW), scale 1,
+                        its defaults (debiased second moment, update_bound="v_floor")
+    lora_pre_adam_paper the same with the paper's formula (debias_second_moment=False, update_bound="none"): the
+                        library's behaviour before 2026-11-30, unsafe
 
 Reported: test-split accuracy and loss of the final model (primary), the test accuracy at the evaluation with the
 best validation accuracy (checkpoint selection), and validation curves. Learning rates: each method's log-spaced
@@ -49,7 +52,9 @@ GRIDS = {
     "lora_pro_full": [1e-4, 3e-4, 1e-3],
     "full_ft": [3e-5, 1e-4, 3e-4],
     "lora_pre_adam": [3e-5, 1e-4, 3e-4],
+    "lora_pre_adam_paper": [3e-5, 1e-4, 3e-4],
 }
+PAPER_LITERAL = {"debias_second_moment": False, "update_bound": "none"}
 
 
 def label(method: str, rank: int) -> str:
@@ -59,6 +64,7 @@ def label(method: str, rank: int) -> str:
         "lora_pro_full": f"LoRA-Pro full r={rank}",
         "full_ft": "Full fine-tuning (AdamW)",
         "lora_pre_adam": f"LoRA-Pre Adam r={rank} (all weights)",
+        "lora_pre_adam_paper": f"LoRA-Pre Adam r={rank} (all weights), paper-literal (unsafe)",
     }[method]
 
 
@@ -115,6 +121,8 @@ def build_task(method: str, lr: float, seed: int, rank: int, total_steps: int, w
         "lora_pro_efficient": functools.partial(LoRAPro, lr=lr, mode="efficient", weight_decay=WEIGHT_DECAY),
         "lora_pro_full": functools.partial(LoRAPro, lr=lr, mode="full", weight_decay=WEIGHT_DECAY),
         "lora_pre_adam": functools.partial(LoRAPreAdamW, lr=lr, rank=rank, scale=1.0, weight_decay=WEIGHT_DECAY),
+        "lora_pre_adam_paper": functools.partial(LoRAPreAdamW, lr=lr, rank=rank, scale=1.0, weight_decay=WEIGHT_DECAY,
+                                                 **PAPER_LITERAL),
     }[method]
     scheduler = functools.partial(WarmupCosineLR, warmup_steps=warmup, total_steps=total_steps)
     task = SequenceClassificationTask(backbone, lora=lora, optimizer=factory, scheduler=scheduler)

@@ -11,10 +11,14 @@ Methods (``--rank`` r, default 32: the matrices are 128 x 128 and 128 x 352):
     adamw                  torch.optim.AdamW on every tensor
     galore                 GaLoreAdamW (galore-torch) rank r on the 28 block matrices, scale 0.25, projection
                            refreshed every --galore-gap steps; embeddings / norms AdamW in the same optimizer
-    lora_pre_adam          LoRAPreAdamW rank r, scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
-    lora_pre_adam_r/8      the same at rank r / 8
+    lora_pre_adam          LoRAPreAdamW rank r with its defaults (debiased second moment, update_bound="v_floor"),
+                           scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
+    lora_pre_adam_low      the same at rank r / 8
     lora_pre_muon          LoRAPreMuon rank r, scale_rule "adamw_rms" so one lr serves Muon and AdamW tensors
-    lora_pre_adam_debias   extension row: LoRAPreAdamW(debias_second_moment=True), rank r
+    lora_pre_adam_adam_floor, lora_pre_adam_rms_clip    the other update bounds (with the debiased second moment)
+    lora_pre_adam_debias   the debiased second moment alone (update_bound="none")
+    lora_pre_adam_paper, lora_pre_adam_low_paper   the paper's formula (debias_second_moment=False,
+                           update_bound="none"), rank r and r / 8: the library's behaviour before 2026-11-30
     adamw_scaled           control row: AdamW with the block matrices' lr multiplied by --scale, i.e. GaLore's and
                            LoRA-Pre Adam's two learning rates with full-rank moments (separates the effect of
                            the low-rank momenta from that of the smaller step on the matrices)
@@ -54,14 +58,31 @@ SMOKE_LLAMA = dict(LLAMA, vocab_size=256, hidden_size=32, intermediate_size=64, 
 GRIDS = {
     "adamw": [1e-3, 3e-3, 1e-2],
     "galore": [3e-3, 1e-2, 3e-2],
-    "lora_pre_adam": [3e-3, 1e-2, 3e-2],
-    "lora_pre_adam_low": [3e-3, 1e-2, 3e-2],
+    # One notch lower than the paper-literal rows' grid: with bounded steps their best lr was 3e-3 or below.
+    "lora_pre_adam": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_low": [9e-4, 3e-3, 1e-2],
     "lora_pre_muon": [1e-3, 3e-3, 1e-2],
     "lora_pre_adam_debias": [3e-3, 1e-2, 3e-2],
+    "lora_pre_adam_adam_floor": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_rms_clip": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_paper": [3e-3, 1e-2, 3e-2],
+    "lora_pre_adam_low_paper": [3e-3, 1e-2, 3e-2],
     "adamw_scaled": [3e-3, 1e-2, 3e-2],
 }
 PAPER_METHODS = ["adamw", "galore", "lora_pre_adam", "lora_pre_adam_low", "lora_pre_muon"]
-EXTRA_METHODS = ["lora_pre_adam_debias"]
+# LoRA-Pre Adam's options against its default (the bound candidates of the 2026-11-30 amendment, the paper's formula)
+EXTRA_METHODS = ["lora_pre_adam_adam_floor", "lora_pre_adam_rms_clip", "lora_pre_adam_debias", "lora_pre_adam_paper",
+                 "lora_pre_adam_low_paper"]
+#: LoRAPreAdamW options of each LoRA-Pre Adam method besides rank and scale ({}: the library's defaults).
+LORA_PRE_ADAM_OPTIONS = {
+    "lora_pre_adam": {},
+    "lora_pre_adam_low": {},
+    "lora_pre_adam_adam_floor": {"update_bound": "adam_floor"},
+    "lora_pre_adam_rms_clip": {"update_bound": "rms_clip"},
+    "lora_pre_adam_debias": {"update_bound": "none"},
+    "lora_pre_adam_paper": {"debias_second_moment": False, "update_bound": "none"},
+    "lora_pre_adam_low_paper": {"debias_second_moment": False, "update_bound": "none"},
+}
 CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and train_step_speed.py
 
 
@@ -74,10 +95,14 @@ def label(method: str, rank: int) -> str:
     return {
         "adamw": "AdamW",
         "galore": f"GaLore r={rank}",
-        "lora_pre_adam": f"LoRA-Pre Adam r={rank}",
-        "lora_pre_adam_low": f"LoRA-Pre Adam r={max(1, rank // 8)}",
+        "lora_pre_adam": f"LoRA-Pre Adam r={rank} (default: debiased, v_floor)",
+        "lora_pre_adam_low": f"LoRA-Pre Adam r={max(1, rank // 8)} (default)",
         "lora_pre_muon": f"LoRA-Pre Muon r={rank}",
-        "lora_pre_adam_debias": f"LoRA-Pre Adam r={rank}, debias_second_moment (extension)",
+        "lora_pre_adam_adam_floor": f"LoRA-Pre Adam r={rank}, debiased, adam_floor",
+        "lora_pre_adam_rms_clip": f"LoRA-Pre Adam r={rank}, debiased, rms_clip",
+        "lora_pre_adam_debias": f"LoRA-Pre Adam r={rank}, debiased, no bound",
+        "lora_pre_adam_paper": f"LoRA-Pre Adam r={rank}, paper-literal (unsafe)",
+        "lora_pre_adam_low_paper": f"LoRA-Pre Adam r={max(1, rank // 8)}, paper-literal (unsafe)",
         "adamw_scaled": "AdamW, block matrices at lr x scale (control)",
     }[method]
 
@@ -148,8 +173,8 @@ def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galor
         return LoRAPreMuon(model, lr=lr, rank=rank, adamw_lr=lr, adamw_betas=BETAS, adamw_eps=EPS,
                            scale_rule="adamw_rms")
     return LoRAPreAdamW(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, scale=scale,
-                        rank=max(1, rank // 8) if method == "lora_pre_adam_low" else rank,
-                        debias_second_moment=method == "lora_pre_adam_debias")
+                        rank=max(1, rank // 8) if method.startswith("lora_pre_adam_low") else rank,
+                        **LORA_PRE_ADAM_OPTIONS[method])
 
 
 def optimizer_state_bytes(optimizer) -> int:
