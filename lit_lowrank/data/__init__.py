@@ -13,6 +13,7 @@ from lit_lowrank.data.corpus import (
     stable_fraction,
 )
 from lit_lowrank.data.images import DigitsDataModule, ImageFolderDataModule, ImageTextDataModule
+from lit_lowrank.data.instruction import DocstringInstructionDataModule, InstructionDataModule
 from lit_lowrank.data.labelled_text import DocstringClassificationDataModule, TextClassificationDataModule
 from lit_lowrank.data.text import DatasetUnavailableError, TextBlocksDataModule
 
@@ -21,9 +22,11 @@ __all__ = [
     "DatasetUnavailableError",
     "DigitsDataModule",
     "DocstringClassificationDataModule",
+    "DocstringInstructionDataModule",
     "Document",
     "ImageFolderDataModule",
     "ImageTextDataModule",
+    "InstructionDataModule",
     "LabelledText",
     "TextBlocksDataModule",
     "TextClassificationDataModule",

@@ -1,6 +1,7 @@
 """Token blocks for causal language modelling: local text files, the embedded Python corpus, or a HF dataset."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import math
@@ -9,10 +10,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
-from lit_lowrank.data.common import DEFAULT_TOKENIZER, SeededDataModule, load_tokenizer
+from lit_lowrank.data.codec import TokenCodec
+from lit_lowrank.data.common import DEFAULT_TOKENIZER, ListDataset, SeededDataModule, load_tokenizer
 from lit_lowrank.data.corpus import CORPUS_VALIDATION_FRACTION, python_text_corpus, stable_fraction
+from lit_lowrank.data.prompts import Prompt, PromptCollator
 
 #: ``source`` value that selects the embedded corpus (pydoc topics + standard-library docstrings).
 EMBEDDED = "python"
@@ -106,6 +110,11 @@ class TextBlocksDataModule(SeededDataModule):
     On CPython 3.11 the embedded corpus is ~577k MiniLM tokens (4,295 training and 213 validation blocks of
     128); building it takes ~5 s (once per process) and tokenising it ~1 s on one CPU core.
 
+    ``test`` reads ``test_source`` (cut into blocks like the validation text); without one it evaluates the
+    validation blocks and warns that they are not a separate held-out split. ``predict`` generates continuations
+    (with :class:`~lit_lowrank.tasks.CausalLMTask`) of ``predict_prompts``, or of the first quarter of every
+    validation block, whose remaining three quarters are the reference.
+
     Args:
         source: ``"python"`` for the embedded corpus (pydoc topics + standard-library docstrings), or text files,
             folders (``*.txt``/``*.md``, recursively) or globs; one or a list. Write ``./python`` for a folder
@@ -124,7 +133,15 @@ class TextBlocksDataModule(SeededDataModule):
         max_vocab: keep only the ``max_vocab - 1`` most frequent token ids of the training blocks (ties broken by
             id) and renumber them ``1..max_vocab - 1`` by that order; every other id becomes 0. A small model
             pre-trained from scratch then gets a small embedding and output layer instead of the tokenizer's whole
-            vocabulary. ``kept_token_ids[i]`` is the tokenizer id of new id ``i`` (0 stands for all dropped ones).
+            vocabulary. ``kept_token_ids[i]`` is the tokenizer id of new id ``i`` (0 stands for all dropped ones);
+            it is saved with every checkpoint (the data module's state), so that fine-tuning data can use it
+            (``InstructionDataModule(vocabulary=<checkpoint>)``).
+        exclude: leave out the documents whose id matches one of these ``fnmatch`` patterns, e.g.
+            ``stdlib:asyncio/*`` (ids: ``pydoc:<topic>``, ``stdlib:<path>``, or file paths relative to the folder
+            given). A pattern that matches no document is an error (a typo would otherwise exclude nothing).
+        test_source: files/folders/globs for ``test``; without it ``test`` uses the validation blocks.
+        predict_prompts: texts whose continuations ``predict`` generates; by default the first quarter of every
+            validation block.
         num_workers: DataLoader worker processes.
         seed: seeds the training-block choice and the training order.
 
@@ -153,6 +170,9 @@ class TextBlocksDataModule(SeededDataModule):
         hf_config: Optional[str] = None,
         text_field: str = "text",
         max_vocab: Optional[int] = None,
+        exclude: Optional[List[str]] = None,
+        test_source: Optional[Union[str, List[str]]] = None,
+        predict_prompts: Optional[List[str]] = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -170,10 +190,14 @@ class TextBlocksDataModule(SeededDataModule):
         self.max_train_blocks, self.max_val_blocks = max_train_blocks, max_val_blocks
         self.hf_dataset, self.hf_config, self.text_field = hf_dataset, hf_config, text_field
         self.max_vocab = max_vocab
+        self.exclude = list(exclude or [])
+        self.test_source, self.predict_prompts = test_source, predict_prompts
         self.kept_token_ids: Optional[torch.Tensor] = None
         self._tokenizer: Any = None
+        self._codec: Optional[TokenCodec] = None
         self.train_blocks: Optional[torch.Tensor] = None
         self.val_blocks: Optional[torch.Tensor] = None
+        self.test_blocks: Optional[torch.Tensor] = None
 
     @property
     def tokenizer(self):
@@ -186,6 +210,19 @@ class TextBlocksDataModule(SeededDataModule):
     def vocab_size(self) -> int:
         """Token ids are below this: ``max_vocab`` when set, else the tokenizer's vocabulary (added tokens included)."""
         return self.max_vocab if self.max_vocab is not None else len(self.tokenizer)
+
+    @property
+    def codec(self) -> TokenCodec:
+        """Encodes text into the ids of the blocks and decodes generated ids (after ``setup`` when ``max_vocab``)."""
+        if self._codec is None:
+            if self.max_vocab is not None:
+                self._require(self.kept_token_ids, "compacted vocabulary")
+            self._codec = TokenCodec(self.tokenizer, None if self.kept_token_ids is None else self.kept_token_ids.tolist())
+        return self._codec
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved with every checkpoint: the compacted vocabulary, which the model's ids refer to."""
+        return {} if self.kept_token_ids is None else {"kept_token_ids": self.kept_token_ids.tolist()}
 
     def prepare_data(self) -> None:
         if self.hf_dataset:
@@ -200,9 +237,13 @@ class TextBlocksDataModule(SeededDataModule):
             stream = torch.cat([train_ids, val_ids])
             cut = len(stream) - max(self.block_size, math.ceil(self.val_fraction * len(stream)))
             train_ids, val_ids = stream[:cut], stream[cut:]
+        test_ids = self._tokens([t for _, t in read_text_documents(self.test_source)]) if self.test_source else None
         if self.max_vocab is not None:
-            train_ids, val_ids = self._compact(train_ids, val_ids)
+            mapping = self._compact(train_ids)
+            train_ids, val_ids = mapping[train_ids], mapping[val_ids]
+            test_ids = mapping[test_ids] if test_ids is not None else None
         train, val = self._blocks(train_ids, "training"), self._blocks(val_ids, "validation")
+        self.test_blocks = self._blocks(test_ids, "test") if test_ids is not None else None
         if self.max_train_blocks is not None and self.max_train_blocks < len(train):
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[: self.max_train_blocks]
             train = train[keep.sort().values]
@@ -217,17 +258,30 @@ class TextBlocksDataModule(SeededDataModule):
             if "train" not in splits:
                 raise KeyError(f"{self.hf_dataset!r} has no 'train' split (it has {sorted(splits)})")
             if "validation" in splits:
-                return [t for _, t in splits["train"]], [t for _, t in splits["validation"]], True
+                train = self._without_excluded(splits["train"])
+                return [t for _, t in train], [t for _, t in splits["validation"]], True
             documents = splits["train"]
         elif isinstance(self.source, str) and self.source == EMBEDDED:
             documents = [(doc.source, doc.text) for doc in python_text_corpus()]
         else:
             documents = read_text_documents(self.source)
+        documents = self._without_excluded(documents)
         if self.val_source is not None:
             return [t for _, t in documents], [t for _, t in read_text_documents(self.val_source)], True
         held_out = [stable_fraction(doc_id) < self.val_fraction for doc_id, _ in documents]
         return ([t for (_, t), out in zip(documents, held_out) if not out],
                 [t for (_, t), out in zip(documents, held_out) if out], False)
+
+    def _without_excluded(self, documents: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+        if not self.exclude:
+            return documents
+        for pattern in self.exclude:
+            if not any(fnmatch.fnmatchcase(doc_id, pattern) for doc_id, _ in documents):
+                raise ValueError(f"exclude pattern {pattern!r} matches no document (ids look like "
+                                 f"{[doc_id for doc_id, _ in documents[:3]]}). HINT: fix the pattern, e.g. "
+                                 "'stdlib:asyncio/*' for a standard-library package of the embedded corpus")
+        return [(doc_id, text) for doc_id, text in documents
+                if not any(fnmatch.fnmatchcase(doc_id, pattern) for pattern in self.exclude)]
 
     def _tokens(self, texts: List[str]) -> torch.Tensor:
         if not texts:
@@ -239,8 +293,9 @@ class TextBlocksDataModule(SeededDataModule):
         tail = [separator] if separator is not None else []
         return torch.tensor(list(itertools.chain.from_iterable(doc + tail for doc in ids)), dtype=torch.long)
 
-    def _compact(self, train_ids: torch.Tensor, val_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Renumber the most frequent training tokens 1..max_vocab-1 (see ``max_vocab``); the rest become 0."""
+    def _compact(self, train_ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer id -> new id: the most frequent training tokens become 1..max_vocab-1 (see ``max_vocab``), the
+        rest 0."""
         used = train_ids[: len(train_ids) // self.block_size * self.block_size]  # what the training blocks hold
         counts = torch.bincount(used, minlength=len(self.tokenizer))
         # stable sort of -count: equal counts keep ascending id order, so the choice is deterministic
@@ -250,7 +305,7 @@ class TextBlocksDataModule(SeededDataModule):
         mapping = torch.zeros(len(counts), dtype=torch.long)
         mapping[kept] = torch.arange(1, len(kept) + 1)
         self.kept_token_ids = torch.cat([torch.tensor([self.tokenizer.unk_token_id or 0]), kept])
-        return mapping[train_ids], mapping[val_ids]
+        return mapping
 
     def _blocks(self, ids: torch.Tensor, split: str) -> torch.Tensor:
         count = len(ids) // self.block_size
@@ -264,3 +319,25 @@ class TextBlocksDataModule(SeededDataModule):
 
     def val_dataloader(self):
         return self._loader(TokenBlocks(self._require(self.val_blocks, "validation blocks")))
+
+    def test_dataloader(self):
+        """Blocks of ``test_source``; without one, the validation blocks (with a warning)."""
+        if self.test_blocks is None:
+            rank_zero_warn("TextBlocksDataModule has no test_source: testing on the validation blocks, which are not "
+                           "a separate held-out split. HINT: set data.init_args.test_source to held-out text files")
+            return self.val_dataloader()
+        return self._loader(TokenBlocks(self.test_blocks))
+
+    def predict_dataloader(self):
+        """Prompts to continue: ``predict_prompts``, or the first quarter of each validation block (the rest of
+        the block is the reference)."""
+        codec = self.codec
+        if self.predict_prompts is not None:
+            prompts = [Prompt(codec.encode(text), text) for text in self.predict_prompts]
+        else:
+            cut = max(1, self.block_size // 4)
+            prompts = []
+            for block in self._require(self.val_blocks, "validation blocks").tolist():
+                rest = codec.decode(block[cut:])
+                prompts.append(Prompt(block[:cut], codec.decode(block[:cut]), rest, rest))
+        return self._loader(ListDataset(prompts), collate_fn=PromptCollator(codec.pad_token_id))

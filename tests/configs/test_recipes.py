@@ -64,7 +64,9 @@ RECIPES = {
 
 
 def test_every_recipe_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(RECIPES)
+    # the two instruction-tuning recipes run cut down in tests/configs/test_sft_recipe.py
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*RECIPES, "sft_base_pretrain.yaml",
+                                                                     "sft_docstring_lora_pro.yaml"])
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
