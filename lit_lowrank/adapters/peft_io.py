@@ -163,6 +163,11 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     merged = [name for name, module in wrappers if module.merged]
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is already merged; call unmerge_lora(model) first")
+    quantized = [name for name, module in wrappers if _is_quantized(getattr(module, "base_layer", None))]
+    if quantized:  # a 4/8-bit weight cannot take an fp32 delta in place
+        raise ValueError(f"merge_lora: the base layer of adapter {quantized[0]!r} is quantized (bitsandbytes), so "
+                         "the adapter cannot be added to its weight in place. HINT: lit_lowrank.export_merged(model, "
+                         "directory) dequantizes, merges and saves a plain model (the model itself is left as it is).")
     for _, module in wrappers:
         module.merge()
     if unload:
@@ -172,6 +177,13 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
         for module in model.modules():
             module.__dict__.pop(INJECTION_RECORD, None)
     return model
+
+
+def _is_quantized(layer: Optional[nn.Module]) -> bool:
+    """A bitsandbytes 4-bit or 8-bit layer (its weight is packed or int8, with its own quantization state)."""
+    weight = getattr(layer, "weight", None)
+    return weight is not None and (getattr(weight, "quant_state", None) is not None or weight.dtype == torch.int8
+                                   or type(layer).__module__.startswith("bitsandbytes"))
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:

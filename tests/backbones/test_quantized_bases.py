@@ -102,3 +102,18 @@ def test_quantization_needs_pretrained_weights_and_known_fields(tmp_path):
         transformers_backbone(str(tmp_path), quantization_config={"load_in_4bits": True})
     with pytest.raises(ValueError, match="neither load_in_4bit nor load_in_8bit is true"):
         transformers_backbone(str(tmp_path), quantization_config={"bnb_4bit_quant_type": "nf4"})
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_lora_on_a_quantized_base_says_to_use_export_merged(tmp_path, bits):
+    require_bnb(bits)
+    from lit_lowrank import merge_lora
+
+    tiny_llama().save_pretrained(tmp_path)
+    backbone = transformers_backbone(str(tmp_path), tokenizer=False, quantization_config=QUANTIZED[bits])
+    task = CausalLMTask(backbone, lora=LoRAConfig(r=4, target_modules="default"))
+    before = quantized_state(task.model)
+    with pytest.raises(ValueError, match="quantized.*HINT: lit_lowrank.export_merged"):
+        merge_lora(task.model)
+    after = quantized_state(task.model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
