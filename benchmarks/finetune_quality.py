@@ -57,6 +57,11 @@ GRIDS = {
 PAPER_LITERAL = {"debias_second_moment": False, "update_bound": "none"}
 
 
+def cost_methods() -> list[str]:
+    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py)."""
+    return [method for method in GRIDS if method != "lora_pre_adam_paper"]
+
+
 def label(method: str, rank: int) -> str:
     return {
         "lora_adamw": f"LoRA r={rank} + AdamW",

@@ -58,7 +58,7 @@ def settings(smoke: bool) -> dict[str, list[str]]:
     import finetune_quality
     import pretrain_quality
 
-    return {"pretrain": pretrain_quality.default_methods(controls=False), "finetune": list(finetune_quality.GRIDS)}
+    return {"pretrain": pretrain_quality.cost_methods(), "finetune": finetune_quality.cost_methods()}
 
 
 def measure_one(spec: dict) -> dict:

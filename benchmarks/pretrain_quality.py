@@ -86,6 +86,12 @@ LORA_PRE_ADAM_OPTIONS = {
 CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and train_step_speed.py
 
 
+def cost_methods() -> list[str]:
+    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py): the paper's rows and the
+    paper formula's step (no floor); the other LoRA-Pre Adam options cost what the default costs."""
+    return [m for m in PAPER_METHODS + ["lora_pre_adam_paper"] if m != "galore" or common.galore_available()]
+
+
 def default_methods(controls: bool = True) -> list[str]:
     methods = PAPER_METHODS + EXTRA_METHODS + (CONTROL_METHODS if controls else [])
     return [m for m in methods if m != "galore" or common.galore_available()]

@@ -76,7 +76,7 @@ def steppers_for(setting: str, args) -> tuple[dict, dict, str, dict]:
         dm = pretrain_quality.data_module(args.smoke, 0)
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
-        methods = pretrain_quality.default_methods(controls=False)
+        methods = pretrain_quality.cost_methods()
         for method in methods + (["galore_svd"] if "galore" in methods else []):
             model = pretrain_quality.build_model(args.smoke, 0).to(device)
             kind = "galore" if method == "galore_svd" else method
@@ -92,7 +92,7 @@ def steppers_for(setting: str, args) -> tuple[dict, dict, str, dict]:
         dm = finetune_quality.data_module(args.smoke, 0)
         dm.setup("fit")
         batch = max(dm.train_dataloader(), key=lambda b: b["input_ids"].shape[1])  # a full-length batch
-        for method in finetune_quality.GRIDS:
+        for method in finetune_quality.cost_methods():
             task, optimizers[method], _ = finetune_quality.build_task(method, lr, 0, rank, 80, 8, args.smoke)
             models[method] = task.model.to(device)
             labels[method] = finetune_quality.label(method, rank)
