@@ -1,7 +1,9 @@
 """LoRA-Pre Adam's bounded, finite steps (the 2026-11-30 amendment): the debiased second moment and the update
 bound are the defaults, each checked against torch.optim.Adam or against the bound itself, never against the
 optimizer's own output."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from lit_lowrank.optim import LoRAPreAdamW
 from lit_lowrank.optim.lora_pre_adam_update import adam_worst_case
 
 PAPER = {"debias_second_moment": False, "update_bound": "none"}  # the paper's formula, unsafe
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 BETAS = (0.9, 0.999)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,29 +84,13 @@ def test_paper_formula_warns_that_it_is_unbounded(caplog):
     assert "not bounded" in caplog.text
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
-                               torch.nn.Linear(32, 4))
-
-
-def _largest_moves(options, zero_at, steps=6, lr=1e-2):
-    """The issue's probe: a 16-32-32-4 MLP, cross-entropy, rank 2; one all-zero gradient at step ``zero_at``."""
-    model = _mlp()
-    optimizer = LoRAPreAdamW(model.parameters(), lr=lr, rank=2, **options)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 16, generator=generator), torch.randint(0, 4, (64,), generator=generator)
-    moves = []
-    for step in range(1, steps + 1):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        if step == zero_at:
-            for param in model.parameters():
-                param.grad.zero_()
-        before = [param.detach().clone() for param in model.parameters()]
-        optimizer.step()
-        moves.append(max(float((param.detach() - old).abs().max()) for param, old in zip(model.parameters(), before)))
-    return moves
+def _largest_moves(options, zero_at):
+    """The issue's probe, as ``benchmarks/lora_pre_bound_probe.py`` runs it: a 16-32-32-4 MLP, cross-entropy, lr 1e-2,
+    rank 2, six steps, one all-zero gradient at step ``zero_at``; the largest change of any weight per step."""
+    spec = importlib.util.spec_from_file_location("lora_pre_bound_probe", BENCHMARKS / "lora_pre_bound_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe.probe(options, zero_at)[0]
 
 
 def _slack(weight_size=4.0):
