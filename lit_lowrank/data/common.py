@@ -54,6 +54,20 @@ class SeededDataModule(LightningDataModule):
         return value
 
 
+class LazyTokenizer:
+    """Mixin for data modules: ``tokenizer`` is loaded from ``tokenizer_name`` on first use and kept."""
+
+    tokenizer_name: Any
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A random order drawn from ``seed + epoch``: new every epoch, and the same for epoch k whether or not the
     run was interrupted before it (the Trainer calls ``set_epoch``; a resumed run continues with the right order).

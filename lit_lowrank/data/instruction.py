@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_lowrank.data.chat_format import (ChatFormatter, EncodedExample, end_of_turn_token_ids, truncation_note,
                                           uses_chat_template)
 from lit_lowrank.data.codec import TokenCodec, load_kept_token_ids
-from lit_lowrank.data.common import DEFAULT_TOKENIZER, ListDataset, SeededDataModule, load_tokenizer
+from lit_lowrank.data.common import DEFAULT_TOKENIZER, LazyTokenizer, ListDataset, SeededDataModule
 from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
 from lit_lowrank.data.instruction_batches import EvaluationCollator, PackedCollator, SupervisedCollator, pack
 from lit_lowrank.data.instruction_rows import (BadRow, Fields, InstructionExample, Message, check_fields_exist,
@@ -23,7 +23,7 @@ SPLITS = ("train", "validation", "test", "predict")
 SHOWN_BAD_ROWS = 10
 
 
-class InstructionDataModule(SeededDataModule):
+class InstructionDataModule(LazyTokenizer, SeededDataModule):
     """Supervised fine-tuning data: prompt/response pairs or chats from JSONL/CSV files or a HF dataset.
 
     Each example is formatted with the tokenizer's chat template when it has one, else with the plain template
@@ -140,13 +140,6 @@ class InstructionDataModule(SeededDataModule):
         self.examples: Dict[str, List[EncodedExample]] = {}
         self.predict_prompts: Optional[List[Prompt]] = None
         self.bad_rows: List[BadRow] = []
-
-    @property
-    def tokenizer(self):
-        """The transformers tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def codec(self) -> TokenCodec:

@@ -12,7 +12,7 @@ from lit_lowrank.data.common import (
     column,
     label_ids,
     label_vocabulary,
-    load_tokenizer,
+    LazyTokenizer,
     read_table,
 )
 from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
@@ -34,7 +34,7 @@ class TokenizeCollator:
         return batch
 
 
-class _ClassificationDataModule(SeededDataModule):
+class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
     """Loaders and tokenizer shared by the text classification DataModules (subclasses fill ``self.splits``)."""
 
     def __init__(self, tokenizer: str, max_length: int, batch_size: int, num_workers: int, seed: int) -> None:
@@ -44,13 +44,6 @@ class _ClassificationDataModule(SeededDataModule):
         self.tokenizer_name, self.max_length = tokenizer, max_length
         self._tokenizer: Any = None
         self.splits: Dict[str, List[Example]] = {}
-
-    @property
-    def tokenizer(self):
-        """The transformers tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from lit_lowrank.data.codec import TokenCodec
-from lit_lowrank.data.common import DEFAULT_TOKENIZER, ListDataset, SeededDataModule, load_tokenizer
+from lit_lowrank.data.common import DEFAULT_TOKENIZER, LazyTokenizer, ListDataset, SeededDataModule
 from lit_lowrank.data.corpus import CORPUS_VALIDATION_FRACTION, python_text_corpus, stable_fraction
 from lit_lowrank.data.prompts import Prompt, PromptCollator
 
@@ -93,7 +93,7 @@ def read_hf_documents(name: str, config: Optional[str], text_field: str) -> Dict
     return splits
 
 
-class TextBlocksDataModule(SeededDataModule):
+class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
     """Fixed-length token blocks for causal language modelling, from local text or the embedded Python corpus.
 
     Every document is tokenised once in ``setup`` (no special tokens), followed by the tokenizer's EOS token
@@ -198,13 +198,6 @@ class TextBlocksDataModule(SeededDataModule):
         self.train_blocks: Optional[torch.Tensor] = None
         self.val_blocks: Optional[torch.Tensor] = None
         self.test_blocks: Optional[torch.Tensor] = None
-
-    @property
-    def tokenizer(self):
-        """The transformers tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
