@@ -21,12 +21,7 @@ WORDS = ["[UNK]", "[SEP]", "[PAD]"] + "the a cat dog sat ran on in mat hat big s
 KEPT = TOKENIZER.convert_tokens_to_ids(WORDS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on shared cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def trainer(root, **kwargs) -> L.Trainer:

@@ -15,12 +15,7 @@ from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, WarmupCosineLR
 from lit_lowrank.tasks import CausalLMTask, ImageClassificationTask, SequenceClassificationTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on shared cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def tiny_bert(vocab: int, labels: int = 2):

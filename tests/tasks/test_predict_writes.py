@@ -13,12 +13,7 @@ from lit_lowrank.data.images import DIGIT_NAMES
 from lit_lowrank.tasks import CLIPTask, ImageClassificationTask, SequenceClassificationTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on shared cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def trainer(root, callbacks=()) -> L.Trainer:
