@@ -5,7 +5,7 @@ rank 16: torch AdamW (foreach), the paper formula without the finite check (exac
 changed), the paper formula with the finite check (its cost alone) and the default step (debiased, ``v_floor``,
 finite check). Prints medians and medians of paired ratios.
 
-    python benchmarks/lora_pre_defaults_cost.py [--repeats 40]
+    python benchmarks/lora_pre_defaults_cost.py [--repeats 40] [--warmup 2]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def paper_step_without_check(optimizer: LoRAPreAdamW) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of untimed steps first (all methods)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     logging.getLogger("lit_lowrank").setLevel(logging.ERROR)  # the paper formula's warning
@@ -49,14 +50,18 @@ def main(argv=None) -> None:
         default = LoRAPreAdamW([weights["default"]], rank=16)
         steps = {"adamw": adamw.step, "paper": lambda: paper_step_without_check(paper), "checked": checked.step,
                  "default": default.step}
+        for name in steps:
+            weights[name].grad = grad
+        warm_until = time.perf_counter() + args.warmup  # steady state: the factors' values settle in a few steps
+        while time.perf_counter() < warm_until:
+            for step in steps.values():
+                step()
         times = {name: [] for name in steps}
-        for repeat in range(args.repeats + 5):
+        for _ in range(args.repeats):
             for name, step in steps.items():
-                weights[name].grad = grad
                 start = time.perf_counter()
                 step()
-                if repeat >= 5:  # warm-up
-                    times[name].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
 
         def ratio(a: str, b: str) -> float:
             return statistics.median(x / y for x, y in zip(times[a], times[b]))

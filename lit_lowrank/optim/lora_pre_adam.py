@@ -184,6 +184,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 debias_second_moment=group["debias_second_moment"],
                 update_bound=group["update_bound"],
                 use_triton=self.use_triton,
+                grad_absmax=self._grad_absmax.get(param),
             )
         if dense:
             self._adamw_step(group, dense)

@@ -107,3 +107,15 @@ def test_skipped_steps_survive_a_state_dict_round_trip():
     restored = LoRAPreAdamW(model.parameters(), rank=2)
     restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     assert restored.skipped_steps() == optimizer.skipped_steps() == 1
+
+
+@pytest.mark.parametrize("make", [LoRAPreAdamW, LoRAPreMuon], ids=["adam", "muon"])
+def test_a_huge_but_finite_float64_gradient_is_not_skipped(make):
+    # 1e100 is finite in float64 but not in float32: the finite check must not round it through float32
+    weight, bias = torch.nn.Parameter(torch.zeros(6, 5, dtype=torch.float64)), torch.nn.Parameter(
+        torch.zeros(6, dtype=torch.float64))
+    optimizer = make([weight, bias], lr=1e-2, rank=2)
+    weight.grad, bias.grad = torch.full((6, 5), 1e100, dtype=torch.float64), torch.full((6,), -1e100, dtype=torch.float64)
+    optimizer.step()
+    assert optimizer.skipped_steps() == 0
+    assert (weight != 0).all() and (bias > 0).all() and torch.isfinite(weight).all()
