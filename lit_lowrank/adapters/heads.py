@@ -7,16 +7,20 @@ same heads (plus timm's ``head``) for :func:`~lit_lowrank.adapters.inject_lora`.
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 from torch import nn
 
-#: Child names treated as output heads by "all-linear" (PEFT excludes the head the same way).
+#: Last name component of a model's output heads, the one list of them: "all-linear" gives them no adapter (PEFT
+#: excludes the head the same way) and :func:`~lit_lowrank.optim.lowrank_param_groups` keeps them on AdamW.
 HEAD_NAMES = ("lm_head", "classifier", "score", "head")
 #: Heads a task adds on top of a pretrained body (HF ``classifier``/``score``, timm ``head``): freshly
 #: initialised, so they are trained fully next to the adapters unless ``modules_to_save`` says otherwise.
-#: ``lm_head`` is not one: a causal LM's head is pretrained (often tied to the input embeddings).
-TASK_HEAD_NAMES = ("classifier", "score", "head")
+#: Every head but ``lm_head``: a causal LM's head is pretrained (often tied to the input embeddings).
+TASK_HEAD_NAMES = tuple(name for name in HEAD_NAMES if name != "lm_head")
+#: Containers of several heads (torchvision's ``heads``, a multi-task ``heads`` list): every tensor under them stays
+#: on AdamW in :func:`~lit_lowrank.optim.lowrank_param_groups`, as a head does.
+HEAD_CONTAINER_NAMES = ("heads",)
 
 
 def head_module_names(model: nn.Module) -> set[str]:
@@ -50,7 +54,7 @@ def _is_under(name: str, roots: Iterable[str]) -> bool:
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
-def task_heads(model: nn.Module, adapted: Iterable[str] = ()) -> List[str]:
+def task_heads(model: nn.Module, adapted: Iterable[str] = ()) -> list[str]:
     """Names of the task heads in ``model`` (outermost match only, with parameters, not holding an adapter).
 
     ``adapted`` are the names of layers that get adapters: a head the user chose to adapt is not also
@@ -64,7 +68,7 @@ def task_heads(model: nn.Module, adapted: Iterable[str] = ()) -> List[str]:
         (['head'], [])
     """
     adapted = list(adapted)
-    found: List[str] = []
+    found: list[str] = []
     for name, module in model.named_modules():
         if not name or name.rsplit(".", 1)[-1] not in TASK_HEAD_NAMES or _is_under(name, found):
             continue

@@ -1,17 +1,16 @@
 """``LoRAConfig`` and ``inject_lora``: choose target layers, wrap them with adapters, freeze the base.
 
 Target names follow PEFT: ``"all-linear"`` (every Linear-like layer except the output head / classifier),
-a list of module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), or a regex
-string matched against the full name. An ``nn.MultiheadAttention`` at ``P`` offers four virtual targets
+or a pattern in the one rule of :mod:`lit_lowrank.adapters.patterns` (a list of module names or suffixes, or a
+regex that must match the whole name). An ``nn.MultiheadAttention`` at ``P`` offers four virtual targets
 ``P.q_proj``, ``P.k_proj``, ``P.v_proj`` and ``P.out_proj``; naming ``P`` itself adapts all four.
 """
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
 
 from torch import nn
 
@@ -25,6 +24,7 @@ from lit_lowrank.adapters.lora import (
     is_linear_like,
     linear_shape,
 )
+from lit_lowrank.adapters.patterns import name_matches
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ class LoRAConfig:
         r: rank of each adapter pair.
         alpha: scale numerator; the update is ``alpha / r * B @ A`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: dropout on the adapter input (not applied to ``nn.MultiheadAttention`` adapters).
-        target_modules: ``"all-linear"``, a list of name suffixes, or a regex over full module names
-            (``"default"``: the backbone's default targets, resolved by the lit_lowrank tasks).
-        exclude_modules: names to leave alone, same forms as ``target_modules``.
+        target_modules: ``"all-linear"``, or a pattern (:mod:`lit_lowrank.adapters.patterns`: a list of names or
+            name suffixes, or a regex matching whole module names); ``"default"``: the backbone's default targets,
+            resolved by the lit_lowrank tasks.
+        exclude_modules: names to leave alone, a pattern as well.
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init: a name registered in :data:`lit_lowrank.adapters.inits.LORA_INITS` ("default", "gaussian", ...).
         modules_to_save: modules trained fully and saved with the adapter (e.g. ``["classifier"]``). ``None``
@@ -58,11 +59,11 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Union[str, List[str]] = "all-linear"
-    exclude_modules: Optional[Union[str, List[str]]] = None
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
     rslora: bool = False
     init: str = "default"
-    modules_to_save: Optional[List[str]] = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -89,15 +90,15 @@ class InjectionRecord:
     """What ``inject_lora`` did, kept on the model so adapters can be exported without the config."""
 
     config: LoRAConfig
-    adapted: List[str] = field(default_factory=list)
-    modules_to_save: List[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
 class _Target:
     name: str  # full name; for attention parts the virtual name "P.q_proj"
     module: nn.Module  # the Linear-like layer, or the nn.MultiheadAttention that owns the part
-    part: Optional[str] = None  # q_proj/k_proj/v_proj/out_proj for attention parts
+    part: str | None = None  # q_proj/k_proj/v_proj/out_proj for attention parts
 
     @property
     def owner(self) -> str:
@@ -125,16 +126,11 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRAAdapter]]:
             yield name, module
 
 
-def matches(name: str, spec: Union[str, List[str], None]) -> bool:
-    """PEFT's rule: a string is a regex over the full name, a list holds exact names or name suffixes."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == key or name.endswith("." + key) for key in spec)
+#: The pattern rule under its former name here (it lives in :mod:`lit_lowrank.adapters.patterns`).
+matches = name_matches
 
 
-def adaptable_layers(model: nn.Module) -> List[_Target]:
+def adaptable_layers(model: nn.Module) -> list[_Target]:
     """All Linear-like layers and attention parts that could take an adapter, in module order."""
     targets, inside_attention = [], set()
     for name, module in model.named_modules():
@@ -146,7 +142,7 @@ def adaptable_layers(model: nn.Module) -> List[_Target]:
     return targets
 
 
-def select_targets(model: nn.Module, config: LoRAConfig) -> List[_Target]:
+def select_targets(model: nn.Module, config: LoRAConfig) -> list[_Target]:
     """The layers ``config`` adapts in ``model``; raises with the candidate names when nothing matches."""
     candidates = adaptable_layers(model)
     spec = config.target_modules
@@ -157,12 +153,13 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> List[_Target]:
         heads = head_module_names(model)
         chosen = [t for t in candidates if not _is_under(t.name, heads)]
     else:
-        chosen = [t for t in candidates if matches(t.name, spec) or (t.part and matches(t.owner, spec))]
+        chosen = [t for t in candidates if name_matches(t.name, spec) or (t.part and name_matches(t.owner, spec))]
         if isinstance(spec, (list, tuple)):
             for key in spec:
-                if not any(matches(t.name, [key]) or (t.part and matches(t.owner, [key])) for t in chosen):
+                if not any(name_matches(t.name, [key]) or (t.part and name_matches(t.owner, [key])) for t in chosen):
                     log.warning("LoRA target %r matched no layer in %s", key, type(model).__name__)
-    chosen = [t for t in chosen if not (matches(t.name, config.exclude_modules) or matches(t.owner, config.exclude_modules))]
+    excluded = config.exclude_modules
+    chosen = [t for t in chosen if not (name_matches(t.name, excluded) or name_matches(t.owner, excluded))]
     if not chosen:
         raise ValueError(
             f"LoRAConfig(target_modules={spec!r}, exclude_modules={config.exclude_modules!r}) matched no layer "
@@ -171,7 +168,7 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> List[_Target]:
     return chosen
 
 
-def describe_candidates(candidates: List[_Target], limit: int = 30) -> str:
+def describe_candidates(candidates: list[_Target], limit: int = 30) -> str:
     if not candidates:
         return "The model has no Linear, Conv1D or MultiheadAttention layer to adapt."
     suffixes = Counter(t.name.rsplit(".", 1)[-1] for t in candidates)
@@ -226,7 +223,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     for param in model.parameters():
         param.requires_grad_(False)
-    parts_by_attention: dict[str, List[str]] = defaultdict(list)
+    parts_by_attention: dict[str, list[str]] = defaultdict(list)
     for target in targets:
         if target.part:
             parts_by_attention[target.owner].append(target.part)
@@ -250,10 +247,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     return model
 
 
-def _resolve_modules_to_save(model: nn.Module, names: Optional[List[str]]) -> List[str]:
+def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     resolved = []
     for key in names or []:
-        found = [name for name, _ in model.named_modules() if name and matches(name, [key])]
+        found = [name for name, _ in model.named_modules() if name and name_matches(name, [key])]
         if not found:
             children = [name for name, _ in model.named_children()]
             raise ValueError(

@@ -10,14 +10,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lit_lowrank.adapters.inject import LoRAConfig, adaptable_layers, inject_lora, lora_modules, matches
+from lit_lowrank.adapters.inject import LoRAConfig, adaptable_layers, inject_lora, lora_modules
+from lit_lowrank.adapters.patterns import name_matches
 from lit_lowrank.adapters.peft_io import CONFIG_NAME, PEFT_LOADABLE_KEY, PEFT_PREFIX, WEIGHTS_NAME
 
 _PAIR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight")
@@ -98,7 +98,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                          "HINT: the file is damaged or incomplete; re-export the adapter.") from None
 
 
-def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
+def read_adapter(directory: str | Path) -> AdapterFiles:
     """Read and validate ``adapter_config.json`` and ``adapter_model.safetensors`` without touching a model.
 
     Example:
@@ -133,7 +133,7 @@ def read_adapter(directory: Union[str, Path]) -> AdapterFiles:
     return files
 
 
-def is_peft_loadable(directory: Union[str, Path]) -> bool:
+def is_peft_loadable(directory: str | Path) -> bool:
     """Whether ``peft.PeftModel.from_pretrained`` can load this adapter: False when it holds adapters on
     ``nn.MultiheadAttention`` parts (q/k/v of a packed projection), which only :func:`load_adapter` places.
 
@@ -158,7 +158,7 @@ def is_peft_loadable(directory: Union[str, Path]) -> bool:
 
 @dataclass
 class _Plan:
-    inject: Optional[LoRAConfig]  # adapters to inject into a model that has none
+    inject: LoRAConfig | None  # adapters to inject into a model that has none
     pairs: dict[str, dict[str, torch.Tensor]]
     params: list[tuple[nn.Parameter, torch.Tensor]]  # modules_to_save: parameters resolved before any change
 
@@ -182,7 +182,7 @@ def _saved_params(files: AdapterFiles, model: nn.Module) -> list[tuple[nn.Parame
     """Resolve every non-adapter tensor to a model parameter under a ``modules_to_save`` entry, or refuse."""
     entries = files.save_entries()
     outside = [key for key in files.others
-               if not any(matches(prefix, entries) for prefix in _module_prefixes(key))]
+               if not any(name_matches(prefix, entries) for prefix in _module_prefixes(key))]
     if outside:
         raise ValueError(
             f"{files.weights_path} holds {len(outside)} tensor(s) outside the adapters and modules_to_save "
@@ -222,8 +222,8 @@ def _plan_fresh(files: AdapterFiles, model: nn.Module) -> _Plan:
         _check_pair_shapes(files, name, (rank, n_in), (n_out, rank))
     params = _saved_params(files, model)
     module_names = [name for name, _ in model.named_modules() if name]
-    explicit = [e for e in files.config.get("modules_to_save") or [] if any(matches(n, [e]) for n in module_names)]
-    loaded = [e for e in files.save_entries() if any(matches(p, [e]) for key in files.others for p in _module_prefixes(key))]
+    explicit = [e for e in files.config.get("modules_to_save") or [] if any(name_matches(n, [e]) for n in module_names)]
+    loaded = [e for e in files.save_entries() if any(name_matches(p, [e]) for key in files.others for p in _module_prefixes(key))]
     exact = "|".join(re.escape(name) for name in sorted(files.pairs))
     config = LoRAConfig(
         r=rank, alpha=float(files.config["lora_alpha"]), dropout=float(files.config.get("lora_dropout") or 0.0),
@@ -248,7 +248,7 @@ def _plan_existing(files: AdapterFiles, model: nn.Module) -> _Plan:
     return _Plan(None, files.pairs, _saved_params(files, model))
 
 
-def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`~lit_lowrank.adapters.save_adapter` or by PEFT into ``model`` (the base model).
 
     A model without adapters gets them injected exactly at the layers named in the file; a model that has

@@ -12,7 +12,7 @@ through these modules, never through parameter order.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +88,8 @@ class LoRAAdapter(nn.Module):
         r: int,
         alpha: float,
         rslora: bool = False,
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[torch.device] = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if r <= 0 or r > min(in_features, out_features):
@@ -144,7 +144,7 @@ class LoRALinear(Mergeable, LoRAAdapter):
         return self.base_layer.weight
 
     @property
-    def bias(self) -> Optional[torch.Tensor]:
+    def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,12 +231,12 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
+        key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = True,
-        attn_mask: Optional[torch.Tensor] = None,
+        attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mha = self.base_layer
         if self.merged:
             return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -81,7 +80,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """The ``adapter_config.json`` content PEFT's ``LoraConfig`` reads for this model's adapters.
 
     ``base_model_name_or_path`` and ``task_type`` describe the model that was adapted (see
@@ -112,7 +111,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     }
 
 
-def save_adapter(model: nn.Module, directory: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters of ``model`` to ``directory`` in PEFT's format (safetensors, never pickles).
 
     ``base_model_name_or_path`` is written for models that do not record their source (built from a config,
@@ -141,7 +140,7 @@ def save_adapter(model: nn.Module, directory: Union[str, Path], base_model_name_
     return directory
 
 
-def _wrappers(model: nn.Module) -> list[tuple[str, Union[LoRALinear, LoRAMultiheadAttention]]]:
+def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAMultiheadAttention]]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAMultiheadAttention))]
     if not found:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters. HINT: call inject_lora first.")
@@ -179,7 +178,7 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     return model
 
 
-def _is_quantized(layer: Optional[nn.Module]) -> bool:
+def _is_quantized(layer: nn.Module | None) -> bool:
     """A bitsandbytes 4-bit or 8-bit layer (its weight is packed or int8, with its own quantization state)."""
     weight = getattr(layer, "weight", None)
     return weight is not None and (getattr(weight, "quant_state", None) is not None or weight.dtype == torch.int8

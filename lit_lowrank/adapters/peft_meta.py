@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 from torch import nn
 
@@ -31,7 +30,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def peft_task_type(model: nn.Module) -> Optional[str]:
+def peft_task_type(model: nn.Module) -> str | None:
     """PEFT's task type for a transformers model (``SEQ_CLS``, ``CAUSAL_LM``, ...); None for anything else
     (timm, open_clip, plain torch, transformers image classifiers), where PEFT has none.
 
@@ -54,7 +53,7 @@ def peft_task_type(model: nn.Module) -> Optional[str]:
     return None
 
 
-def loaded_from(model: nn.Module) -> Optional[str]:
+def loaded_from(model: nn.Module) -> str | None:
     """The hub name or folder a transformers model was loaded from; None when it was built from a config."""
     if not _is_transformers_model(model):
         return None
@@ -72,7 +71,7 @@ def _same_source(given: str, loaded: str) -> bool:
     return resolved != given and os.path.isdir(loaded) and os.path.realpath(resolved) == os.path.realpath(loaded)
 
 
-def base_model_name(model: nn.Module, given: Optional[str] = None) -> Optional[str]:
+def base_model_name(model: nn.Module, given: str | None = None) -> str | None:
     """What to write as ``base_model_name_or_path``: where ``model`` was loaded from when it knows (a
     transformers ``from_pretrained`` model), else ``given``. A ``given`` that names another model is reported
     and ignored: the adapter only fits the weights it was trained on.

@@ -1,7 +1,7 @@
 """What every backbone factory returns, and the shared offline-error wording."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+from typing import Any
 
 from torch import nn
 
@@ -25,8 +25,8 @@ class Backbone:
         Backbone(model=Linear, lora_targets=['0'])
     """
 
-    def __init__(self, model: nn.Module, lora_targets: Union[str, List[str]] = "all-linear",
-                 tokenizer: Optional[Any] = None, preprocess: Optional[Any] = None) -> None:
+    def __init__(self, model: nn.Module, lora_targets: str | list[str] = "all-linear",
+                 tokenizer: Any | None = None, preprocess: Any | None = None) -> None:
         self.model = model
         self.lora_targets = lora_targets
         self.tokenizer = tokenizer

@@ -4,14 +4,14 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import transformers
 
 from lit_lowrank.backbones.base import Backbone, unreachable
 
 #: Default LoRA targets by ``config.model_type`` (the projections LoRA papers adapt).
-DEFAULT_TARGETS: Dict[str, list] = {
+DEFAULT_TARGETS: dict[str, list] = {
     **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
        for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")},
     **{t: ["query", "key", "value", "dense"] for t in ("bert", "roberta", "xlm-roberta", "electra")},
@@ -40,12 +40,12 @@ def resolve_name(name_or_path: str) -> str:
 
 
 def transformers_backbone(
-    name_or_path: Optional[str] = None,
-    config: Optional[Dict[str, Any]] = None,
+    name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
     auto_class: str = "AutoModelForCausalLM",
-    tokenizer: Union[bool, str] = True,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    quantization_config: Optional[Dict[str, Any]] = None,
+    tokenizer: bool | str = True,
+    model_kwargs: dict[str, Any] | None = None,
+    quantization_config: dict[str, Any] | None = None,
 ) -> Backbone:
     """A transformers model with its tokenizer and default LoRA targets.
 
@@ -115,7 +115,7 @@ def _quantization(config: Any) -> Any:
     return transformers.BitsAndBytesConfig(**fields)
 
 
-def _from_pretrained(cls, path: str, name: str, kwargs: Dict[str, Any]):
+def _from_pretrained(cls, path: str, name: str, kwargs: dict[str, Any]):
     try:
         return cls.from_pretrained(path, **kwargs)
     except OSError as error:

@@ -1,7 +1,7 @@
 """open_clip CLIP backbones: a named model + pretrained tag, or a custom (embed_dim, vision_cfg, text_cfg)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 import open_clip
 
@@ -12,11 +12,11 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def open_clip_backbone(
-    name: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    embed_dim: Optional[int] = None,
-    vision_cfg: Optional[Dict[str, Any]] = None,
-    text_cfg: Optional[Dict[str, Any]] = None,
+    name: str | None = None,
+    pretrained: str | None = None,
+    embed_dim: int | None = None,
+    vision_cfg: dict[str, Any] | None = None,
+    text_cfg: dict[str, Any] | None = None,
 ) -> Backbone:
     """An open_clip CLIP model with its tokenizer, image preprocessing and default LoRA targets.
 

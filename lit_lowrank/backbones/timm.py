@@ -1,7 +1,7 @@
 """timm image backbones (``timm.create_model`` name + kwargs)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 import timm
 from torch import nn
@@ -20,10 +20,10 @@ def default_targets(model: nn.Module):
 def timm_backbone(
     name: str,
     pretrained: bool = False,
-    num_classes: Optional[int] = None,
-    img_size: Optional[int] = None,
-    checkpoint_path: Optional[str] = None,
-    model_kwargs: Optional[Dict[str, Any]] = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    checkpoint_path: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """A timm model, its data config and default LoRA targets.

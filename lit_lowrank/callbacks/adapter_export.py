@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -39,12 +39,12 @@ class AdapterExport(Callback):
         {}
     """
 
-    def __init__(self, dirpath: Optional[str] = None, base_model_name_or_path: Optional[str] = None,
+    def __init__(self, dirpath: str | None = None, base_model_name_or_path: str | None = None,
                  merged: bool = False) -> None:
         self.dirpath = dirpath
         self.base_model_name_or_path = base_model_name_or_path
         self.merged = merged
-        self._best_path: Optional[str] = None
+        self._best_path: str | None = None
         self.exported: dict[str, Path] = {}
 
     def _root(self, trainer: L.Trainer) -> Path:

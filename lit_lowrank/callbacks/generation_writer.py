@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -41,12 +42,12 @@ class GenerationWriter(BasePredictionWriter):
         {"index": 1, "prompt": "yo", "generation": "YO", "answer": null}
     """
 
-    def __init__(self, output_dir: Optional[str] = None, filename: str = "generations.jsonl") -> None:
+    def __init__(self, output_dir: str | None = None, filename: str = "generations.jsonl") -> None:
         super().__init__(write_interval="batch")
         if Path(filename).suffix != ".jsonl":
             raise ValueError(f"GenerationWriter writes JSONL, got filename={filename!r}. HINT: end it in .jsonl")
         self.output_dir, self.filename = output_dir, filename
-        self.path: Optional[Path] = None
+        self.path: Path | None = None
         self.rows = self.with_reference = self.correct = 0
         self._file: Any = None
 
@@ -63,7 +64,7 @@ class GenerationWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
         if not isinstance(prediction, (list, tuple)) or not all(isinstance(row, dict) for row in prediction):
             raise TypeError(f"GenerationWriter writes a list of dicts per batch, got {type(prediction).__name__} from "

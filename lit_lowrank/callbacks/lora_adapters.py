@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -44,9 +44,10 @@ class LoRAAdapters(Callback):
         ['net.0.lora_A', 'net.0.lora_B']
     """
 
-    def __init__(self, config: LoRAConfig, attribute: Optional[str] = None) -> None:
+    def __init__(self, config: LoRAConfig, attribute: str | None = None) -> None:
         self.config = config
         self.attribute = attribute
+        self._injected = False  # set by setup: from then on the model's adapters follow config and attribute
 
     def target(self, pl_module: L.LightningModule):
         if not self.attribute:
@@ -59,10 +60,11 @@ class LoRAAdapters(Callback):
                              f"submodule; its children are {children}") from None
 
     @override
-    def setup(self, trainer: Optional[L.Trainer], pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer | None, pl_module: L.LightningModule, stage: str) -> None:
         target = self.target(pl_module)
         if next(lora_modules(target), None) is None:
             inject_lora(target, self.config)
+            self._injected = True
             heads = getattr(target, INJECTION_RECORD).modules_to_save
             if self.config.modules_to_save is None and heads:
                 rank_zero_info(f"LoRAAdapters: task heads {heads} are trained fully next to the adapters "
@@ -71,3 +73,62 @@ class LoRAAdapters(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "attribute": self.attribute}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take back the settings :meth:`state_dict` returned (Lightning passes them when it restores a checkpoint).
+
+        Lightning restores callbacks after ``setup``. Once this callback has injected adapters, a saved setting
+        that shapes or scales them (all but ``dropout`` and ``init``) must equal its own, or a ValueError names the
+        key: the checkpoint's adapter weights were trained with the saved settings. Malformed states (missing or
+        unexpected keys) raise a ValueError naming the keys.
+
+        Example:
+            >>> saved = LoRAAdapters(LoRAConfig(r=4, target_modules=["q_proj"]), attribute="model").state_dict()
+            >>> restored = LoRAAdapters(LoRAConfig())
+            >>> restored.load_state_dict(saved)
+            >>> restored.config.r, restored.config.target_modules, restored.attribute
+            (4, ['q_proj'], 'model')
+        """
+        config, attribute = _read_state(state_dict)
+        if not self._injected:
+            self.config, self.attribute = config, attribute
+            return
+        saved, own = _settings(config, attribute), _settings(self.config, self.attribute)
+        differences = [f"{key}: saved {saved[key]!r}, this callback {own[key]!r}"
+                       for key in own if saved[key] != own[key]]
+        if differences:
+            raise ValueError(
+                f"LoRAAdapters: the checkpoint's adapters were trained with other settings than the ones this callback "
+                f"injected ({'; '.join(differences)}). HINT: resume with the saved settings.")
+
+
+#: Settings that may change between a run and its resume: they neither shape nor scale the adapter weights.
+RESUMABLE_CHANGES = ("dropout", "init")
+
+
+def _settings(config: LoRAConfig, attribute: str | None) -> dict[str, Any]:
+    """``config.<field>`` and ``attribute`` that must match the checkpoint's, with sequences as lists."""
+    settings = {f"config.{key}": list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(config).items() if key not in RESUMABLE_CHANGES}
+    return {**settings, "attribute": attribute}
+
+
+def _read_state(state_dict: Any) -> tuple[LoRAConfig, str | None]:
+    """The config and attribute of a saved state, or a ValueError naming every missing or unexpected key."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("config", {}), dict):
+        raise ValueError("LoRAAdapters.load_state_dict expects {'config': {...}, 'attribute': ...} as state_dict() "
+                         f"returns, got {state_dict!r}")
+    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
+    config = state_dict.get("config", {})
+    missing = [key for key in ("config", "attribute") if key not in state_dict]
+    missing += [f"config.{name}" for name in fields if "config" in state_dict and name not in config]
+    unexpected = [key for key in state_dict if key not in ("config", "attribute")]
+    unexpected += [f"config.{name}" for name in config if name not in fields]
+    if missing or unexpected:
+        raise ValueError(f"LoRAAdapters.load_state_dict: missing keys {missing}, unexpected keys {unexpected}. "
+                         "HINT: pass what LoRAAdapters.state_dict() returned.")
+    attribute = state_dict["attribute"]
+    if attribute is not None and not isinstance(attribute, str):
+        raise ValueError(f"LoRAAdapters.load_state_dict: 'attribute' must be a module name or None, got {attribute!r}")
+    return LoRAConfig(**config), attribute

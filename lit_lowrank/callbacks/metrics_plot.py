@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -24,7 +24,7 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_metrics(csv_path: Path, metrics: Sequence[str], output: Path, title: Optional[str] = None) -> Path:
+def plot_metrics(csv_path: Path, metrics: Sequence[str], output: Path, title: str | None = None) -> Path:
     """Draw one panel per metric found in ``csv_path`` (missing ones are skipped) into ``output``."""
     import matplotlib
 
@@ -62,7 +62,7 @@ class MetricsPlot(Callback):
     def __init__(self, metrics: Sequence[str] = ("train/loss", "val/loss", "val/acc"), filename: str = "metrics.png") -> None:
         self.metrics = list(metrics)
         self.filename = filename
-        self.path: Optional[Path] = None
+        self.path: Path | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -87,5 +87,5 @@ class MetricsPlot(Callback):
                                  title=type(pl_module).__name__)
 
 
-def _csv_logger(trainer: L.Trainer) -> Optional[CSVLogger]:
+def _csv_logger(trainer: L.Trainer) -> CSVLogger | None:
     return next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)

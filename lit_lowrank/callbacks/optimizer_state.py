@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import resource
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,7 +15,7 @@ from lit_lowrank.callbacks.skipped_steps import skipped_steps
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``optimizer.state`` on this process (a DTensor counts its local shard).
 
-    Optimizers with a ``state_bytes()`` method (LoRAPreAdamW, LoRAPreMuon) report it themselves.
+    Optimizers with a ``state_bytes()`` method (LoRAPro, LoRAPreAdamW, LoRAPreMuon) report it themselves.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(10, 10))
@@ -53,7 +53,7 @@ class OptimizerStateMonitor(Callback):
         every_n_steps: logging interval in optimizer steps; default: the trainer's ``log_every_n_steps``.
     """
 
-    def __init__(self, every_n_steps: Optional[int] = None) -> None:
+    def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.last: dict[str, int] = {}
 

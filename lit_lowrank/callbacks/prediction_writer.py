@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -47,17 +48,17 @@ class PredictionWriter(BasePredictionWriter):
         1,,1,pos,1,pos
     """
 
-    def __init__(self, output_dir: Optional[str] = None, filename: str = "predictions.csv") -> None:
+    def __init__(self, output_dir: str | None = None, filename: str = "predictions.csv") -> None:
         super().__init__(write_interval="batch")
         if Path(filename).suffix not in (".csv", ".jsonl"):
             raise ValueError(f"PredictionWriter writes .csv or .jsonl files, got filename={filename!r}. "
                              "HINT: end it in .csv or .jsonl")
         self.output_dir, self.filename = output_dir, filename
-        self.path: Optional[Path] = None
+        self.path: Path | None = None
         self.rows = 0
         self._file: Any = None
         self._csv: Any = None
-        self._inputs: Optional[Sequence[str]] = None
+        self._inputs: Sequence[str] | None = None
         self._class_names: Sequence[str] = ()
 
     @override
@@ -82,7 +83,7 @@ class PredictionWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
         predicted = torch.as_tensor(prediction).reshape(-1).tolist()
         labels = batch.get("labels") if isinstance(batch, dict) else None
@@ -98,10 +99,10 @@ class PredictionWriter(BasePredictionWriter):
                 self._file.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         self.rows += len(predicted)
 
-    def _input(self, index: int) -> Optional[str]:
+    def _input(self, index: int) -> str | None:
         return self._inputs[index] if self._inputs is not None and index < len(self._inputs) else None
 
-    def _name(self, label_id: Optional[int]) -> Optional[str]:
+    def _name(self, label_id: int | None) -> str | None:
         if label_id is None or not 0 <= label_id < len(self._class_names):
             return None
         return str(self._class_names[label_id])

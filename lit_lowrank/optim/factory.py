@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def optimizer_class(factory: Callable) -> Optional[type]:
+def optimizer_class(factory: Callable) -> type | None:
     """The optimizer class behind a factory: the class itself, a ``functools.partial`` of it, or the partial
     jsonargparse builds for ``OptimizerCallable`` (which carries the class among its arguments)."""
     while True:
@@ -84,7 +84,7 @@ def check_optimizer_fits_model(factory: Callable, model: nn.Module) -> None:
             "`model.init_args.optimizer.class_path` to lit_lowrank.optim.LoRAPro or torch.optim.AdamW.")
 
 
-def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, run_steps: Optional[float] = None):
+def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, run_steps: float | None = None):
     """Call the scheduler ``factory``; schedulers with a ``fit_to_run(run_steps)`` method (``WarmupCosineLR``) are
     then tied to the run's optimizer steps (``trainer.estimated_stepping_batches``) when ``run_steps`` is known.
 
@@ -118,7 +118,7 @@ class WarmupCosineLR(LambdaLR):
         [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: Optional[int] = None,
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
                  min_ratio: float = 0.0):
         if total_steps is not None and total_steps <= warmup_steps:
             raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")

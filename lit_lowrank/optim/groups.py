@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-HEAD_MODULE_NAMES = frozenset({"lm_head", "classifier", "score", "head", "heads"})
-"""Last name component of modules treated as output heads (kept out of the low-rank group)."""
+from lit_lowrank.adapters.heads import HEAD_CONTAINER_NAMES, HEAD_NAMES
+from lit_lowrank.adapters.lora import LoRAAdapter
+from lit_lowrank.adapters.patterns import Pattern, name_matches
 
 _MHA_MATRIX_NAMES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-Pattern = str | Sequence[str] | None
 
 
 def lowrank_param_groups(
@@ -37,21 +36,24 @@ def lowrank_param_groups(
     ``layer.5``): ``nn.Linear`` and subclasses, transformers' ``Conv1D`` (GPT-2, weight stored ``in x out``),
     and ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (fused q/k/v, as in open_clip) or its separate
     ``q/k/v_proj_weight``. Everything else goes to the AdamW group: embeddings, output heads
-    (``get_output_embeddings()``, timm's ``get_classifier()``, modules named lm_head / classifier / score /
-    head / heads), norms, biases, 1-D tensors, convolutions and matrices outside the blocks (e.g. poolers,
-    CLIP's ``proj``). Frozen parameters (``requires_grad=False``) are left out of both groups.
+    (``get_output_embeddings()``, timm's ``get_classifier()``, modules named as in
+    :data:`~lit_lowrank.adapters.heads.HEAD_NAMES`), norms, biases, 1-D tensors, convolutions and matrices outside
+    the blocks (e.g. poolers, CLIP's ``proj``). Frozen parameters (``requires_grad=False``) are left out of both
+    groups.
 
     Args:
         model: the network.
         rank: ``rank`` of the low-rank group.
-        include: parameters to add to the low-rank group (if 2-D): a regular expression searched in the
-            qualified parameter name, or a list of name suffixes matched at a ``.`` boundary against the
-            parameter's or its module's name (``["q_proj", "visual.proj"]``).
+        include: parameters to add to the low-rank group (if 2-D): a pattern (:mod:`lit_lowrank.adapters.patterns`:
+            a list of names or name suffixes, ``["q_proj", "visual.proj"]``, or a regex matching a whole name)
+            that selects the parameter's qualified name or its module's.
         exclude: parameters to move to the AdamW group, same forms; wins over ``include``.
         **group_options: other keys of the low-rank group (``scale=0.25``, ``lr=...``). The AdamW group only
             gets ``lowrank=False``, so the optimizer's defaults apply to it; edit the returned dicts for more.
 
     Raises:
+        ValueError: for a regex ``include``/``exclude`` that would give another low-rank group than when regexes
+            were searched anywhere in parameter names (the former rule); the message names the tensors that differ.
         ValueError: when ``model`` carries trainable LoRA adapters (``inject_lora``): LoRA-Pre compresses the
             momenta of full weight matrices, and an adapted model has none trainable, so every parameter would
             land in the AdamW group and the optimizer would silently be plain AdamW.
@@ -70,31 +72,8 @@ def lowrank_param_groups(
         (['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight'], 14, 'model.embed_tokens.weight')
     """
     _reject_adapters(model)
-    head_params = _head_parameter_ids(model)
-    matches_include = _matcher(include)
-    matches_exclude = _matcher(exclude)
-    lowrank: dict[str, list[Any]] = {"params": [], "param_names": []}
-    adamw: dict[str, list[Any]] = {"params": [], "param_names": []}
-    seen: set[int] = set()  # a tensor shared by two modules (tied embeddings) is yielded once per module
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False, prefix=module_name):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            local_name = param_name.rsplit(".", 1)[-1]
-            is_matrix = (
-                param.ndim == 2
-                and id(param) not in head_params
-                and _is_block_path(module_name)
-                and _is_linear_like_weight(module, local_name)
-            )
-            if param.ndim == 2 and matches_include(param_name, module_name):
-                is_matrix = True
-            if matches_exclude(param_name, module_name):
-                is_matrix = False
-            target = lowrank if is_matrix else adamw
-            target["params"].append(param)
-            target["param_names"].append(param_name)
+    lowrank, adamw = _split(model, _matcher(include), _matcher(exclude))
+    _check_regex_rule(model, lowrank["param_names"], include, exclude)
     groups = []
     if lowrank["params"]:
         groups.append({**lowrank, "lowrank": True, "rank": rank, **group_options})
@@ -123,9 +102,6 @@ def trainable_adapter_names(model: nn.Module) -> list[str]:
         >>> trainable_adapter_names(inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"])))
         ['0']
     """
-    # Imported when called, so importing this module needs torch alone (as with transformers' Conv1D below).
-    from lit_lowrank.adapters.lora import LoRAAdapter
-
     return [name for name, module in model.named_modules()
             if isinstance(module, LoRAAdapter) and (module.lora_A.requires_grad or module.lora_B.requires_grad)]
 
@@ -138,6 +114,35 @@ def _reject_adapters(model: nn.Module) -> None:
             "factors the momenta of full weight matrices, and with adapters every trainable tensor would get plain "
             "AdamW (no low-rank group at all). HINT: for LoRA-Pre full-parameter training do not inject adapters "
             "(YAML: `lora: null`); to train adapters use LoRAPro or torch.optim.AdamW instead of LoRA-Pre.")
+
+
+def _split(model: nn.Module, matches_include, matches_exclude) -> tuple[dict[str, list], dict[str, list]]:
+    """``({"params", "param_names"}, ...)`` of the low-rank and the AdamW group; the predicates take
+    ``(param_name, module_name)``."""
+    head_params = _head_parameter_ids(model)
+    lowrank: dict[str, list[Any]] = {"params": [], "param_names": []}
+    adamw: dict[str, list[Any]] = {"params": [], "param_names": []}
+    seen: set[int] = set()  # a tensor shared by two modules (tied embeddings) is yielded once per module
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False, prefix=module_name):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            local_name = param_name.rsplit(".", 1)[-1]
+            is_matrix = (
+                param.ndim == 2
+                and id(param) not in head_params
+                and _is_block_path(module_name)
+                and _is_linear_like_weight(module, local_name)
+            )
+            if param.ndim == 2 and matches_include(param_name, module_name):
+                is_matrix = True
+            if matches_exclude(param_name, module_name):
+                is_matrix = False
+            target = lowrank if is_matrix else adamw
+            target["params"].append(param)
+            target["param_names"].append(param_name)
+    return lowrank, adamw
 
 
 def _is_block_path(module_name: str) -> bool:
@@ -165,22 +170,46 @@ def _head_parameter_ids(model: nn.Module) -> set[int]:
                 head = None
             if isinstance(head, nn.Module):
                 heads.append(head)
-    heads += [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_MODULE_NAMES]
+    head_names = HEAD_NAMES + HEAD_CONTAINER_NAMES
+    heads += [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in head_names]
     return {id(param) for head in heads for param in head.parameters()}
 
 
 def _matcher(pattern: Pattern):
-    """A predicate ``(param_name, module_name) -> bool`` for a regex string or a list of name suffixes."""
-    if pattern is None:
-        return lambda param_name, module_name: False
+    """A predicate ``(param_name, module_name) -> bool``: whether ``pattern`` selects either name."""
+    return lambda param_name, module_name: name_matches(param_name, pattern) or name_matches(module_name, pattern)
+
+
+def _check_regex_rule(model: nn.Module, lowrank_names: list[str], include: Pattern, exclude: Pattern) -> None:
+    """Refuse regex patterns that the one pattern rule would make select other parameters, rather than silently
+    training other tensors with low-rank state.
+
+    Regexes here used to be searched anywhere in parameter names (``re.search``); they now follow the rule of
+    ``LoRAConfig.target_modules`` (:mod:`lit_lowrank.adapters.patterns`). Patterns that give the same low-rank group
+    under both rules pass.
+    """
+    if not isinstance(include, str) and not isinstance(exclude, str):
+        return
+    before, _ = _split(model, _searcher(include), _searcher(exclude))
+    if before["param_names"] == lowrank_names:
+        return
+    added = [name for name in lowrank_names if name not in before["param_names"]]
+    dropped = [name for name in before["param_names"] if name not in lowrank_names]
+    raise ValueError(
+        f"lowrank_param_groups(include={include!r}, exclude={exclude!r}): a regex must now match a whole parameter or "
+        "module name (re.fullmatch, the rule of LoRAConfig.target_modules). Under that rule the low-rank group gains "
+        f"{_listed(added)} and loses {_listed(dropped)} against the former rule (re.search anywhere in parameter "
+        f"names): {len(lowrank_names)} tensors instead of {len(before['param_names'])}. HINT: write a regex for the "
+        "whole name (e.g. '.*q_proj.*' for 'q_proj') or a list of name suffixes.")
+
+
+def _searcher(pattern: Pattern):
+    """The former rule: a regex searched anywhere in the parameter name; lists as in :func:`_matcher`."""
     if isinstance(pattern, str):
-        regex = re.compile(pattern)
-        return lambda param_name, module_name: regex.search(param_name) is not None
-    suffixes = tuple(pattern)
+        return lambda param_name, module_name: re.search(pattern, param_name) is not None
+    return _matcher(pattern)
 
-    def ends_with(name: str, suffix: str) -> bool:
-        return name == suffix or name.endswith("." + suffix)
 
-    return lambda param_name, module_name: any(
-        ends_with(param_name, suffix) or ends_with(module_name, suffix) for suffix in suffixes
-    )
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"[{shown}]"

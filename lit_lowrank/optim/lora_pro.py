@@ -8,12 +8,15 @@ The closed form itself lives in :mod:`lit_lowrank.optim.lora_pro_math`.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from lit_lowrank.kernels.dispatch import validate_use_triton
+from lit_lowrank.optim.lora_pre_base import StateBytes
 from lit_lowrank.optim.lora_pro_math import (
     closed_form,
     compute_dtype,
@@ -22,7 +25,6 @@ from lit_lowrank.optim.lora_pro_math import (
     gram_spectrum,
     lora_pro_gradients,
 )
-from lit_lowrank.kernels.dispatch import validate_use_triton
 from lit_lowrank.optim.lora_pro_update import adamw_foreach_, full_mode_update
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, full, local, local_part, process_group
 
@@ -107,11 +109,8 @@ def read_factors(pairs: list[AdapterPair]) -> FactorStack:
 
 
 def all_finite(stack: torch.Tensor) -> torch.Tensor:
-    """Per layer (dim 0): True where every entry is finite.
-
-    ``amax``/``amin`` propagate NaN and reach +-inf; two read-only reductions are ~20x cheaper on CPU than
-    ``isfinite(x).all()`` (which writes a bool copy) and cannot overflow like a sum.
-    """
+    """Per layer (dim 0): True where every entry is finite. Two read-only reductions, ``amax`` and ``amin``, not
+    ``isfinite(x).all()``: measured in docs/design.md (Finite checks)."""
     dims = tuple(range(1, stack.dim()))
     return torch.isfinite(stack.amax(dim=dims)) & torch.isfinite(stack.amin(dim=dims))
 
@@ -246,41 +245,20 @@ def _local_states(states: list[dict]) -> list[dict]:
 class LoRAPro(torch.optim.Optimizer):
     """LoRA-Pro (Wang et al., ICLR 2025): adapter updates whose weight change best matches full fine-tuning.
 
-    Give it the model (after :func:`lit_lowrank.inject_lora`). Adapter pairs form the first param group;
-    every other trainable parameter (heads, ``modules_to_save``) forms a second group stepped by plain
-    AdamW. Both are ordinary param groups, so LR schedulers work as usual.
-
-    Modes:
-        ``"efficient"`` (default, LoRA's memory): gradients of A and B are replaced by LoRA-Pro's
-        ``(dA, dB)``, then AdamW steps A and B (decoupled weight decay on A and B).
-        ``"full"`` (the paper's main results): Adam moments of the equivalent gradient ``g~`` are kept per
-        adapted layer (m x n, fp32: full fine-tuning's optimizer memory; under FSDP2 each rank keeps the rows
-        of its shard of the weight, so 1/world of it); the Adam direction is projected
-        back with the same closed form, then ``A -= lr * dA`` and ``B -= lr * dB``. Weight decay acts on the
-        adapted weight: A and B are scaled by ``sqrt(1 - lr * weight_decay)``; the base weight W0 is frozen
-        and never decayed.
-
-    Details: adapters with equal shapes, dtype, device and scaling are stacked and solved as one batch
-    (one ``eigh`` for all their Gram matrices). Bias correction counts steps from 1. Small solves and
-    optimizer state are fp32 for bf16/fp16 parameters (fp64 for fp64). With fp16 and ``GradScaler``, ``scaler.step`` unscales before ``step``.
-    Layers (and other parameters) whose gradients are non-finite are skipped on the device: parameters and
-    state stay unchanged, their step count does not advance, nothing becomes NaN, no host sync; they are
-    counted in :meth:`skipped_steps`.
-    Gradient clipping must see the rewritten gradients, not the raw ones (clipping the raw norm is a defect of
-    the reference code), and a trainer clips before ``step``. So LoRAPro clips itself: ``max_grad_norm``
-    bounds the global norm of ``(dA, dB)`` (efficient) or of ``g~`` (full), together with the other
-    parameters' gradients. The lit_lowrank tasks route ``Trainer(gradient_clip_val=...)`` to it.
+    Give it the model after :func:`lit_lowrank.inject_lora`; it pairs each ``lora_A`` with its ``lora_B`` by module.
+    The adapters form the first param group, every other trainable parameter (heads, ``modules_to_save``) a second
+    one stepped by plain AdamW. The math, the two modes and where we differ from the paper: ``docs/lora-pro.md``.
 
     Args:
         model: the module holding the adapters.
-        lr, betas, eps, weight_decay: Adam(W) hyper-parameters.
-        mode: ``"efficient"`` or ``"full"``.
-        damping: relative eigenvalue cut-off of the Gram pseudo-inverses (see ``lora_pro_math``).
-        max_grad_norm: clip the global norm of the rewritten directions to this value (``None``: no clipping).
-        use_triton: the fused Triton kernel of the full-mode step (``lit_lowrank.kernels.lora_pro_full``):
-            ``"auto"`` uses it on CUDA and the torch path on CPU, ``True`` wherever it can run (CPU only under
-            ``TRITON_INTERPRET=1``), ``False`` never. A missing or broken Triton falls back to torch with one
-            warning. Efficient mode has no kernel and ignores it.
+        lr, betas, eps, weight_decay: Adam(W) hyper-parameters (decoupled weight decay).
+        mode: ``"efficient"`` (LoRA's memory: AdamW on the rewritten adapter gradients) or ``"full"`` (Adam moments
+            of each adapted layer's m x n equivalent gradient: full fine-tuning's optimizer memory).
+        damping: relative eigenvalue cut-off of the Gram pseudo-inverses.
+        max_grad_norm: clip the global norm of the rewritten directions (``None``: no clipping). Clip here, not
+            before ``step``: clipping must see what the optimizer uses.
+        use_triton: full mode's fused kernel, ``"auto"`` / ``True`` / ``False`` as in
+            :mod:`lit_lowrank.kernels.dispatch`; efficient mode has none.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -299,14 +277,14 @@ class LoRAPro(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: Union[float, torch.Tensor] = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         mode: str = "efficient",
         damping: float = 1e-8,
-        use_triton: Union[str, bool] = "auto",
-        max_grad_norm: Optional[float] = None,
+        use_triton: str | bool = "auto",
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -341,7 +319,7 @@ class LoRAPro(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One optimizer step; ``closure`` re-evaluates the loss (run with gradients enabled)."""
         loss = None
         if closure is not None:
@@ -409,6 +387,30 @@ class LoRAPro(torch.optim.Optimizer):
         counters = [s["skipped_steps"] for s in self.state.values() if "skipped_steps" in s]
         return int(torch.stack(counters).sum().item()) if counters else 0
 
+    def state_bytes(self) -> StateBytes:
+        """Exact bytes of this process's state tensors, per param group (a sharded tensor counts its local rows).
+
+        That is the Adam moments of the adapters (efficient mode) or full mode's m x n moments (kept in each
+        ``lora_A``'s state), the other parameters' AdamW moments, and the 0-d step and skip counters. LoRA-Pro
+        keeps no low-rank factors: ``factors`` is 0 and everything is ``dense``.
+
+        Example:
+            >>> import torch.nn as nn
+            >>> from lit_lowrank import LoRAConfig, inject_lora
+            >>> net = inject_lora(nn.Sequential(nn.Linear(8, 6)), LoRAConfig(r=2, target_modules=["0"]))
+            >>> opt = LoRAPro(net, mode="full")
+            >>> net(torch.randn(4, 8)).sum().backward()
+            >>> opt.step()
+            >>> opt.state_bytes()  # two 6 x 8 fp32 moments and two 4-byte counters, in lora_A's state
+            StateBytes(total=392, per_group=(392,), factors=0, dense=392)
+        """
+        per_group = tuple(
+            sum(local(value).nbytes for param in group["params"] for value in self.state.get(param, {}).values()
+                if torch.is_tensor(value))
+            for group in self.param_groups
+        )
+        return StateBytes(total=sum(per_group), per_group=per_group, factors=0, dense=sum(per_group))
+
     def _state(self, param: torch.Tensor, *moments: str) -> dict:
         """The parameter's state; its ``moments`` are shaped like it and follow its sharding (DTensor)."""
         state = self.state[param]
@@ -421,7 +423,7 @@ class LoRAPro(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
         return state
 
-    def _weight_state(self, pair: AdapterPair, shards: Optional[RowShards]) -> dict:
+    def _weight_state(self, pair: AdapterPair, shards: RowShards | None) -> dict:
         """``lora_A``'s state with full mode's m x n moments of the adapted weight. Under FSDP2 they are a DTensor
         split by rows like ``lora_B`` (and the weight), so a rank allocates and updates only its rows; a
         distributed checkpoint then saves and reshards them like any sharded state."""
@@ -439,7 +441,7 @@ class LoRAPro(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
-    def _efficient_plan(self, batch: list[AdapterPair], group: dict) -> "EfficientPlan":
+    def _efficient_plan(self, batch: list[AdapterPair], group: dict) -> EfficientPlan:
         stack = read_factors(batch)
         A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
         # (dA, dB) stay in the compute dtype: rounding them to bf16 before Adam would waste the fp32 solve.
@@ -447,7 +449,7 @@ class LoRAPro(torch.optim.Optimizer):
         skipped = ~stack.ok.view(-1, 1, 1)
         return EfficientPlan(batch, group, stack.ok, dA.masked_fill_(skipped, 0), dB_t.masked_fill_(skipped, 0), A)
 
-    def _apply_efficient(self, plan: "EfficientPlan") -> None:
+    def _apply_efficient(self, plan: EfficientPlan) -> None:
         params = [pair.A for pair in plan.batch] + [pair.B for pair in plan.batch]
         states = [self._state(p, "exp_avg", "exp_avg_sq") for p in params]
         directions = list(plan.dA.unbind()) + [d.mT for d in plan.dB_t.unbind()]
@@ -455,7 +457,7 @@ class LoRAPro(torch.optim.Optimizer):
         adamw_foreach_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
                        **self._hyper(plan.group))
 
-    def _full_plan(self, batch: list[AdapterPair], group: dict) -> "FullPlan":
+    def _full_plan(self, batch: list[AdapterPair], group: dict) -> FullPlan:
         stack = read_factors(batch)
         A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
         spectrum = gram_spectrum(A, B_t, group["damping"])
@@ -463,7 +465,7 @@ class LoRAPro(torch.optim.Optimizer):
         skipped = ~stack.ok.view(-1, 1, 1)
         return FullPlan(batch, group, stack.ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0), V.masked_fill_(skipped, 0))
 
-    def _apply_full(self, plan: "FullPlan") -> None:
+    def _apply_full(self, plan: FullPlan) -> None:
         batch, A, B_t = plan.batch, plan.A, plan.B_t
         # Layers of a batch share shapes and mesh, so one split describes all their rows.
         shards = RowShards.of(batch[0].B)

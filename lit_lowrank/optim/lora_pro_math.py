@@ -6,8 +6,7 @@ Notation (see ``docs/lora-pro.md``): ``W = W0 + s * B @ A`` with ``A`` (r x n), 
 Everything here uses r x r matrices and skinny products only: no m x m or n x n projector is ever
 formed, ``g`` itself is never needed, and all layers of a batch are solved at once on their device.
 Internally both factors are held as r-row matrices, ``A`` (r x n) and ``B_t = B^T`` (r x m), so every
-product is (r x r) @ (r x k) or (r x k) @ (k x r): on CPU, batched (k x r) @ (r x r) products run 3-4x
-slower than the same work in this layout at small r.
+product is (r x r) @ (r x k) or (r x k) @ (k x r): the faster layout on CPU (measured in docs/design.md).
 
 Damping (pseudo-inverse semantics): the inverse Grams ``Q_B = (B^T B)^+`` and ``Q_A = (A A^T)^+`` come
 from one ``torch.linalg.eigh`` per Gram. An eigenvalue at or below
@@ -16,22 +15,15 @@ from one ``torch.linalg.eigh`` per Gram. An eigenvalue at or below
 
 is treated as exactly zero (its inverse is 0, not a huge ``1/tiny``), so nothing overflows and no
 ``inf * 0 = NaN`` can appear. ``B = 0`` therefore gives ``Q_B = 0``, ``dA = 0`` and
-``dB = g_B Q_A / s^2`` exactly. Why the two floors:
-
-- ``32 * eps``: a Gram formed in floating point carries eigenvalue noise of a few eps times its largest
-  eigenvalue (up to ~6 eps measured for fp32, m = 16k). With the nominal ``damping = 1e-8`` in fp32 the
-  noise directions of a rank-deficient factor would be inverted and ruin ``g~`` (40% error measured);
-  in fp64 the floor is ~7e-15 and ``damping`` itself governs.
-- ``tiny / eps``: keeps ``1 / lambda`` finite when the whole Gram is (nearly) denormal, e.g. a ``B``
-  of order 1e-20 in fp32.
+``dB = g_B Q_A / s^2`` exactly. Why the two floors: docs/lora-pro.md (Damping).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
-Scaling = Union[float, torch.Tensor]
+Scaling = float | torch.Tensor
 #: Gram eigenvalues within this many machine epsilons of the largest are rounding noise (module docstring).
 NOISE_EPS = 32
 
@@ -96,12 +88,7 @@ def row_factors(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: 
 
 
 def small_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` for a batch of small (r x r) matrices.
-
-    On CPU it runs single-threaded: r x r problems gain nothing from LAPACK threads (measured equal at
-    r = 64), but MKL's threaded ``syevd`` stalls up to 1000x (50 ms per 32 x 32 matrix) whenever another
-    process holds one of the cores, because every internal barrier waits for a descheduled thread.
-    """
+    """``torch.linalg.eigh`` for a batch of small (r x r) matrices, single-threaded on CPU (why: docs/design.md)."""
     threads = torch.get_num_threads()
     if matrices.device.type != "cpu" or threads == 1:
         return torch.linalg.eigh(matrices)
@@ -144,7 +131,7 @@ def sylvester_x(spectrum: GramSpectrum, rhs: torch.Tensor) -> torch.Tensor:
 
 def closed_form(spectrum: GramSpectrum, A: torch.Tensor, B_t: torch.Tensor, grad_A: torch.Tensor,
                 grad_B_t: torch.Tensor, scaling: Scaling,
-                b_grad_b: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                b_grad_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dB^T)`` from r-row factors in the compute dtype (``scaling`` from :func:`batch_scalar`).
 
     dA = (1/s^2) Q_B g_A + X A

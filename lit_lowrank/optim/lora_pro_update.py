@@ -9,7 +9,7 @@ stay in torch.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, run_with_fallback
 from lit_lowrank.optim.lora_pro_math import GramSpectrum, closed_form, gram_spectrum
 from lit_lowrank.optim.sharding import RowShards
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 
 
 def bias_corrections(step: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +103,9 @@ def full_mode_update(
     eps: float,
     weight_decay: float,
     damping: float,
-    spectrum: Optional[GramSpectrum] = None,
+    spectrum: GramSpectrum | None = None,
     use_triton: UseTriton = False,
-    shards: Optional[RowShards] = None,
+    shards: RowShards | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One full-mode LoRA-Pro step for a stack of L layers of one shape (the unit a fused kernel replaces).
 
@@ -122,9 +122,8 @@ def full_mode_update(
             ``eps`` is raised to the dtype's ``tiny`` if 0, so an all-zero moment gives 0, not ``0/0``.
         step: (L,) float steps taken so far; ok: (L,) bool, False for layers with non-finite gradients.
         spectrum: :func:`gram_spectrum` of (A, B_t) when the caller already has it.
-        use_triton: ``"auto"`` (the fused kernel on CUDA, torch on CPU), ``True`` (the kernel wherever it
-            can run, CPU included under ``TRITON_INTERPRET=1``) or ``False`` (this torch path, the
-            default); see :mod:`lit_lowrank.kernels.dispatch`. The kernel takes fp32 only (fp64 runs here).
+        use_triton: the fused kernel ``lit_lowrank.kernels.lora_pro_full``, as defined in
+            :mod:`lit_lowrank.kernels.dispatch` (default ``False``: this torch path). It takes fp32 only; fp64 runs here.
         shards: under FSDP2, how ``lora_B`` (and the weight) is split by rows. The moments are then this
             rank's rows (``m_local x n``) and ``B_t``, ``U_t`` still the whole layer's: the moments and the
             row-local ``G A^T`` use their matching columns, and the row sums ``B^T G`` and ``B^T (G A^T)`` are

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig, inject_lora, lora_modules
 from lit_lowrank.backbones import Backbone
@@ -40,16 +41,16 @@ class LowRankTask(L.LightningModule):
     """
 
     #: Head modules kept fully trainable next to the adapters unless ``lora.modules_to_save`` says otherwise.
-    head_names: List[str] = []
+    head_names: list[str] = []
 
     def __init__(
         self,
         backbone: Backbone,
-        lora: Optional[LoRAConfig] = None,
+        lora: LoRAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
-        checkpoint_trainable_only: Optional[bool] = None,
+        checkpoint_trainable_only: bool | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters are the parsed config (so load_from_checkpoint can rebuild
@@ -79,6 +80,7 @@ class LowRankTask(L.LightningModule):
             changes["modules_to_save"] = heads or None
         return dataclasses.replace(lora, **changes) if changes else lora
 
+    @override
     def configure_model(self) -> None:
         """Shard with FSDP2 (``fully_shard``) when the strategy provides a device mesh (ModelParallelStrategy):
         every repeated block first, then the root. Frozen base weights and trainable adapters share a unit;
@@ -96,6 +98,7 @@ class LowRankTask(L.LightningModule):
             fully_shard(block, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
+    @override
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.model)
         if self.scheduler_factory is None:
@@ -105,13 +108,15 @@ class LowRankTask(L.LightningModule):
         scheduler = build_scheduler(self.scheduler_factory, optimizer, run_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_callbacks(self) -> List[L.Callback]:
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
         """A :class:`~lit_lowrank.callbacks.SkippedStepsGuard` (stop after 10 consecutive steps that skipped a
         non-finite gradient) unless the Trainer has one: list your own under ``trainer.callbacks`` to change N."""
         if self._trainer is not None and any(isinstance(c, SkippedStepsGuard) for c in self.trainer.callbacks):
             return []
         return [SkippedStepsGuard()]
 
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as the Trainer says, except for optimizers that rewrite gradients inside ``step`` (LoRA-Pro):
         they expose ``max_grad_norm`` and get the threshold, so the rewritten gradients are clipped, not the raw."""
@@ -123,12 +128,14 @@ class LowRankTask(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout (and main-process augmentation) draws continue from here in the uninterrupted run.
         checkpoint["rng_states"] = collect_rng_states()
         if self._saves_trainable_only():
             drop_frozen_base(self, checkpoint, self._frozen_fingerprints)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Not restored yet: building the optimizers and Lightning's own steps before training would draw from them.
         self._resume_rng_states = checkpoint.get("rng_states")
@@ -138,6 +145,7 @@ class LowRankTask(L.LightningModule):
         # load_state_dict (called next by Lightning) then accepts exactly these keys as missing.
         self._frozen_keys_not_saved = check_frozen_base(self, checkpoint)
 
+    @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, except that right after ``on_load_checkpoint`` of a trainable-only checkpoint
         the frozen base keys it left out (and only those) may be missing."""
@@ -156,6 +164,7 @@ class LowRankTask(L.LightningModule):
             return self.checkpoint_trainable_only
         return next(lora_modules(self.model), None) is not None and not _is_sharded(self.model)
 
+    @override
     def on_train_start(self) -> None:
         """Resuming (``fit(ckpt_path=...)``): set the RNG states saved with the checkpoint, after everything only the
         resumed run does (optimizer setup; the sanity check, under ``isolate_rng`` anyway) and before the first batch
@@ -170,7 +179,7 @@ class LowRankTask(L.LightningModule):
         return first.shape[0]
 
 
-def repeated_blocks(model: nn.Module) -> List[nn.Module]:
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """Items of every ``nn.ModuleList`` of same-typed modules (transformer layers, ViT/CLIP blocks)."""
     blocks = []
     for module in model.modules():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -11,6 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.seed import isolate_rng
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
@@ -69,21 +70,21 @@ class CausalLMTask(LowRankTask):
     def __init__(
         self,
         backbone: Backbone,
-        lora: Optional[LoRAConfig] = None,
+        lora: LoRAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
-        init_weights: Optional[str] = None,
+        scheduler: LRSchedulerCallable | None = None,
+        init_weights: str | None = None,
         exact_match: bool = False,
         test_before_fit: bool = False,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        stop: Optional[List[str]] = None,
-        # `str`, not Optional[str]: jsonargparse reads a value for Optional[str] as YAML, where a pattern starting
+        stop: list[str] | None = None,
+        # `str`, not `str | None`: jsonargparse reads a value for `str | None` as YAML, where a pattern starting
         # with '#' (GSM8K's '####...') is a comment, i.e. None.
         answer_pattern: str = "",
         gradient_checkpointing: bool = False,
-        checkpoint_trainable_only: Optional[bool] = None,
+        checkpoint_trainable_only: bool | None = None,
     ) -> None:
         if init_weights:
             load_initial_weights(backbone.model, init_weights)  # before the adapters wrap its layers
@@ -93,17 +94,20 @@ class CausalLMTask(LowRankTask):
         self.exact_match, self.test_before_fit = exact_match, test_before_fit
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_exact_match, self.test_exact_match = MeanMetric(), MeanMetric()
-        self.before_fit_metrics: Dict[str, float] = {}
+        self.before_fit_metrics: dict[str, float] = {}
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_vocabulary(self.model, attached_datamodule(self))  # before a bare IndexError in the embedding
 
+    @override
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy of the batch."""
         return self.model(input_ids=batch["input_ids"], labels=batch["labels"],
                           attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")).loss
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
@@ -120,17 +124,20 @@ class CausalLMTask(LowRankTask):
             correct = [row["correct"] for row in self.generate_rows(batch)]
             match_metric.update(torch.tensor(correct, dtype=torch.float32, device=self.device))
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_loss, self.val_exact_match)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.test_loss, self.test_exact_match)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> List[Dict[str, Any]]:
+    @override
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         """One dict per prompt: prompt, generation, answer (and reference, reference_answer, correct)."""
         return self.generate_rows(batch)
 
-    def generate_rows(self, batch: dict) -> List[Dict[str, Any]]:
+    def generate_rows(self, batch: dict) -> list[dict[str, Any]]:
         """Generate from ``batch["prompt_input_ids"]`` and score against the batch's references, if any."""
         if "prompt_input_ids" not in batch:
             raise ValueError("generation needs batches with `prompt_input_ids` (left-padded prompts). HINT: use "
@@ -152,15 +159,17 @@ class CausalLMTask(LowRankTask):
         self._fallback_codec = getattr(self, "_fallback_codec", None) or TokenCodec(self.tokenizer)
         return self._fallback_codec
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_loss, self.val_exact_match)
 
+    @override
     def on_test_epoch_end(self) -> None:
         metrics = self._log_epoch("test", self.test_loss, self.test_exact_match)
         before = {k[len("before_fit/"):]: v for k, v in self.before_fit_metrics.items()}
         _print_comparison(before, {k: float(v) for k, v in metrics.items()})
 
-    def _log_epoch(self, stage: str, loss_metric: MeanMetric, match_metric: MeanMetric) -> Dict[str, torch.Tensor]:
+    def _log_epoch(self, stage: str, loss_metric: MeanMetric, match_metric: MeanMetric) -> dict[str, torch.Tensor]:
         loss = loss_metric.compute()  # already reduced over ranks by torchmetrics; sync_dist only averages equal values
         loss_metric.reset()
         metrics = {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss.clamp(max=math.log(1e9)))}
@@ -171,7 +180,8 @@ class CausalLMTask(LowRankTask):
             self.log(name, value, prog_bar=stage == "val", sync_dist=True)
         return metrics
 
-    def configure_callbacks(self) -> List[Any]:
+    @override
+    def configure_callbacks(self) -> list[Any]:
         """The base task's callbacks, plus a :class:`~lit_lowrank.callbacks.GenerationWriter` in ``predict`` unless the
         Trainer has a prediction writer (one under ``trainer.callbacks`` keeps its own folder and file name)."""
         callbacks = list(super().configure_callbacks() or [])
@@ -181,11 +191,12 @@ class CausalLMTask(LowRankTask):
             callbacks.append(GenerationWriter())
         return callbacks
 
+    @override
     def on_fit_start(self) -> None:
         if self.test_before_fit and not self.trainer.ckpt_path:
             self.before_fit_metrics = self._test_initial_model()
 
-    def _test_initial_model(self) -> Dict[str, float]:
+    def _test_initial_model(self) -> dict[str, float]:
         """The test metrics of the weights fit starts from, computed outside Lightning's loops (a test run cannot
         nest inside fit), over ``trainer.limit_test_batches`` of the test split, leaving the RNG streams as they were."""
         datamodule = attached_datamodule(self)
@@ -218,14 +229,14 @@ class CausalLMTask(LowRankTask):
 
 
 @rank_zero_only
-def _print_before(metrics: Dict[str, float]) -> None:
+def _print_before(metrics: dict[str, float]) -> None:
     lines = ["Test split before fine-tuning (initial weights):"]
     lines += [f"  {name[len('before_fit/'):]:18s}  {value:.4f}" for name, value in sorted(metrics.items())]
     print("\n".join(lines), flush=True)
 
 
 @rank_zero_only
-def _print_comparison(before: Dict[str, float], after: Dict[str, float]) -> None:
+def _print_comparison(before: dict[str, float], after: dict[str, float]) -> None:
     shared = sorted(set(before) & set(after))
     if shared:
         lines = ["Test split, before fine-tuning -> after:"]

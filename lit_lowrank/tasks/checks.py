@@ -7,12 +7,12 @@ keys to change before any step runs.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
 
-def attached_datamodule(module: Any) -> Optional[Any]:
+def attached_datamodule(module: Any) -> Any | None:
     """The Trainer's DataModule, or None (no Trainer, or dataloaders passed to ``fit`` directly)."""
     trainer = getattr(module, "_trainer", None)
     return getattr(trainer, "datamodule", None) if trainer is not None else None

@@ -1,12 +1,13 @@
 """CLIP (open_clip): zero-shot classification from class names, few-shot tuning of both towers, contrastive pairs."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
@@ -47,13 +48,13 @@ class CLIPTask(WritesPredictions, LowRankTask):
     def __init__(
         self,
         backbone: Backbone,
-        class_names: Optional[List[str]] = None,
+        class_names: list[str] | None = None,
         templates: Sequence[str] = ("a photo of a {}.",),
-        lora: Optional[LoRAConfig] = None,
+        lora: LoRAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
-        checkpoint_trainable_only: Optional[bool] = None,
+        checkpoint_trainable_only: bool | None = None,
     ) -> None:
         super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
                          checkpoint_trainable_only=checkpoint_trainable_only)
@@ -61,12 +62,13 @@ class CLIPTask(WritesPredictions, LowRankTask):
             raise ValueError(f"every prompt template needs a '{{}}' for the class name, got {list(templates)}")
         self.templates = list(templates)
         self.class_names = list(class_names) if class_names else None
-        self._eval_classifier: Optional[torch.Tensor] = None
-        self.val_acc: Optional[MulticlassAccuracy] = None
-        self.test_acc: Optional[MulticlassAccuracy] = None
+        self._eval_classifier: torch.Tensor | None = None
+        self.val_acc: MulticlassAccuracy | None = None
+        self.test_acc: MulticlassAccuracy | None = None
         if self.class_names:
             self._build_metrics()
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data_names = getattr(attached_datamodule(self), "class_names", None)
@@ -99,6 +101,7 @@ class CLIPTask(WritesPredictions, LowRankTask):
         image_features = F.normalize(self.model.encode_image(images), dim=-1)
         return self.model.logit_scale.exp() * image_features @ classifier.T.to(image_features.dtype)
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "labels" in batch:
             loss = F.cross_entropy(self.logits(batch["images"], self.text_classifier()), batch["labels"])
@@ -117,9 +120,11 @@ class CLIPTask(WritesPredictions, LowRankTask):
         with torch.no_grad():
             self._eval_classifier = self.text_classifier()
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._start_eval()
 
@@ -129,12 +134,15 @@ class CLIPTask(WritesPredictions, LowRankTask):
         self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["images"]), sync_dist=True)
         self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._eval_classifier is None:
             self._start_eval()

@@ -9,8 +9,6 @@ another random initialisation does not.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -55,7 +53,7 @@ def drop_frozen_base(task: nn.Module, checkpoint: dict, cache: dict) -> None:
     checkpoint[FROZEN_BASE_KEY] = {"fingerprints": fingerprints}
 
 
-def check_frozen_base(task: nn.Module, checkpoint: dict, source: str = "the checkpoint") -> Optional[set]:
+def check_frozen_base(task: nn.Module, checkpoint: dict, source: str = "the checkpoint") -> set | None:
     """For a trainable-only checkpoint: the state keys it leaves out, after checking that it holds everything the
     task trains and that the task's rebuilt base is the one it was trained on. None for a full checkpoint."""
     saved = checkpoint.get(FROZEN_BASE_KEY)

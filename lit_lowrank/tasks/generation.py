@@ -8,8 +8,9 @@ alike. Stop strings are matched against that decoded text too.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,8 @@ class GenerationOptions:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
-    stop: Tuple[str, ...] = ()
-    answer_pattern: Optional[str] = None
+    stop: tuple[str, ...] = ()
+    answer_pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -77,7 +78,7 @@ def normalize_answer(text: str) -> str:
     return text.rstrip(".").strip()
 
 
-def extract_answer(text: Optional[str], pattern: Optional[str]) -> Optional[str]:
+def extract_answer(text: str | None, pattern: str | None) -> str | None:
     """The normalised answer in ``text``: the first match of ``pattern`` (its first group that matched, else the whole
     match), or all of ``text`` when ``pattern`` is None; None when nothing matches.
 
@@ -98,7 +99,7 @@ def extract_answer(text: Optional[str], pattern: Optional[str]) -> Optional[str]
     return normalize_answer(value)
 
 
-def is_exact_match(generation: str, reference: str, pattern: Optional[str]) -> bool:
+def is_exact_match(generation: str, reference: str, pattern: str | None) -> bool:
     """Whether the answers extracted from both are equal (a reference without a match is compared whole).
 
     Example:
@@ -113,14 +114,14 @@ def is_exact_match(generation: str, reference: str, pattern: Optional[str]) -> b
     return answer is not None and answer == expected
 
 
-def _cut_at_stop_ids(ids: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
+def _cut_at_stop_ids(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     for position, token in enumerate(ids):
         if token in stop_ids:
             return list(ids[:position])
     return list(ids)
 
 
-def _cut_at_stop_strings(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
+def _cut_at_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stop if s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -139,7 +140,7 @@ class StopOnStrings(StoppingCriteria):
 
 
 def generate_texts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   options: GenerationOptions, codec: Any) -> List[str]:
+                   options: GenerationOptions, codec: Any) -> list[str]:
     """Generate from left-padded prompts and return each continuation's text, cut at EOS and at stop strings.
 
     ``codec`` decodes model ids and names the stop tokens and the padding id (a
@@ -149,7 +150,7 @@ def generate_texts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     if not hasattr(model, "generate"):
         raise TypeError(f"{type(model).__name__} cannot generate (no `generate` method). HINT: use a transformers "
                         "causal LM (AutoModelForCausalLM)")
-    sampling: Dict[str, Any] = {"do_sample": False}
+    sampling: dict[str, Any] = {"do_sample": False}
     if options.temperature > 0:
         sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0}
     config = GenerationConfig(max_new_tokens=options.max_new_tokens, eos_token_id=list(codec.stop_token_ids),
@@ -165,7 +166,7 @@ def generate_texts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     return texts
 
 
-def generation_rows(batch: Dict[str, Any], texts: Sequence[str], options: GenerationOptions) -> List[Dict[str, Any]]:
+def generation_rows(batch: dict[str, Any], texts: Sequence[str], options: GenerationOptions) -> list[dict[str, Any]]:
     """One dict per example: prompt, generation, extracted answer and, when the batch has references, the
     reference, its answer and whether they match (``correct``).
 
@@ -179,7 +180,7 @@ def generation_rows(batch: Dict[str, Any], texts: Sequence[str], options: Genera
     references = batch.get("references") or [None] * len(texts)
     decoded = batch.get("references_decoded") or references
     for prompt, text, reference, reference_decoded in zip(batch["prompts"], texts, references, decoded):
-        row: Dict[str, Any] = {"prompt": prompt, "generation": text, "answer": extract_answer(text, pattern)}
+        row: dict[str, Any] = {"prompt": prompt, "generation": text, "answer": extract_answer(text, pattern)}
         if reference is not None:
             expected = reference_decoded if reference_decoded is not None else reference
             reference_answer = extract_answer(expected, pattern)

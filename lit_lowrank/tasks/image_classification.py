@@ -1,13 +1,12 @@
 """Image classification with timm backbones: cross-entropy, top-1 and top-5 accuracy."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
@@ -47,12 +46,12 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
     def __init__(
         self,
         backbone: Backbone,
-        lora: Optional[LoRAConfig] = None,
+        lora: LoRAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
         gradient_checkpointing: bool = False,
-        checkpoint_trainable_only: Optional[bool] = None,
+        checkpoint_trainable_only: bool | None = None,
     ) -> None:
         head = getattr(backbone.model, "default_cfg", {}).get("classifier", "head")
         self.head_names = [head] if isinstance(head, str) else list(head)
@@ -68,13 +67,16 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_num_classes(self.num_classes, attached_datamodule(self), "model.init_args.backbone.init_args.num_classes")
 
+    @override
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["images"])
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = F.cross_entropy(self(batch), batch["labels"], label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
@@ -86,11 +88,14 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
         self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["labels"]), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch).argmax(-1)

@@ -1,10 +1,11 @@
 """Classification tasks write what ``predict`` computes instead of only returning it to the caller."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from lit_lowrank.callbacks.prediction_writer import PredictionWriter
 
@@ -20,7 +21,8 @@ class WritesPredictions:
         True
     """
 
-    def configure_callbacks(self) -> List[Any]:
+    @override
+    def configure_callbacks(self) -> list[Any]:
         callbacks = super().configure_callbacks() or []  # type: ignore[misc]
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         trainer = getattr(self, "_trainer", None)

@@ -1,12 +1,11 @@
 """Sequence classification with encoders (BERT, MiniLM) or decoders: cross-entropy, accuracy and macro-F1."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig
 from lit_lowrank.backbones import Backbone
@@ -49,11 +48,11 @@ class SequenceClassificationTask(WritesPredictions, LowRankTask):
     def __init__(
         self,
         backbone: Backbone,
-        lora: Optional[LoRAConfig] = None,
+        lora: LoRAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
-        checkpoint_trainable_only: Optional[bool] = None,
+        checkpoint_trainable_only: bool | None = None,
     ) -> None:
         super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
                          checkpoint_trainable_only=checkpoint_trainable_only)
@@ -65,15 +64,18 @@ class SequenceClassificationTask(WritesPredictions, LowRankTask):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = attached_datamodule(self)
         check_num_classes(self.num_labels, datamodule, "model.init_args.backbone.init_args.model_kwargs.num_labels")
         check_vocabulary(self.model, datamodule)
 
+    @override
     def forward(self, batch: dict):
         return self.model(**batch)
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self(batch)
         self.log("train/loss", output.loss, prog_bar=True, batch_size=len(batch["labels"]))
@@ -85,12 +87,15 @@ class SequenceClassificationTask(WritesPredictions, LowRankTask):
         self.log(f"{stage}/loss", output.loss, batch_size=len(batch["labels"]), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch = {k: v for k, v in batch.items() if k != "labels"}
         return self.model(**batch).logits.argmax(-1)

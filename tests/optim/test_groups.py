@@ -1,5 +1,7 @@
 """lowrank_param_groups on the five supported model families (tiny configs), and its include/exclude overrides."""
 
+import re
+
 import pytest
 import torch
 from tiny_models import FAMILIES
@@ -100,12 +102,22 @@ def test_include_and_exclude_override_the_detection():
     )
     default = lowrank_param_groups(model)[0]["param_names"]
     assert default == ["blocks.0.weight", "blocks.1.weight"]  # the stem is not inside a repeated block
-    by_regex = lowrank_param_groups(model, include=r"^stem\.", exclude=r"blocks\.1")[0]["param_names"]
+    # A regex matches a whole parameter or module name (the rule of LoRAConfig.target_modules).
+    by_regex = lowrank_param_groups(model, include=r"stem", exclude=r"blocks\.1\..*")[0]["param_names"]
     assert by_regex == ["stem.weight", "blocks.0.weight"]
     by_suffix = lowrank_param_groups(model, include=["stem"], exclude=["blocks.0.weight"])[0]["param_names"]
     assert by_suffix == ["stem.weight", "blocks.1.weight"]
     # include never puts a vector (the LayerNorm's weight) in the low-rank group
     assert lowrank_param_groups(model, include=["norm"])[0]["param_names"] == default
+
+
+def test_heads_and_containers_of_heads_stay_on_adamw():
+    # a multi-task `heads` list inside the repeated blocks' model: every head matrix stays AdamW, like a `head`
+    model = nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)]),
+                           "heads": nn.ModuleList([nn.Linear(16, 12), nn.Linear(16, 12)]), "head": nn.Linear(16, 12)})
+    lowrank, adamw = lowrank_param_groups(model, rank=4)
+    assert lowrank["param_names"] == ["blocks.0.weight", "blocks.1.weight"]
+    assert {"heads.0.weight", "heads.1.weight", "head.weight"} <= set(adamw["param_names"])
 
 
 def test_a_model_without_block_matrices_gives_only_the_adamw_group():
@@ -124,3 +136,14 @@ def test_a_model_with_lora_adapters_is_refused_not_turned_into_adamw():
     for optimizer_class in (LoRAPreAdamW, LoRAPreMuon):
         with pytest.raises(ValueError, match="LoRA adapter"):
             optimizer_class(model, rank=2)
+
+
+def test_a_regex_the_one_rule_would_read_differently_is_refused_naming_the_difference():
+    # These were searched anywhere in parameter names before regexes followed LoRAConfig.target_modules' rule.
+    model = nn.ModuleDict({"stem": nn.Linear(8, 8), "blocks": nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 4)])})
+    anchored = r"^stem\."
+    with pytest.raises(ValueError, match=re.escape(f"include={anchored!r}") + r".*re\.fullmatch.*gains \[\] and loses "
+                                         r"\[stem\.weight\].*2 tensors instead of 3.*HINT"):
+        lowrank_param_groups(model, include=anchored)
+    with pytest.raises(ValueError, match=r"exclude='1'.*gains \[blocks\.1\.weight\] and loses \[\]"):
+        lowrank_param_groups(model, exclude="1")
