@@ -38,23 +38,33 @@ the sums, and are never stored. The configs tried on GPU differ only in the tile
 (BLOCK_M in pass 1, BLOCK_N in pass 2), warps and stages; the reduction tiling is fixed, so the slots and the
 order in which they are summed do not depend on the config autotuning picks (bitwise equality across configs
 is not verified on a GPU: the MMA instructions may differ with the tile). Launches need no host sync (grids from
-shapes only). The step's scalars are kernel arguments (Python floats, as in the reference), so a CUDA graph
-captured around a step would freeze them.
+shapes only). The step's scalars are kernel arguments (Python floats, as in the reference), or, for the
+optimizer's device-side skip (parameters on an accelerator), computed in-kernel in fp64 from the step count and
+the finite flag in device memory (:func:`_step_scalars`, the reference's ``adam_step_tensors``); then a skipped
+matrix's W is not stored, and nothing is read on the host. ``lr`` and the betas stay kernel arguments, so a CUDA
+graph captured around a step would freeze them.
 
 The kernels call only Triton builtins (no ``triton.language.standard`` helpers such as ``tl.zeros`` or
 ``tl.cdiv``), so ``TRITON_INTERPRET=1`` need only be set before this module is imported.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
 from lit_lowrank.kernels.dispatch import built_by_interpreter, dot_precision as _dot_precision
-from lit_lowrank.optim.lora_pre_adam_update import adam_step_constants, damped_pinv_pair
-from lit_lowrank.optim.lowrank_factors import Workspace
+from lit_lowrank.optim.lora_pre_adam_update import (
+    NO_FLOOR,
+    DeviceStepInputs,
+    adam_rates,
+    adam_step_constants,
+    damped_pinv_pair,
+    device_step_inputs,
+)
+from lit_lowrank.optim.lowrank_factors import Workspace, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 #: Fixed reduction tiling (see the module docstring): pass 1 sums BLOCK_N * COL_TILES = 512 columns per slot,
@@ -90,6 +100,8 @@ MAX_BLOCK_R = 32
 #: (for r > 16) rank chunks; not smaller, as the interpreter's time grows with the number of tiles, not their size.
 INTERPRETER_FIRST = {"BLOCK_M": 32, "BLOCK_N": 32, "COL_TILES": 2, "BLOCK_R": 16}
 INTERPRETER_SECOND = {"BLOCK_M": 32, "BLOCK_N": 32, "ROW_TILES": 2}
+#: The first pass's in-kernel scalar inputs when the step's scalars come from the host (never read there).
+UNUSED_INPUTS = DeviceStepInputs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, debias=False, bound=NO_FLOOR)
 
 
 @triton.jit
@@ -113,20 +125,60 @@ def _round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _step_scalars(t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2, rho0, lr_scale, eps, log_ratio,
+                  one_minus_ratio, worst_case_scale, DEBIAS: tl.constexpr, BOUND: tl.constexpr):
+    """``(rho, step_size, eps_hat, floor)`` of step ``t`` (fp64, >= 1) in fp64: the reference module's
+    ``adam_step_tensors``, line by line (BOUND: its NO_FLOOR, V_FLOOR, ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE codes)."""
+    c = root_one_minus_beta2 / tl.sqrt(1.0 - tl.exp(t * log_beta2))
+    m_hat_per_m = one_minus_beta1 / ((1.0 - tl.exp(t * log_beta1)) * c)
+    rho = t * 0.0 + rho0
+    if DEBIAS:  # t - 1 >= 1 inside the correction, so that step 1 (no correction) does not divide 0 by 0
+        earlier = tl.maximum(t - 1.0, 1.0)
+        warm_up = tl.sqrt(1.0 - tl.exp(earlier * log_beta2)) / (1.0 - tl.exp(earlier * 0.5 * log_beta2))
+        rho = tl.where(t > 1.0, rho * warm_up, rho)
+    floor = t * 0.0
+    if BOUND == 1:
+        floor = m_hat_per_m
+    if BOUND >= 2:
+        geometric = t
+        if BOUND == 2:
+            geometric = (1.0 - tl.exp(t * log_ratio)) / one_minus_ratio
+        bias1 = 1.0 - tl.exp(t * log_beta1)
+        worst_case = worst_case_scale * (1.0 - tl.exp(t * log_beta2)) / (bias1 * bias1) * geometric
+        floor = m_hat_per_m / tl.sqrt(worst_case)
+    return rho, lr_scale * m_hat_per_m, eps / c, floor
+
+
+@triton.jit
 def _first_pass(
     w_ptr, g_ptr,  # the parameter (updated in place, its own dtype) and its gradient: p x q, any strides
     b_ptr, vb_ptr,  # B, V_B: p x r, row-major fp32
     a_ptr, va_ptr, ap_ptr, vap_ptr,  # A, V_A, A_pinv, V_A_pinv: r x q, row-major fp32
     part_ptr,  # (slots, 2, p, r) fp32: this program writes [pid_n, :, rows, :]
+    step_ptr, ok_ptr,  # STEP_ON_DEVICE: the step count (0-d fp32) and the finite flag (0-d uint8); else unused
     p, q, stride_wp, stride_wq, stride_gp, stride_gq,
     kappa, rho, neg_step, eps_hat, decay, floor,  # fp32 scalars of the step (see adam_step_constants)
+    # STEP_ON_DEVICE: what the step's scalars are computed from in-kernel (see DeviceStepInputs); else unused
+    log_beta1: tl.float64, log_beta2: tl.float64, one_minus_beta1: tl.float64, root_one_minus_beta2: tl.float64,
+    rho0: tl.float64, lr_scale: tl.float64, eps: tl.float64, log_ratio: tl.float64, one_minus_ratio: tl.float64,
+    worst_case_scale: tl.float64,
     r: tl.constexpr, R_PAD: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round fp32 -> bf16 on the bits (the interpreter's cast truncates)
+    STEP_ON_DEVICE: tl.constexpr, DEBIAS: tl.constexpr, BOUND: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    store_w = True
+    if STEP_ON_DEVICE:  # the scalars from the step count, and no store of W where the step is skipped
+        t = tl.maximum(tl.load(step_ptr).to(tl.float64), 1.0)  # a skipped first step counts 0; its update is dropped
+        rho64, step64, eps64, floor64 = _step_scalars(t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2,
+                                                      rho0, lr_scale, eps, log_ratio, one_minus_ratio,
+                                                      worst_case_scale, DEBIAS, BOUND)
+        rho, neg_step = rho64.to(tl.float32), (-step64).to(tl.float32)
+        eps_hat, floor = eps64.to(tl.float32), floor64.to(tl.float32)
+        store_w = tl.load(ok_ptr) != 0
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < p
     rows64 = rows.to(tl.int64)[:, None]
@@ -183,7 +235,7 @@ def _first_pass(
         if DECAY:  # the reference decays in place first: one rounding to W's dtype
             w = _round_to(w.to(tl.float32) * decay, w_ptr.dtype.element_ty, SOFT_BF16)
         w = w.to(tl.float32) + tl.div_rn(neg_step * m, root_v)
-        tl.store(w_at, _round_to(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=tile)
+        tl.store(w_at, _round_to(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=tile & store_w)
 
     slot = part_ptr + pid_n.to(tl.int64) * 2 * p * r
     tl.store(slot + left_at, acc_g, mask=left_in)
@@ -274,19 +326,34 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: float, step_size: float,
-               eps_hat: float, decay: Optional[float], workspace: Workspace, precision: Optional[str] = None,
-               floor: float = 0.0):
+class DeviceStep(NamedTuple):
+    """A step whose count and skip flag stay on the device: the first pass computes its scalars in-kernel."""
+
+    step: torch.Tensor  # the step count, 0-d (fp32), this step included when ok
+    ok: torch.Tensor  # 0-d bool: False leaves W unwritten
+    inputs: DeviceStepInputs
+
+
+def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: float = 0.0, step_size: float = 0.0,
+               eps_hat: float = 0.0, decay: Optional[float], workspace: Workspace, precision: Optional[str] = None,
+               floor: float = 0.0, device_step: Optional[DeviceStep] = None):
     """Update ``param`` in place and return ``(g A_pinv^T, |g| V_A_pinv^T)`` stacked, ``(2, p, r)`` fp32.
 
     ``right_pinvs``: ``(2, r, q)`` fp32, ``A_pinv`` and ``V_A_pinv``; ``decay``: ``1 - lr * weight_decay``, or
-    None for no weight decay; ``floor``: the update bound's factor (0: none). The result is a view of a workspace buffer (valid until the next call).
+    None for no weight decay; ``floor``: the update bound's factor (0: none). With ``device_step`` the kernel reads
+    the step count and the skip flag from device memory and computes ``rho``, ``step_size``, ``eps_hat`` and
+    ``floor`` itself (the arguments of those names are unused), so nothing is read on the host. The result is a
+    view of a workspace buffer (valid until the next call).
     """
     p, q = param.shape
     r = A.shape[0]
     B, V_B, A, V_A, right_pinvs = (t.contiguous() for t in (B, V_B, A, V_A, right_pinvs))
-    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, FLOOR=floor != 0.0, SOFT_BF16=INTERPRETED,
-                     DOT_PRECISION=precision or dot_precision(param.device))
+    on_device = device_step is not None
+    inputs = device_step.inputs if on_device else UNUSED_INPUTS
+    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, SOFT_BF16=INTERPRETED,
+                     FLOOR=inputs.bound != NO_FLOOR if on_device else floor != 0.0,
+                     DOT_PRECISION=precision or dot_precision(param.device), STEP_ON_DEVICE=on_device,
+                     DEBIAS=inputs.debias, BOUND=inputs.bound)
     if _first_autotuned is None:  # interpreted
         kernel, constants = _first_pass, {**constants, **INTERPRETER_FIRST}
         slot_cols = INTERPRETER_FIRST["BLOCK_N"] * INTERPRETER_FIRST["COL_TILES"]
@@ -299,10 +366,13 @@ def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: f
     def grid(meta):
         return triton.cdiv(p, meta["BLOCK_M"]), slots
 
+    # Off the device-side step the count and flag pointers are never read: the partial sums stand in for them.
+    step, ok = (device_step.step, device_step.ok.view(torch.uint8)) if on_device else (partials, partials)
     kernel[grid](
-        param, grad, B, V_B, A, V_A, right_pinvs[0], right_pinvs[1], partials,
+        param, grad, B, V_B, A, V_A, right_pinvs[0], right_pinvs[1], partials, step, ok,
         p, q, param.stride(0), param.stride(1), grad.stride(0), grad.stride(1),
         kappa, rho, -step_size, eps_hat, 1.0 if decay is None else decay, floor,
+        *inputs[:-2],
         **constants,
     )
     return torch.sum(partials, dim=0, out=workspace.get("kernel_left_sums", (2, p, r), torch.float32, param.device))
@@ -341,7 +411,7 @@ def lora_pre_adam_update_(
     V_B: torch.Tensor,
     V_A: torch.Tensor,
     *,
-    step: int,
+    step: Union[int, torch.Tensor],
     lr: float,
     beta1: float,
     beta2: float,
@@ -355,34 +425,54 @@ def lora_pre_adam_update_(
     debias_second_moment: bool = True,
     update_bound: str = "v_floor",
     precision: Optional[str] = None,
+    ok: Optional[torch.Tensor] = None,
 ) -> None:
     """The reference's step (same arguments, ``chunk_rows`` aside) with the p x q work in the two passes.
 
     ``param`` and ``grad``: fp32, bf16 or fp16, any strides; factors fp32, ``r`` up to the reference module's
-    ``KERNEL_MAX_RANK`` (the dispatcher checks all that). The pseudo-inverses, the slot sums and the factor updates run in torch; under FSDP2 (``shards``) the tensors are this
-    rank's local blocks and only the ``r x r`` Gram matrices and ``r x q`` sums are all-reduced, as in the
-    reference. ``precision``: ``tl.dot``'s ``input_precision`` (default :func:`dot_precision`).
+    ``KERNEL_MAX_RANK`` (the dispatcher checks all that). The pseudo-inverses, the slot sums and the factor updates
+    run in torch; under FSDP2 (``shards``) the tensors are this rank's local blocks and only the ``r x r`` Gram
+    matrices and ``r x q`` sums are all-reduced, as in the reference. ``precision``: ``tl.dot``'s
+    ``input_precision`` (default :func:`dot_precision`). ``ok`` (0-d bool), with ``step`` a 0-d count tensor: the
+    device-side skip, as in the reference (the first pass computes the scalars and masks its stores of W; the
+    factor updates are ``torch.where``s).
     """
-    c = adam_step_constants(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
-                            debias_second_moment=debias_second_moment, update_bound=update_bound)
+    if ok is None:
+        c = adam_step_constants(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
+                                debias_second_moment=debias_second_moment, update_bound=update_bound)
+        kappa, gamma1, gamma2 = c.kappa, c.gamma1, c.gamma2
+        scalars = dict(rho=c.rho, step_size=c.step_size, eps_hat=c.eps_hat, floor=c.floor)
+    else:
+        kappa, gamma1, gamma2 = adam_rates(beta1, beta2)
+        inputs = device_step_inputs(lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
+                                    debias_second_moment=debias_second_moment, update_bound=update_bound)
+        scalars = dict(device_step=DeviceStep(step, ok, inputs))
     jacobi = factor_update == "jacobi"
     right_pinvs = damped_pinv_pair(A, V_A, "right_pinv", damping, workspace)
     if jacobi:
         left_pinvs = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
 
-    left_sums = first_pass(param, grad, B, A, V_B, V_A, right_pinvs, kappa=c.kappa, rho=c.rho,
-                           step_size=c.step_size, eps_hat=c.eps_hat,
+    left_sums = first_pass(param, grad, B, A, V_B, V_A, right_pinvs, kappa=kappa,
                            decay=1.0 - lr * weight_decay if weight_decay != 0.0 else None,
-                           workspace=workspace, precision=precision, floor=c.floor)
-    B.mul_(1.0 - c.gamma1).add_(left_sums[0], alpha=c.gamma1)
-    V_B.mul_(1.0 - c.gamma2).add_(left_sums[1], alpha=c.gamma2)
+                           workspace=workspace, precision=precision, **scalars)
+    _blend_(B, 1.0 - gamma1, left_sums[0], gamma1, ok)
+    _blend_(V_B, 1.0 - gamma2, left_sums[1], gamma2, ok)
 
     if not jacobi:
         left_pinvs = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
     right_sums = second_pass(grad, left_pinvs, workspace=workspace, precision=precision)
-    right_sums[0].mul_(c.gamma1)
-    right_sums[1].mul_(c.gamma2)
+    right_sums[0].mul_(gamma1)
+    right_sums[1].mul_(gamma2)
     if shards is not None:
         shards.sum_(right_sums)
-    A.mul_(1.0 - c.gamma1).add_(right_sums[0])
-    V_A.mul_(1.0 - c.gamma2).add_(right_sums[1])
+    _blend_(A, 1.0 - gamma1, right_sums[0], 1.0, ok)
+    _blend_(V_A, 1.0 - gamma2, right_sums[1], 1.0, ok)
+
+
+def _blend_(factor: torch.Tensor, keep: float, sums: torch.Tensor, rate: float, ok: Optional[torch.Tensor]) -> None:
+    """``factor <- keep * factor + rate * sums`` in place; with ``ok`` only where it holds (a skipped step's sums
+    may be NaN), by the same two roundings."""
+    if ok is None:
+        factor.mul_(keep).add_(sums, alpha=rate)
+    else:
+        masked_copy_(factor, torch.mul(factor, keep).add_(sums, alpha=rate), ok)

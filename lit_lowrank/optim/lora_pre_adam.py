@@ -35,8 +35,10 @@ class LoRAPreAdamW(LowRankOptimizerBase):
     at ``m_hat^2`` (``update_bound="v_floor"``): no entry moves by more than ``lr * scale`` (plus weight decay),
     whatever the gradient; for a steady gradient the factors represent exactly, the step equals Adam's. A matrix or
     tensor whose gradient holds NaN/inf is skipped (parameter, state and step count unchanged) and counted in
-    :meth:`skipped_steps`. ``debias_second_moment=False, update_bound="none"`` is the paper's formula: unbounded
-    (one zero gradient can move a weight by thousands of ``lr``), kept for reproducing the paper only.
+    :meth:`skipped_steps`; on an accelerator without any host read (the counts are then device tensors: see
+    ``docs/lora-pre.md``, "Non-finite gradients"). ``debias_second_moment=False, update_bound="none"`` is the
+    paper's formula: unbounded (one zero gradient can move a weight by thousands of ``lr``), kept for reproducing
+    the paper only.
 
     Which tensors are factored:
 
@@ -65,7 +67,8 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         update_bound: ``"v_floor"`` (default): ``v_hat >= m_hat^2``, so ``|update| <= 1``; ``"adam_floor"``:
             ``v_hat >= m_hat^2 / C_t``, Adam's own worst case (``|update| <= sqrt(C_t)``, up to ~7.3 for the default
             betas); ``"rms_clip"``: the update's RMS over the matrix clipped at 1 (Adafactor; torch path only, one
-            host read per matrix); ``"none"``: unbounded. The floors are fused into the kernel's first pass.
+            host read per matrix on CPU, none on accelerators); ``"none"``: unbounded. The floors are fused into
+            the kernel's first pass.
         use_triton: the fused Triton kernel of the factored matrices' step (``lit_lowrank.kernels.lora_pre_adam``):
             ``"auto"`` uses it for CUDA tensors and the torch path on CPU, ``True`` wherever it can run (CPU only
             under ``TRITON_INTERPRET=1``), ``False`` never. A missing or broken Triton, or a tensor the kernel does not
@@ -81,7 +84,8 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             by all parameters, reused across steps, and are not optimizer state.
         seed: base of the per-parameter seeds of the random initial factors ``A, V_A ~ N(0, 0.02^2)``;
             ``None`` uses ``torch.initial_seed()`` at construction. Each parameter's seed is kept in its state
-            (a Python int, like the step counter), so a resumed run continues exactly.
+            (a Python int; the step counter is one too on CPU, a 0-d device tensor on accelerators), so a resumed
+            run continues exactly.
 
     Example:
         >>> import torch
@@ -152,7 +156,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 "are not bounded: one zero or tiny gradient can move a weight by orders of magnitude more than lr "
                 "(docs/lora-pre.md). HINT: keep the defaults unless you are reproducing the paper.", owner)
 
-    def _step_group(self, group: dict[str, Any], params: list) -> None:
+    def _step_group(self, group: dict[str, Any], params: list, ok: dict | None) -> None:
         beta1, beta2 = group["betas"]
         dense = []
         for param in params:
@@ -161,7 +165,8 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 dense.append(param)
                 continue
             state = self._factors(param, group)
-            state["step"] += 1
+            flag = None if ok is None else ok[param]
+            step = self._count_step(state, param, flag)
             lora_pre_adam_update_(
                 local(param),
                 local(grad),
@@ -169,7 +174,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 state["A"],
                 local(state["V_B"]),
                 state["V_A"],
-                step=state["step"],
+                step=step,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -185,6 +190,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 update_bound=group["update_bound"],
                 use_triton=self.use_triton,
                 grad_absmax=self._grad_absmax.get(param),
+                ok=flag,
             )
         if dense:
-            self._adamw_step(group, dense)
+            self._adamw_step(group, dense, ok)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, fallback_warning, run_with_fallback, should_use_kernel
-from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, row_chunks
+from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_, row_chunks
 from lit_lowrank.optim.sharding import RowShards
 
 KERNEL = "lora_pre_adam"
@@ -65,10 +65,16 @@ def adam_worst_case(step: int, beta1: float, beta2: float) -> float:
     return (1.0 - beta1) ** 2 * (1.0 - beta2**step) / ((1.0 - beta1**step) ** 2 * (1.0 - beta2)) * geometric
 
 
+def adam_rates(beta1: float, beta2: float) -> tuple[float, float, float]:
+    """The step-independent constants ``(kappa, gamma1, gamma2)``: ``m_t / (1 - beta1) = g + kappa B A``, and the
+    factor update rates ``1 - gamma1 = sqrt(beta1)``, ``1 - gamma2 = beta2^(1/4)``."""
+    return beta1 / (1.0 - beta1), 1.0 - math.sqrt(beta1), 1.0 - beta2**0.25
+
+
 def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps: float, scale: float,
                         debias_second_moment: bool = True, update_bound: str = "v_floor") -> AdamStepConstants:
     """The constants of step ``step`` (>= 1) after the rewrites described in :func:`lora_pre_adam_update_`."""
-    kappa = beta1 / (1.0 - beta1)
+    kappa, gamma1, gamma2 = adam_rates(beta1, beta2)
     rho = math.sqrt(beta2 / (1.0 - beta2))
     if debias_second_moment and step > 1:
         # V_B V_A follows the EMA of |g| at rate sqrt(beta2), whose square warms up like (1 - beta2^((t-1)/2))^2,
@@ -81,8 +87,86 @@ def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps
         floor = m_hat_per_m
     elif update_bound == "adam_floor":
         floor = m_hat_per_m / math.sqrt(adam_worst_case(step, beta1, beta2))
-    return AdamStepConstants(kappa, rho, lr * scale * m_hat_per_m, eps / c, 1.0 - math.sqrt(beta1),
-                             1.0 - beta2**0.25, floor)
+    return AdamStepConstants(kappa, rho, lr * scale * m_hat_per_m, eps / c, gamma1, gamma2, floor)
+
+
+NO_FLOOR, V_FLOOR, ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE = 0, 1, 2, 3
+"""Codes of the floor in :class:`DeviceStepInputs` (and the kernel's ``BOUND``); ``ADAM_FLOOR_RATIO_ONE`` is
+``"adam_floor"`` with ``beta1^2 == beta2``, where the geometric sum in ``C_t`` is ``t`` itself."""
+
+
+class DeviceStepInputs(NamedTuple):
+    """What the step-dependent scalars need from the host when the step count is a device tensor: float64
+    functions of the hyper-parameters only, so nothing about the step is read on the host. Shared by
+    :func:`adam_step_tensors` (torch) and the fused kernel, which computes the same formulas in-kernel."""
+
+    log_beta1: float  # log(beta1), -inf for beta1 = 0: beta1^t = exp(t log(beta1))
+    log_beta2: float
+    one_minus_beta1: float
+    root_one_minus_beta2: float  # sqrt(1 - beta2)
+    rho: float  # sqrt(beta2 / (1 - beta2)), before the warm-up correction
+    lr_scale: float  # lr * scale
+    eps: float
+    log_ratio: float  # "adam_floor" only (else 0): log(beta1^2 / beta2)
+    one_minus_ratio: float  # "adam_floor" only (else 1): 1 - beta1^2 / beta2
+    worst_case_scale: float  # "adam_floor" only (else 0): (1 - beta1)^2 / (1 - beta2)
+    debias: bool
+    bound: int  # NO_FLOOR ("none", "rms_clip"), V_FLOOR, ADAM_FLOOR or ADAM_FLOOR_RATIO_ONE
+
+
+def device_step_inputs(*, lr: float, beta1: float, beta2: float, eps: float, scale: float,
+                       debias_second_moment: bool = True, update_bound: str = "v_floor") -> DeviceStepInputs:
+    """The :class:`DeviceStepInputs` of these hyper-parameters."""
+
+    def log(beta: float) -> float:
+        return math.log(beta) if beta > 0.0 else -math.inf
+
+    log_ratio, one_minus_ratio, worst_case_scale, bound = 0.0, 1.0, 0.0, NO_FLOOR
+    if update_bound == "v_floor":
+        bound = V_FLOOR
+    elif update_bound == "adam_floor":
+        ratio = beta1 * beta1 / beta2
+        log_ratio, one_minus_ratio = 2.0 * log(beta1) - log(beta2), 1.0 - ratio
+        worst_case_scale = (1.0 - beta1) ** 2 / (1.0 - beta2)
+        bound = ADAM_FLOOR_RATIO_ONE if ratio == 1.0 else ADAM_FLOOR
+    rho = math.sqrt(beta2 / (1.0 - beta2))
+    return DeviceStepInputs(log(beta1), log(beta2), 1.0 - beta1, math.sqrt(1.0 - beta2), rho, lr * scale, eps,
+                            log_ratio, one_minus_ratio, worst_case_scale, debias_second_moment, bound)
+
+
+def adam_step_tensors(step: Tensor, inputs: DeviceStepInputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(rho, step_size, eps_hat, floor)`` of :func:`adam_step_constants` for a step count held in a tensor: float64
+    0-d tensors on its device, so nothing is read on the host. ``floor`` is 0 without a floor.
+
+    The count is clamped at 1: a matrix whose first step is skipped still counts 0, and its update is discarded
+    anyway. The fused kernel's ``_step_scalars`` (``lit_lowrank.kernels.lora_pre_adam``) is this, line by line.
+
+    Example:
+        >>> inputs = device_step_inputs(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, scale=1.0)
+        >>> rho, step_size, eps_hat, floor = adam_step_tensors(torch.tensor(3.0), inputs)
+        >>> host = adam_step_constants(step=3, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, scale=1.0)
+        >>> [round(float(x) / y, 9) for x, y in zip((rho, step_size, eps_hat, floor), (host.rho, host.step_size,
+        ...                                                                              host.eps_hat, host.floor))]
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    k = inputs
+    t = step.to(torch.float64).clamp_min(1.0)
+    c = k.root_one_minus_beta2 / torch.sqrt(1.0 - torch.exp(t * k.log_beta2))
+    m_hat_per_m = k.one_minus_beta1 / ((1.0 - torch.exp(t * k.log_beta1)) * c)
+    rho = torch.full_like(t, k.rho)
+    if k.debias:  # t - 1 >= 1 inside the correction, so that step 1 (no correction) does not divide 0 by 0
+        earlier = torch.clamp_min(t - 1.0, 1.0)
+        warm_up = torch.sqrt(1.0 - torch.exp(earlier * k.log_beta2)) / (1.0 - torch.exp(earlier * 0.5 * k.log_beta2))
+        rho = torch.where(t > 1.0, rho * warm_up, rho)
+    floor = torch.zeros_like(t)
+    if k.bound == V_FLOOR:
+        floor = m_hat_per_m
+    elif k.bound in (ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE):
+        geometric = t if k.bound == ADAM_FLOOR_RATIO_ONE else (1.0 - torch.exp(t * k.log_ratio)) / k.one_minus_ratio
+        bias1 = 1.0 - torch.exp(t * k.log_beta1)
+        worst_case = k.worst_case_scale * (1.0 - torch.exp(t * k.log_beta2)) / (bias1 * bias1) * geometric
+        floor = m_hat_per_m / torch.sqrt(worst_case)
+    return rho, k.lr_scale * m_hat_per_m, k.eps / c, floor
 
 
 def damped_pinv_pair(first: Tensor, second: Tensor, role: str, damping: float, workspace: Workspace,
@@ -100,7 +184,7 @@ def lora_pre_adam_update_(
     V_B: Tensor,
     V_A: Tensor,
     *,
-    step: int,
+    step: int | Tensor,
     lr: float,
     beta1: float,
     beta2: float,
@@ -116,6 +200,7 @@ def lora_pre_adam_update_(
     update_bound: str = "v_floor",
     use_triton: UseTriton = False,
     grad_absmax: float | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """Apply LoRA-Pre Adam step ``step`` (>= 1) to a ``p x q`` ``param`` and its factors, all in place.
 
@@ -151,6 +236,14 @@ def lora_pre_adam_update_(
     FSDP2-sharded parameters (``shards``); anything else runs here (with one warning under ``True``). It ignores
     ``chunk_rows``: it forms ``m_t`` and ``v_t`` a register tile at a time.
 
+    ``ok`` (a 0-d bool tensor) selects the device-side skip, which reads nothing on the host: ``step`` is then the
+    step count as a 0-d tensor (already counting this step when ``ok`` holds; a count of 0 is read as 1), the
+    step's scalars are computed from it on the device (:func:`adam_step_tensors`; in-kernel on the kernel path),
+    and where ``ok`` is False ``param`` and the factors stay bit for bit as they were, even if ``grad`` holds
+    NaN: the kernel masks its stores of ``param``, and each factor update is a ``torch.where``. Off the kernel
+    path this runs :func:`_masked_torch_step` (``grad_absmax`` unused), a few element-wise passes slower than the
+    host path below; ``"rms_clip"`` then keeps its clip factor on the device too.
+
     Example:
         >>> from lit_lowrank.optim.lowrank_factors import init_factor_pairs
         >>> W, g = torch.zeros(8, 6), torch.ones(8, 6)
@@ -163,8 +256,11 @@ def lora_pre_adam_update_(
     """
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                  damping=damping, factor_update=factor_update, workspace=workspace, shards=shards,
-                 debias_second_moment=debias_second_moment, update_bound=update_bound)
+                 debias_second_moment=debias_second_moment, update_bound=update_bound, ok=ok)
     if _kernel_step(use_triton, param, grad, B, A, V_B, V_A, hyper, chunk_rows):
+        return
+    if ok is not None:
+        _masked_torch_step(param, grad, B, A, V_B, V_A, **hyper, chunk_rows=chunk_rows)
         return
     p, q = param.shape
     dtype, device = B.dtype, B.device
@@ -242,6 +338,70 @@ def lora_pre_adam_update_(
         V_A.mul_(1.0 - gamma2).add_(targets[1])
 
 
+def _masked_torch_step(param: Tensor, grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, *, step: Tensor,
+                       ok: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                       damping: float, factor_update: str, chunk_rows: int, workspace: Workspace,
+                       shards: RowShards | None, debias_second_moment: bool, update_bound: str) -> None:
+    """The torch path of a device-side skip: the same step as the host path, with nothing read on the host.
+
+    The step's scalars are 0-d tensors from the step count (:func:`adam_step_tensors`), so they cannot fold into
+    ``addmm``'s ``alpha`` nor ``m``'s pre-scaling as on the host: ``rho`` and the floor cost a multiply pass each.
+    A skipped matrix (``ok`` False) is computed with a zero gradient, so that nothing turns NaN on the way, and
+    every write is a :func:`~lit_lowrank.optim.lowrank_factors.masked_copy_` that keeps the old values.
+    """
+    p, q = param.shape
+    dtype, device = B.dtype, B.device
+    inputs = device_step_inputs(lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
+                                debias_second_moment=debias_second_moment, update_bound=update_bound)
+    kappa, gamma1, gamma2 = adam_rates(beta1, beta2)
+    rho, step_size, eps_hat, floor = (value.to(dtype) for value in adam_step_tensors(step, inputs))
+    jacobi = factor_update == "jacobi"
+    A_pinv, V_A_pinv = damped_pinv_pair(A, V_A, "right_pinv", damping, workspace)
+    if jacobi:
+        B_pinv, V_B_pinv = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
+    chunks = list(row_chunks(p, chunk_rows))
+    grad_buffer = workspace.get("grad", (chunk_rows, q), dtype, device)
+
+    def finite_rows(rows: slice) -> Tensor:
+        return gradient_or_zero(grad[rows], ok, grad_buffer[: rows.stop - rows.start])
+
+    if update_bound == "rms_clip":  # a NaN here only reaches the update, which ok then discards
+        m_hat_per_m = step_size / (lr * scale) if lr else torch.zeros_like(step_size)
+        step_size = step_size * _rms_clip_factor(grad, B, A, V_B, V_A, kappa, rho, eps_hat, m_hat_per_m, chunks, shards)
+
+    m_buffer = workspace.get("m", (chunk_rows, q), dtype, device)
+    root_v_buffer = workspace.get("root_v", (chunk_rows, q), dtype, device)
+    abs_grad_buffer = workspace.get("abs_grad", (chunk_rows, q), dtype, device)
+    for rows in chunks:
+        n = rows.stop - rows.start
+        g = finite_rows(rows)
+        m = torch.addmm(g, B[rows], A, alpha=kappa, out=m_buffer[:n])  # m_t / (1 - beta1)
+        root_v = torch.mm(V_B[rows], V_A, out=root_v_buffer[:n]).mul_(rho)
+        abs_g = torch.abs(g, out=abs_grad_buffer[:n])
+        torch.hypot(root_v, abs_g, out=root_v)  # sqrt(v_t / (1 - beta2^t)) / c
+        if inputs.bound != NO_FLOOR:
+            torch.maximum(root_v, torch.abs(m).mul_(floor), out=root_v)
+        update = m.div_(root_v.add_(eps_hat)).mul_(-step_size)
+        decayed = param[rows] * (1.0 - lr * weight_decay) if weight_decay != 0.0 else param[rows]
+        masked_copy_(param[rows], torch.add(decayed, update), ok)
+        masked_copy_(B[rows], torch.addmm(B[rows], g, A_pinv.T, beta=1.0 - gamma1, alpha=gamma1), ok)
+        masked_copy_(V_B[rows], torch.addmm(V_B[rows], abs_g, V_A_pinv.T, beta=1.0 - gamma2, alpha=gamma2), ok)
+
+    # The right factors from the new left factors (or the old ones: Jacobi), summed over chunks (and ranks).
+    if not jacobi:
+        B_pinv, V_B_pinv = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
+    sums = workspace.get("right_sums", (2, *A.shape), dtype, device)
+    for index, rows in enumerate(chunks):
+        g = finite_rows(rows)
+        keep = 0.0 if index == 0 else 1.0  # beta = 0 ignores the buffer's stale values
+        sums[0].addmm_(B_pinv[:, rows], g, beta=keep, alpha=gamma1)
+        sums[1].addmm_(V_B_pinv[:, rows], torch.abs(g), beta=keep, alpha=gamma2)
+    if shards is not None:
+        shards.sum_(sums)
+    masked_copy_(A, torch.mul(A, 1.0 - gamma1).add_(sums[0]), ok)
+    masked_copy_(V_A, torch.mul(V_A, 1.0 - gamma2).add_(sums[1]), ok)
+
+
 def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor,
                  hyper: dict, chunk_rows: int) -> bool:
     """Run the step as the fused kernel if ``use_triton`` asks for it and it can run; False: run the torch path.
@@ -281,7 +441,8 @@ def _kernel_step(use_triton: UseTriton, param: Tensor, grad: Tensor, B: Tensor, 
     key = (f"W {tuple(param.shape)} {param.dtype} strides {param.stride()}",
            f"grad {grad.dtype} strides {grad.stride()}", f"r {A.shape[0]}", hyper["factor_update"],
            f"weight_decay {hyper['weight_decay'] != 0.0}", f"bound {hyper['update_bound'] != 'none'}",
-           f"sharded {tuple(whole) if whole is not None else hyper['shards'] is not None}")
+           f"sharded {tuple(whole) if whole is not None else hyper['shards'] is not None}",
+           f"device-side skip {hyper['ok'] is not None}")
     check = SelfCheck(key=key, state=[param, B, A, V_B, V_A], reference=reference, names=["W", "B", "A", "V_B", "V_A"])
     return run_with_fallback(KERNEL, launch, undo=(param, B, A, V_B, V_A), check=check) is not None
 
@@ -307,13 +468,15 @@ def _squares_are_safe(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tens
     return operand_bound < SQUARES_LIMIT
 
 
-def _rms_clip_factor(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float, rho: float,
-                     eps_hat: float, m_hat_per_m: float, chunks: list, shards: RowShards | None) -> float:
+def _rms_clip_factor(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float,
+                     rho: float | Tensor, eps_hat: float | Tensor, m_hat_per_m: float | Tensor, chunks: list,
+                     shards: RowShards | None) -> float | Tensor:
     """``min(1, 1 / RMS(u))`` for the Adam-form update ``u = m_hat / (sqrt(v_hat) + eps)`` of the whole matrix
     (all ranks' rows under FSDP2), ``u = m_hat_per_m * (g + kappa B A) / (hypot(...) + eps_hat)``.
 
-    Adafactor's update clipping with threshold 1. It reads the sum of squares on the host: the option is a
-    candidate measured in the benchmarks, not the default, and the fused kernel does not implement it.
+    Adafactor's update clipping with threshold 1. With float scalars (the host path) it reads the sum of squares
+    on the host: the option is a candidate measured in the benchmarks, not the default, and the fused kernel does
+    not implement it. With tensor scalars (a device-side skip) the factor stays a 0-d tensor on the device.
     """
     total = torch.zeros((), dtype=torch.float64, device=B.device)
     for rows in chunks:
@@ -324,5 +487,7 @@ def _rms_clip_factor(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tenso
     if shards is not None:
         shards.sum_(total)
     elements = grad.shape[1] * (shards.param.shape[0] if shards is not None else grad.shape[0])
+    if isinstance(m_hat_per_m, Tensor):
+        return (m_hat_per_m * torch.sqrt(total / elements)).clamp_min(1.0).reciprocal().to(B.dtype)
     rms = m_hat_per_m * math.sqrt(float(total) / elements)
     return 1.0 / max(1.0, rms)

@@ -22,6 +22,7 @@ from lit_lowrank.optim.lowrank_factors import (
     derive_seed,
     factor_dtype,
     init_factor_pairs,
+    masked_copy_,
 )
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
 
@@ -85,6 +86,84 @@ def adamw_foreach_update_(
     torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
+def adamw_masked_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    oks: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adamw_foreach_update_` for a device-side skip: nothing is read on the host.
+
+    ``steps`` are 0-d float32 step counts and ``oks`` 0-d bool flags, one per tensor, on the tensors' device; each
+    count goes up by its flag. Where a flag is False the tensor, its moments and its count stay bit for bit as they
+    were, even if its gradient holds NaN. The formula is AdamW's; the roundings may differ from the host path's by
+    an ulp (``exp_avg`` is ``beta1 * exp_avg + (1 - beta1) * g``, not a ``lerp``).
+    """
+    live = torch.stack(oks)
+    torch._foreach_add_(steps, list(live.unbind()))
+    dtype = exp_avgs[0].dtype
+    # A skipped tensor computes with a gradient of -0.0 and the rates (1, 0): exp_avg * 1 + (-0.0) and
+    # exp_avg_sq * 1 + (+0.0) leave both bit for bit (exp_avg_sq, a sum of squares from +0, is never -0.0).
+    grads = [torch.where(ok, grad.to(dtype), -0.0) for ok, grad in zip(oks, grads)]
+    torch._foreach_mul_(exp_avg_sqs, per_tensor(live, beta2, 1.0, dtype))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    torch._foreach_mul_(exp_avgs, per_tensor(live, beta1, 1.0, dtype))
+    torch._foreach_mul_(grads, per_tensor(live, 1.0 - beta1, 0.0, dtype))
+    torch._foreach_add_(exp_avgs, grads)
+    taken = torch.stack(steps).to(torch.float64).clamp_min(1.0)  # a skipped first step counts 0: its update is dropped
+    step_sizes = -lr / one_minus_power(beta1, taken)
+    bias_correction2_sqrts = one_minus_power(beta2, taken).sqrt()
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, list(bias_correction2_sqrts.to(dtype).unbind()))
+    torch._foreach_add_(denominators, eps)
+    new_values = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_mul_(new_values, list(step_sizes.to(dtype).unbind()))
+    decayed = torch._foreach_mul(params, 1.0 - lr * weight_decay) if weight_decay != 0.0 else params
+    torch._foreach_add_(new_values, decayed)
+    for param, new_value, ok in zip(params, new_values, oks):
+        masked_copy_(param, new_value, ok)
+
+
+def per_tensor(live: Tensor, value: float, skipped: float, dtype: torch.dtype) -> list[Tensor]:
+    """One 0-d ``dtype`` tensor per flag of ``live``: ``value`` where it holds, else ``skipped``; filled on the
+    device (a Python number never travels there as a copy)."""
+    return list(torch.full_like(live, value, dtype=dtype).masked_fill_(~live, skipped).unbind())
+
+
+def one_minus_power(beta: float, steps: Tensor) -> Tensor:
+    """``1 - beta^t`` for float64 step counts ``t >= 1``, on their device (``beta = 0`` gives 1)."""
+    if beta == 0.0:
+        return torch.ones_like(steps)
+    return -torch.expm1(steps * math.log(beta))
+
+
+def device_count(state: dict[str, Any], key: str, param: Tensor) -> Tensor:
+    """The counter ``state[key]`` as a 0-d float32 tensor on ``param``'s device (the device-side skip's form, like
+    ``torch.optim.Adam(capturable=True)``'s step). A missing one starts at 0; a Python int (the host path's form,
+    e.g. from a CPU checkpoint) becomes a tensor by a fill on the device, not a copy from the host."""
+    value = state.get(key, 0)
+    if not isinstance(value, Tensor):
+        value = state[key] = torch.full((), float(value), dtype=torch.float32, device=param.device)
+    return value
+
+
+def host_count(state: dict[str, Any], key: str) -> int:
+    """The counter ``state[key]`` as a Python int (0 if missing); a device-side count (0-d tensor, e.g. from a GPU
+    checkpoint) is read once and kept as an int from then on."""
+    value = state.get(key, 0)
+    if isinstance(value, Tensor):
+        value = state[key] = int(value)
+    return value
+
+
 def check_common_hyperparameters(owner: str, group: dict[str, Any], lowrank_keys: bool) -> None:
     """Raise a ValueError naming ``owner`` for an invalid lr, weight decay, rank, damping or policy."""
     lr = group["lr"]
@@ -140,9 +219,24 @@ class LowRankOptimizerBase(Optimizer):
 
     Subclasses define ``_factor_names`` (the state keys of one parameter's factors), ``_prepare_group`` (fill
     group-kind specific defaults) and ``_step_group`` (update the parameters of one group).
+
+    Non-finite gradients skip their parameter (see :meth:`step`) in one of two ways, chosen per step:
+
+    - on the host (CPU parameters): one read of every gradient's finite flag per step, Python int step counts,
+      the step's scalars from the host; a skipped parameter is simply not updated. On a CPU there is nothing to
+      wait for, and this is the fastest path.
+    - on the device (parameters on an accelerator): per-parameter 0-d bool flags that never leave the device,
+      step counts (and ``skipped_steps``) as 0-d float32 device tensors counting up by the flag, and updates whose
+      writes are masked by it, so nothing is read on the host. Every stepped parameter then holds both counters.
+
+    ``_device_side_skip`` (private; ``None`` by default, set it on an instance or a subclass) forces the choice:
+    ``True`` runs the device path on CPU tensors too (the tests do), ``False`` the host path on accelerators.
+    Shape-only (meta) tensors always take the host path. Either path loads the other's checkpoints: counters
+    are converted on their first step (an int to a tensor by a fill on the device, a tensor to an int by one read).
     """
 
     _factor_names: tuple[str, ...] = ()
+    _device_side_skip: bool | None = None
     #: Tells :func:`lit_lowrank.optim.build_optimizer` to pass the model, which is grouped by lowrank_param_groups.
     accepts_module = True
 
@@ -248,29 +342,53 @@ class LowRankOptimizerBase(Optimizer):
                 pairs = [(shards.rows_of(left), right) for left, right in pairs]
             flat = [factor for pair in pairs for factor in pair]
             state.update(zip(self._factor_names, flat))
-            state.setdefault("step", 0)
         return state
+
+    @staticmethod
+    def _count_step(state: dict[str, Any], param: Tensor, ok: Tensor | None) -> int | Tensor:
+        """Count this step in ``state["step"]`` and return the count: +1 on the host path (``ok`` None; the
+        parameter is known to be finite), +ok on the device (its 0-d count tensor)."""
+        if ok is None:
+            state["step"] = host_count(state, "step") + 1
+            return state["step"]
+        return device_count(state, "step", param).add_(ok)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss (optional).
 
         A parameter whose gradient holds a NaN or an infinity is skipped: it, its state and its step count stay
-        as they were, and its ``skipped_steps`` count (see :meth:`skipped_steps`) goes up by one.
+        as they were, and its ``skipped_steps`` count (see :meth:`skipped_steps`) goes up by one. On CPU tensors
+        the decision is read on the host (once per step); on an accelerator it stays on the device, and no part of
+        the step reads anything on the host (see the class docstring).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         stepped = [[param for param in group["params"] if param.grad is not None] for group in self.param_groups]
-        finite = self._finite(sum(stepped, []))
-        for group, params in zip(self.param_groups, stepped):
-            for param in params:
+        params = sum(stepped, [])
+        if self._skips_on_device(params):
+            ok = self._finite_on_device(params)
+            for group, group_params in zip(self.param_groups, stepped):
+                self._step_group(group, group_params, ok)
+            return loss
+        finite = self._finite(params)
+        for group, group_params in zip(self.param_groups, stepped):
+            for param in group_params:
                 if not finite[param]:
                     state = self.state[param]
-                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-            self._step_group(group, [param for param in params if finite[param]])
+                    state["skipped_steps"] = host_count(state, "skipped_steps") + 1
+            self._step_group(group, [param for param in group_params if finite[param]], None)
         return loss
+
+    def _skips_on_device(self, params: list[Tensor]) -> bool:
+        """Whether this step decides its skips on the device (see the class docstring)."""
+        if not params or params[0].device.type == "meta":
+            return False
+        if self._device_side_skip is not None:
+            return self._device_side_skip
+        return any(param.device.type != "cpu" for param in params)
 
     def _finite(self, params: list[Tensor]) -> dict[Tensor, bool]:
         """Whether each gradient is finite, read on the host once per step (nothing to wait for on a CPU).
@@ -286,37 +404,61 @@ class LowRankOptimizerBase(Optimizer):
             return {}
         if params[0].device.type == "meta":  # shape-only runs (memory estimates) have no values to check
             return dict.fromkeys(params, True)
-        # max |g| per gradient: NaN if the gradient holds a NaN, inf if an infinity (amax propagates NaN)
+        values = self._grad_absmaxes(params).tolist()  # the step's one host read (also for LoRAPreAdamW's CPU path)
+        self._grad_absmax = dict(zip(params, values))
+        return {param: math.isfinite(value) for param, value in zip(params, values)}
+
+    def _finite_on_device(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
+        """Whether each gradient is finite, as 0-d bool tensors on the device, with the skips counted there
+        (``skipped_steps`` += not finite): nothing is read on the host. Same check as :meth:`_finite`."""
+        self._grad_absmax = {}
+        finite = torch.isfinite(self._grad_absmaxes(params))
+        counts = [device_count(self.state[param], "skipped_steps", param) for param in params]
+        torch._foreach_add_(counts, list(finite.logical_not().unbind()))
+        return dict(zip(params, finite.unbind()))
+
+    def _grad_absmaxes(self, params: list[Tensor]) -> Tensor:
+        """Each gradient's local ``max |g|`` (float64, which holds any float dtype's values): NaN if it holds a NaN,
+        inf if an infinity; under FSDP2 inf on every rank where any rank's shard is not finite."""
+        # aminmax: amax propagates NaN, and |max| or |min| is max |g|
         absmax = torch.stack([torch.stack(torch.aminmax(local(self._grad_of(param)))) for param in params])
-        absmax = absmax.double().abs_().amax(dim=1)  # float64 holds any float dtype's values
+        absmax = absmax.double().abs_().amax(dim=1)
         group = process_group(params)
         if group is not None:  # FSDP2: a non-finite entry in any rank's shard skips the parameter on every rank
             bad = torch.isfinite(absmax).logical_not_().to(torch.int32)
             all_reduce_(bad, group, op=dist.ReduceOp.MAX)
             absmax = absmax.masked_fill_(bad.bool(), math.inf)
-        values = absmax.tolist()  # the step's one host read; the local max |g| serves LoRAPreAdamW's CPU path
-        self._grad_absmax = dict(zip(params, values))
-        return {param: math.isfinite(value) for param, value in zip(params, values)}
+        return absmax
 
     def skipped_steps(self) -> int:
         """Parameter updates skipped so far because of a non-finite gradient (summed over parameters; kept in
-        the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it."""
-        return sum(int(state.get("skipped_steps", 0)) for state in self.state.values())
+        the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it.
+        Device-side counts are read here (one read per device): a query, not part of the step."""
+        counts = [state["skipped_steps"] for state in self.state.values() if "skipped_steps" in state]
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for count in counts:
+            if isinstance(count, Tensor):
+                by_device[count.device].append(count)
+        on_devices = sum(int(torch.stack(same).sum().item()) for same in by_device.values())
+        return on_devices + sum(int(count) for count in counts if not isinstance(count, Tensor))
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Update ``params``: the group's parameters that have a finite gradient."""
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], ok: dict[Tensor, Tensor] | None) -> None:
+        """Update ``params``: on the host path (``ok`` None) the group's parameters that have a finite gradient;
+        on the device path all that have a gradient, each with its 0-d bool flag ``ok[param]``."""
         raise NotImplementedError
 
-    def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _adamw_step(self, group: dict[str, Any], params: list[Tensor], ok: dict[Tensor, Tensor] | None = None) -> None:
         """Plain AdamW with the group's lr, betas, eps and weight_decay (torch.optim.AdamW's foreach arithmetic).
 
         The moments are float32 for 16-bit parameters (float64 for float64 ones), like the factors: the update
         is computed on a float32 copy of the parameter and rounded back once, so bf16 training keeps fp32 state.
+        With ``ok`` (the device-side skip): :func:`adamw_masked_update_` on the local shards.
         """
         by_device_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for param in params:
             by_device_dtype[(param.device, param.dtype)].append(param)
         beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         for (_, param_dtype), same_kind in by_device_dtype.items():
             dtype = factor_dtype(param_dtype)
             states = [self.state[param] for param in same_kind]
@@ -325,7 +467,11 @@ class LowRankOptimizerBase(Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
+            if ok is not None:
+                self._adamw_on_device(same_kind, states, [ok[param] for param in same_kind], dtype, hyper)
+                continue
+            for state in states:
+                state["step"] = host_count(state, "step") + 1
             grads = [self._grad_of(param) for param in same_kind]
             values = same_kind if dtype == param_dtype else [param.detach().to(dtype) for param in same_kind]
             adamw_foreach_update_(
@@ -334,14 +480,27 @@ class LowRankOptimizerBase(Optimizer):
                 [state["exp_avg"] for state in states],
                 [state["exp_avg_sq"] for state in states],
                 [state["step"] for state in states],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
+                **hyper,
             )
             if values is not same_kind:
                 torch._foreach_copy_([param.detach() for param in same_kind], values)
+
+    def _adamw_on_device(self, params: list[Tensor], states: list[dict[str, Any]], oks: list[Tensor],
+                         dtype: torch.dtype, hyper: dict[str, float]) -> None:
+        """The AdamW tensors of a device-side step, on their local shards (element-wise: nothing crosses ranks)."""
+        targets = [local(param).detach() for param in params]
+        values = targets if dtype == params[0].dtype else [target.to(dtype) for target in targets]
+        adamw_masked_update_(
+            values,
+            [local(self._grad_of(param)) for param in params],
+            [local(state["exp_avg"]) for state in states],
+            [local(state["exp_avg_sq"]) for state in states],
+            [device_count(state, "step", param) for param, state in zip(params, states)],
+            oks,
+            **hyper,
+        )
+        if values is not targets:
+            torch._foreach_copy_(targets, values)
 
     # ------------------------------------------------------------------------------------------ state & I/O
     def __getstate__(self) -> dict[str, Any]:
@@ -352,6 +511,7 @@ class LowRankOptimizerBase(Optimizer):
             "_param_index": self._param_index,
             "_param_names": self._param_names,
             "use_triton": getattr(self, "use_triton", "auto"),
+            "_device_side_skip": self._device_side_skip,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -364,7 +524,9 @@ class LowRankOptimizerBase(Optimizer):
 
         Step counters and seeds are Python ints, so per ``p x q`` matrix the factored state is exactly the
         factors: ``2 (p + q) r`` elements (LoRA-Pre Adam) or ``(p + q) r`` (LoRA-Pre Muon), versus ``2 p q`` for
-        AdamW. Scratch buffers are not state and are not counted. Under FSDP2 the bytes are this rank's:
+        AdamW. With the device-side skip (accelerators) the two counters of each parameter, ``step`` and
+        ``skipped_steps``, are 0-d float32 tensors: 8 more bytes per parameter, counted in ``dense``. Scratch
+        buffers are not state and are not counted. Under FSDP2 the bytes are this rank's:
         its rows of the left factors and of dense state, plus the replicated right factors.
         """
         per_group, factors, dense = [], 0, 0

@@ -32,7 +32,8 @@ class LoRAPreMuon(LowRankOptimizerBase):
     with five quintic Newton-Schulz iterations in float32, updates ``W <- W - lr (scale O + weight_decay W)``,
     then moves the factors by one damped least-squares step each towards ``g / (1 - mu)`` with
     ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre_muon_update`). A matrix or tensor whose gradient
-    holds NaN/inf is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`.
+    holds NaN/inf is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`; on an
+    accelerator without any host read (``docs/lora-pre.md``, "Non-finite gradients").
 
     Muon is for matrices only, so non-matrix tensors run AdamW inside the same optimizer, with the ``adamw_*``
     hyper-parameters:
@@ -164,13 +165,14 @@ class LoRAPreMuon(LowRankOptimizerBase):
                         "pass the model / a plain parameter list, which are split automatically."
                     )
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ok: dict | None) -> None:
         if not group["lowrank"]:
             if params:
-                self._adamw_step(group, params)
+                self._adamw_step(group, params, ok)
             return
         for param in params:
             grad = self._grad_of(param)
+            flag = None if ok is None else ok[param]
             options = {
                 "lr": group["lr"],
                 "momentum": group["momentum"],
@@ -178,10 +180,11 @@ class LoRAPreMuon(LowRankOptimizerBase):
                 "weight_decay": group["weight_decay"],
                 "ns_steps": group["ns_steps"],
                 "scale": muon_update_scale(tuple(param.shape), group["scale_rule"]),
+                "ok": flag,
             }
             if self._uses_factors(param, group):
                 state = self._factors(param, group)
-                state["step"] += 1
+                self._count_step(state, param, flag)
                 lora_pre_muon_update_(
                     local(param),
                     local(grad),
@@ -203,5 +206,5 @@ class LoRAPreMuon(LowRankOptimizerBase):
                 if "momentum_buffer" not in state:
                     state["step"] = 0
                     state["momentum_buffer"] = torch.zeros_like(param, dtype=factor_dtype(param.dtype))
-                state["step"] += 1
+                self._count_step(state, param, flag)
                 dense_muon_update_(param, grad, state["momentum_buffer"], **options)

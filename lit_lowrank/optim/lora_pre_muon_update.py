@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs
+from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -87,11 +87,16 @@ def lora_pre_muon_update_(
     factor_update: str,
     workspace: Workspace,
     shards: RowShards | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """Apply one LoRA-Pre Muon step to a ``p x q`` ``param`` and its factors ``B`` (``p x r``), ``A`` (``r x q``).
 
     ``scale`` is the update scale of :func:`muon_update_scale`. The factors' dtype is the compute dtype
     (float32, or float64 for float64 parameters); ``param`` and ``grad`` may be bf16.
+
+    ``ok`` (a 0-d bool tensor: the device-side skip) masks every write: where it is False, ``param``, ``B`` and
+    ``A`` stay bit for bit, even if ``grad`` holds NaN (it is read as zeros, so nothing computed turns NaN).
+    Nothing is read on the host; the cost is a copy of ``grad`` and a ``torch.where`` per written tensor.
 
     Under FSDP2 (``shards`` given) ``param``, ``grad`` and ``B`` are this rank's row blocks and ``A`` is replicated.
     Newton-Schulz needs the whole momentum, so it is all-gathered (p x q, as every sharded Muon must) and each
@@ -108,7 +113,10 @@ def lora_pre_muon_update_(
     """
     p, q = param.shape
     dtype, device = B.dtype, B.device
-    g = grad if grad.dtype == dtype else workspace.get("grad", (p, q), dtype, device).copy_(grad)
+    if ok is not None:
+        g = gradient_or_zero(grad, ok, workspace.get("grad", (p, q), dtype, device))
+    else:
+        g = grad if grad.dtype == dtype else workspace.get("grad", (p, q), dtype, device).copy_(grad)
 
     buffer = workspace.get("momentum", (p, q), dtype, device)
     torch.addmm(g, B, A, alpha=momentum, out=buffer)  # M_t = mu M_{t-1} + g
@@ -118,9 +126,7 @@ def lora_pre_muon_update_(
         update = newton_schulz_orthogonalize(buffer, ns_steps)
     else:
         update = shards.local_rows(newton_schulz_orthogonalize(shards.gather(buffer), ns_steps))
-    if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(update, alpha=-lr * scale)
+    _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)
 
     gamma = 1.0 - math.sqrt(momentum)
     gain = gamma / (1.0 - momentum)  # the target is g / (1 - mu)
@@ -132,13 +138,34 @@ def lora_pre_muon_update_(
     A_pinv = pinv(A, "right_pinv")
     if factor_update == "jacobi":
         B_pinv = pinv(B.T, "left_pinv", shards)
-    B.addmm_(g, A_pinv.T, beta=1.0 - gamma, alpha=gain)
+    if ok is None:
+        B.addmm_(g, A_pinv.T, beta=1.0 - gamma, alpha=gain)
+    else:
+        masked_copy_(B, torch.addmm(B, g, A_pinv.T, beta=1.0 - gamma, alpha=gain), ok)
     if factor_update != "jacobi":
         B_pinv = pinv(B.T, "left_pinv", shards)
-    if shards is None:
+    if shards is None and ok is None:
         A.addmm_(B_pinv, g, beta=1.0 - gamma, alpha=gain)
-    else:  # each rank holds B^+ g for its rows only: sum them before updating the replicated A
-        A.mul_(1.0 - gamma).add_(shards.sum_(B_pinv @ g), alpha=gain)
+        return
+    # Sharded, each rank holds B^+ g for its rows only: summed over ranks before the replicated A moves.
+    product = B_pinv @ g if shards is None else shards.sum_(B_pinv @ g)
+    if ok is None:
+        A.mul_(1.0 - gamma).add_(product, alpha=gain)
+    else:
+        masked_copy_(A, torch.mul(A, 1.0 - gamma).add_(product, alpha=gain), ok)
+
+
+def _apply_update_(param: Tensor, update: Tensor, *, lr: float, scale: float, weight_decay: float,
+                   ok: Tensor | None) -> None:
+    """``W <- W - lr * (scale * update + weight_decay * W)`` (decay first, rounded to W's dtype, as in place);
+    with ``ok`` only where it holds."""
+    if ok is None:
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        param.add_(update, alpha=-lr * scale)
+        return
+    decayed = param * (1.0 - lr * weight_decay) if weight_decay != 0.0 else param
+    masked_copy_(param, torch.add(decayed, update, alpha=-lr * scale), ok)
 
 
 def dense_muon_update_(
@@ -152,13 +179,17 @@ def dense_muon_update_(
     weight_decay: float,
     ns_steps: int,
     scale: float,
+    ok: Tensor | None = None,
 ) -> None:
-    """Plain Muon with a dense momentum buffer (the ``full_rank="dense"`` fallback of LoRAPreMuon)."""
-    momentum_buffer.mul_(momentum).add_(grad)
+    """Plain Muon with a dense momentum buffer (the ``full_rank="dense"`` fallback of LoRAPreMuon); ``ok`` as in
+    :func:`lora_pre_muon_update_`."""
+    if ok is None:
+        momentum_buffer.mul_(momentum).add_(grad)
+    else:
+        grad = torch.where(ok, grad, 0.0)
+        masked_copy_(momentum_buffer, torch.mul(momentum_buffer, momentum).add_(grad), ok)
     direction = momentum_buffer
     if nesterov:
         direction = torch.add(grad, momentum_buffer, alpha=momentum)
     update = newton_schulz_orthogonalize(direction, ns_steps)
-    if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(update, alpha=-lr * scale)
+    _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)

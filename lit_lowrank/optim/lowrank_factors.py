@@ -115,7 +115,33 @@ def damped_pinvs(factors: Sequence[Tensor], damping: float, out: Tensor, workspa
     # cholesky_ex does not synchronise a GPU to check for failure; with damping > 0 the matrix is positive
     # definite unless the factor already holds NaN/Inf, which then simply propagates.
     cholesky, _ = torch.linalg.cholesky_ex(gram)
-    return out.copy_(torch.bmm(torch.cholesky_inverse(cholesky), stacked))
+    return out.copy_(cholesky_solve(cholesky, stacked))
+
+
+def cholesky_solve(cholesky: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for a batch of lower Cholesky factors ``L``, without waiting for an accelerator.
+
+    On CPU: ``cholesky_inverse`` times ``rhs`` (the results the CPU path has always had). Elsewhere two triangular
+    solves (:func:`triangular_solves`): ``torch.cholesky_inverse`` keeps its error codes in CPU memory (MAGMA's
+    requirement) and checks them there, i.e. it waits for the device; a triangular solve (cuBLAS ``trsm``) has no
+    error code to check.
+    """
+    if cholesky.device.type == "cpu":
+        return torch.bmm(torch.cholesky_inverse(cholesky), rhs)
+    return triangular_solves(cholesky, rhs)
+
+
+def triangular_solves(cholesky: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` as ``L^-T (L^-1 rhs)``: two triangular solves, nothing read on the host.
+
+    Example:
+        >>> L = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
+        >>> triangular_solves(L, L @ L.mT)  # (L L^T)^-1 (L L^T) = I
+        tensor([[[1., 0.],
+                 [0., 1.]]], dtype=torch.float64)
+    """
+    lower = torch.linalg.solve_triangular(cholesky, rhs, upper=False)
+    return torch.linalg.solve_triangular(cholesky.mT, lower, upper=True)
 
 
 def damped_pinv(factor: Tensor, damping: float) -> Tensor:
@@ -130,6 +156,32 @@ def damped_pinv(factor: Tensor, damping: float) -> Tensor:
                 [0.0000, 0.2500, 0.0000]])
     """
     return damped_pinvs([factor], damping, torch.empty((1, *factor.shape), dtype=factor.dtype, device=factor.device))[0]
+
+
+def masked_copy_(target: Tensor, new: Tensor, ok: Tensor) -> Tensor:
+    """``target <- new`` (rounded to ``target``'s dtype) if the 0-d bool tensor ``ok`` is True; else ``target`` stays
+    bit for bit, whatever ``new`` holds (NaN included). A ``torch.where`` on the device: nothing is read on the host.
+
+    Example:
+        >>> x = torch.ones(3)
+        >>> masked_copy_(x, torch.full((3,), float("nan")), torch.tensor(False))
+        tensor([1., 1., 1.])
+    """
+    return torch.where(ok, new.to(target.dtype), target, out=target)
+
+
+def gradient_or_zero(grad: Tensor, ok: Tensor, out: Tensor) -> Tensor:
+    """``grad`` in ``out`` (``out``'s dtype) if the 0-d bool tensor ``ok`` is True, else zeros: what a step with a
+    device-side skip computes with, so that the products of a skipped step (discarded by :func:`masked_copy_`) are
+    finite rather than NaN.
+
+    Example:
+        >>> gradient_or_zero(torch.tensor([1.0, float("inf")]), torch.tensor(False), torch.empty(2))
+        tensor([0., 0.])
+    """
+    if grad.dtype != out.dtype:
+        grad = out.copy_(grad)
+    return torch.where(ok, grad, out.new_zeros(()), out=out)
 
 
 def row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:

@@ -6,6 +6,7 @@ rounding relative to each tensor's magnitude; bf16 parameters may then differ by
 The interpreter runs small tiles (32 x 32, two tiles per slot, rank chunks of 16), so the shapes below span
 several tiles, slots and rank chunks, with ragged edges in every dimension.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -18,11 +19,14 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton cannot be imported")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from hopper_compile import compile_for_hopper  # noqa: E402
 from lit_lowrank.kernels import dispatch  # noqa: E402
 from lit_lowrank.kernels import lora_pre_adam  # noqa: E402
 from lit_lowrank.kernels.dispatch import KernelFallbackWarning, should_use_kernel  # noqa: E402
-from lit_lowrank.optim import LoRAPreAdamW  # noqa: E402
+from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon  # noqa: E402
 from lit_lowrank.optim import lora_pre_adam_update as reference  # noqa: E402
 from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_  # noqa: E402
 from lit_lowrank.optim.lowrank_factors import Workspace, init_factor_pairs  # noqa: E402
@@ -89,9 +93,15 @@ class Matrix:
         (self.B, self.A), (self.V_B, self.V_A) = init_factor_pairs(tuple(W.shape), r, seed, 2, torch.float32, W.device)
         self.workspace = Workspace()
 
-    def step(self, grad, step, use_triton, **options):
+    def step(self, grad, step, use_triton, device_side=False, ok=True, **options):
+        """Step ``step``; ``device_side``: as a device-side skip (the count a 0-d tensor, ``ok`` a 0-d flag)."""
         options = {**HYPER, "weight_decay": 0.0, "scale": 1.0, "factor_update": "alternating", **options}
-        lora_pre_adam_update_(self.W, grad.to(self.W.device), self.B, self.A, self.V_B, self.V_A, step=step, chunk_rows=16,
+        if device_side:
+            device = self.W.device
+            options.update(ok=torch.tensor(ok, device=device), step=torch.tensor(float(step), device=device))
+        else:
+            options.update(step=step)
+        lora_pre_adam_update_(self.W, grad.to(self.W.device), self.B, self.A, self.V_B, self.V_A, chunk_rows=16,
                               workspace=self.workspace, use_triton=use_triton, **options)
 
     def factors(self):
@@ -235,6 +245,156 @@ def test_optimizer_with_kernel_equals_torch_path(dtype, kernel_calls):
                 close(value, s_t[key])
             else:
                 assert value == s_t[key]
+
+
+# ------------------------------------------------------------------------------------------ device-side skip
+@triton.jit
+def _scalars_of_steps(step_ptr, out_ptr, log_beta1: tl.float64, log_beta2: tl.float64, one_minus_beta1: tl.float64,
+                      root_one_minus_beta2: tl.float64, rho0: tl.float64, lr_scale: tl.float64, eps: tl.float64,
+                      log_ratio: tl.float64, one_minus_ratio: tl.float64, worst_case_scale: tl.float64,
+                      DEBIAS: tl.constexpr, BOUND: tl.constexpr):
+    """The first pass's in-kernel scalars of the step count ``step_ptr[i]``, stored in ``out_ptr[4 i: 4 i + 4]``."""
+    i = tl.program_id(0)
+    t = tl.maximum(tl.load(step_ptr + i).to(tl.float64), 1.0)
+    rho, step_size, eps_hat, floor = lora_pre_adam._step_scalars(
+        t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2, rho0, lr_scale, eps, log_ratio,
+        one_minus_ratio, worst_case_scale, DEBIAS, BOUND)
+    tl.store(out_ptr + 4 * i, rho)
+    tl.store(out_ptr + 4 * i + 1, step_size)
+    tl.store(out_ptr + 4 * i + 2, eps_hat)
+    tl.store(out_ptr + 4 * i + 3, floor)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # beta1^2 > beta2: C_t -> inf
+@pytest.mark.parametrize("beta1, beta2, debias, bound", [
+    (0.9, 0.999, True, "v_floor"), (0.9, 0.999, False, "none"), (0.8, 0.99, True, "adam_floor"),
+    (0.9, 0.81, False, "adam_floor"), (0.95, 0.9, True, "adam_floor"), (0.0, 0.999, True, "v_floor")])
+def test_in_kernel_step_scalars_equal_adam_step_tensors(beta1, beta2, debias, bound):
+    """The kernel computes the step's scalars from the step count in fp64, as ``adam_step_tensors`` does in torch
+    (which tests/optim checks against the host's ``adam_step_constants``); count 0 reads as step 1."""
+    inputs = reference.device_step_inputs(lr=3e-3, beta1=beta1, beta2=beta2, eps=1e-8, scale=0.25,
+                                          debias_second_moment=debias, update_bound=bound)
+    steps = torch.tensor([0, 1, 2, 3, 10, 100, 1000, 12345, 10**6], dtype=torch.float32, device=DEVICE)
+    out = torch.zeros(len(steps), 4, dtype=torch.float64, device=DEVICE)
+    _scalars_of_steps[(len(steps),)](steps, out, *inputs[:-2], DEBIAS=inputs.debias, BOUND=inputs.bound)
+    expected = torch.stack(reference.adam_step_tensors(steps, inputs), dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0.0)
+
+
+DEVICE_SIDE_CASES = [CASES[1], CASES[2], CASES[5], CASES[7]]
+
+
+@pytest.mark.parametrize("p,q,r,dtype,factor_update,weight_decay,debias,scale,bound", DEVICE_SIDE_CASES,
+                         ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-{c[4]}-{c[8]}" for c in DEVICE_SIDE_CASES])
+def test_device_side_kernel_step_equals_the_host_side_one(p, q, r, dtype, factor_update, weight_decay, debias,
+                                                          scale, bound, kernel_calls):
+    """Scalars from the step-count tensor in-kernel (fp64, rounded to fp32) against scalars from the host: the same
+    fp32 scalars up to a rare tie, so the same steps; and the device-side torch path agrees as the torch path does."""
+    gen = torch.Generator().manual_seed(p * q + r + 1)
+    W0 = torch.randn(p, q, generator=gen).to(dtype)
+    grads = [(torch.randn(p, q, generator=gen) * 1e-2).to(dtype) for _ in range(3)]
+    options = dict(factor_update=factor_update, weight_decay=weight_decay, debias_second_moment=debias, scale=scale,
+                   update_bound=bound)
+    host, device_side, torch_path = Matrix(W0, r), Matrix(W0, r), Matrix(W0, r)
+    for step, grad in enumerate(grads, start=1):
+        host.step(grad, step, True, **options)
+        device_side.step(grad, step, True, device_side=True, **options)
+        torch_path.step(grad, step, False, device_side=True, **options)
+    assert len(kernel_calls) == 6
+    assert_paths_agree(device_side, host, W0, factor_rtol=1e-6)
+    assert_paths_agree(device_side, torch_path, W0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the inf gradient
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_side_kernel_skip_leaves_the_matrix_bitwise(dtype, bad, kernel_calls):
+    """A non-finite gradient with ``ok`` False: no store of W in the first pass, every factor kept by its where."""
+    gen = torch.Generator().manual_seed(11)
+    W0 = torch.randn(45, 70, generator=gen).to(dtype)
+    matrix = Matrix(W0, 4)
+    matrix.step(torch.randn(45, 70, generator=gen).to(dtype), 1, True, device_side=True, weight_decay=0.1)
+    before = [tensor.clone() for tensor in (matrix.W, *matrix.factors())]
+    grad = torch.randn(45, 70, generator=gen).to(dtype)
+    grad[7, 9] = bad
+    matrix.step(grad, 1, True, device_side=True, ok=False, weight_decay=0.1)  # the count stays at 1
+    assert len(kernel_calls) == 2
+    for got, want in zip((matrix.W, *matrix.factors()), before):
+        assert torch.equal(got, want)
+    matrix.step(torch.randn(45, 70, generator=gen).to(dtype), 2, True, device_side=True, weight_decay=0.1)
+    assert not torch.equal(matrix.W, before[0]) and torch.isfinite(matrix.W).all()
+
+
+@interpreted
+def test_device_side_optimizer_step_with_the_kernel_reads_nothing_on_the_host(monkeypatch, kernel_calls):
+    """LoRAPreAdamW on the kernel path with the device-side skip forced on CPU: no host read in ``step()`` besides
+    the interpreter's own (it stands for the device, so its launches are exempt), a NaN gradient included."""
+    from host_reads import AllowedLaunch, no_host_reads
+
+    monkeypatch.setattr(lora_pre_adam, "_first_pass", AllowedLaunch(lora_pre_adam._first_pass))
+    monkeypatch.setattr(lora_pre_adam, "_second_pass", AllowedLaunch(lora_pre_adam._second_pass))
+
+    def train(device_side):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(53, 37), nn.Tanh(), nn.Linear(37, 20))
+        optimizer = LoRAPreAdamW(model.parameters(), lr=1e-2, rank=3, weight_decay=0.1, use_triton=True)
+        optimizer._device_side_skip = device_side
+        gen = torch.Generator().manual_seed(3)
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 53, generator=gen)).square().mean().backward()
+            if step == 1:
+                model[2].weight.grad[0, 0] = float("nan")
+            with no_host_reads() if device_side else contextlib.nullcontext():
+                optimizer.step()
+        return model, optimizer
+
+    model, optimizer = train(device_side=True)
+    assert kernel_calls == [(37, 53), (20, 37)] * 3
+    assert optimizer.skipped_steps() == 1
+    assert float(optimizer.state[model[2].weight]["step"]) == 2 and float(optimizer.state[model[0].weight]["step"]) == 3
+    host_model, host = train(device_side=False)  # the same steps with the scalars from the host
+    for param, host_param in zip(model.parameters(), host_model.parameters()):
+        close(param, host_param, rtol=1e-6)
+        for key in ("B", "A", "V_B", "V_A", "exp_avg", "exp_avg_sq"):
+            if key in host.state[host_param]:
+                close(optimizer.state[param][key], host.state[host_param][key], rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: run natively by benchmarks/gpu_acceptance.sh")
+@pytest.mark.parametrize("make", [
+    lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, weight_decay=0.1, use_triton=True),
+    lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, update_bound="rms_clip"),  # the torch path
+    lambda params: LoRAPreMuon(params, lr=1e-2, rank=4, weight_decay=0.1),
+], ids=["adam_kernel", "adam_torch_rms_clip", "muon"])
+def test_device_side_steps_never_sync_on_cuda(make):
+    """What the CPU tests cannot see: no synchronisation inside C++ either. After two warm-up steps (state creation
+    copies the initial factors to the GPU; the kernels compile, autotune and self-check), torch's sync debug mode
+    turns any synchronising call into an error, for finite and non-finite gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80), nn.Tanh(), nn.LayerNorm(80), nn.Linear(80, 40)).to(DEVICE)
+    optimizer = make(model.parameters())
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+
+    def step(poison=False):
+        optimizer.zero_grad()
+        model(torch.randn(16, 96, device=DEVICE, generator=gen)).square().mean().backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+            model[2].bias.grad[0] = float("nan")
+        optimizer.step()
+
+    for _ in range(2):  # warm-up: state creation, compilation, autotuning, self-check
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for poison in (False, True, False):
+            step(poison)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert optimizer.skipped_steps() == 2
+    assert all(torch.isfinite(param).all() for param in model.parameters())
 
 
 def test_use_triton_survives_pickling():
@@ -454,10 +614,13 @@ COMPILE_FOR_HOPPER = r"""
 from lit_lowrank.kernels import lora_pre_adam as K
 first, second = K._first_pass, K._second_pass
 def first_types(dtype):
-    types = {name: "*fp32" for name in first.arg_names[:9]}
-    types.update(w_ptr=f"*{dtype}", g_ptr=f"*{dtype}")
+    types = {name: "*fp32" for name in first.arg_names[:10]}
+    types.update(w_ptr=f"*{dtype}", g_ptr=f"*{dtype}", ok_ptr="*u8")
     types.update({name: "i32" for name in ("p", "q", "stride_wp", "stride_wq", "stride_gp", "stride_gq")})
     types.update({name: "fp32" for name in ("kappa", "rho", "neg_step", "eps_hat", "decay", "floor")})
+    types.update({name: "fp64" for name in ("log_beta1", "log_beta2", "one_minus_beta1", "root_one_minus_beta2",
+                                            "rho0", "lr_scale", "eps", "log_ratio", "one_minus_ratio",
+                                            "worst_case_scale")})
     return types
 def second_types(dtype):
     types = {name: "*fp32" for name in second.arg_names[:4]}
@@ -467,10 +630,11 @@ def second_types(dtype):
 cases = 0
 # The configs at the largest rank they serve: rank 128 (fp32) for those that prune keeps there, the two largest
 # tiles at rank 16 (bf16). Of two configs that differ only in stages or by one tile step, one is compiled.
-def first_at(r, dtype, config):
+def first_at(r, dtype, config, on_device=False):
     r_pad = K._r_pad(r)
     constexprs = dict(config.kwargs, r=r, R_PAD=r_pad, DECAY=True, FLOOR=True, BLOCK_R=min(K.MAX_BLOCK_R, r_pad),
-                      DOT_PRECISION="tf32x3", SOFT_BF16=False)
+                      DOT_PRECISION="tf32x3", SOFT_BF16=False, STEP_ON_DEVICE=on_device, DEBIAS=on_device,
+                      BOUND=2 if on_device else 0)
     compiled = compile_(first, first_types(dtype), constexprs, config.num_warps, config.num_stages)
     assert compiled.metadata.shared <= 227 * 1024, ("first", config, r, compiled.metadata.shared)
 def second_at(r, dtype, config):
@@ -486,6 +650,9 @@ for r, dtype, compile_at, config in [(128, "fp32", first_at, firsts[16]), (128, 
                                      (128, "fp32", second_at, seconds[64]), (16, "bf16", second_at, seconds[128])]:
     compile_at(r, dtype, config)
     cases += 1
+# The device-side step (fp64 scalars from the step count in-kernel, W's stores masked), at the largest tile.
+first_at(16, "bf16", firsts[128], on_device=True)
+cases += 1
 print("compiled", cases)
 """
 
