@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the environment header, CSV and markdown writers, interleaved timing on a
-shared CPU, and one-run-per-subprocess execution (so peak memory is per run and a crash loses one run only).
+shared CPU, one-run-per-subprocess execution (so peak memory is per run and a crash loses one run only), the
+learning-rate sweep protocol (optionally several runs at once), and bootstrap confidence intervals of accuracy.
 
 Scripts import it as ``import common`` after putting their own folder first on ``sys.path`` (they are run as
 ``python benchmarks/<script>.py``, and tests load them from their file path).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import heapq
 import json
 import os
 import platform
@@ -19,8 +21,10 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -315,6 +319,76 @@ def std(values: Sequence[float], factor: float = 1.0) -> float | None:
     return factor * statistics.stdev(values) if len(values) > 1 else None
 
 
+# ------------------------------------------------------------------------- bootstrap confidence intervals
+#: Resamples and RNG seed of every bootstrap here: fixed, so a rebuilt report gives the same intervals.
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 1234
+
+
+def bootstrap_accuracies(
+    methods: Sequence[Sequence[Sequence[float]]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    chunk: int = 1000,
+):
+    """Bootstrap replicates of the accuracy of each method over test examples and seeds: an array
+    ``(resamples, len(methods))``.
+
+    ``methods[k][s][i]`` is 1 when seed ``s`` of method ``k`` got test example ``i`` right, else 0 (every seed
+    of every method on the same ``n`` examples, in the same order). One replicate draws ``n`` example indices
+    with replacement, *shared* by every seed and method (the test set is one sample of examples that all runs
+    saw: resampling it separately per seed or per method would treat its luck as independent and understate
+    it), and for each method its seeds with replacement (training runs are independent draws). The replicate
+    is the mean correctness over the drawn seeds and examples. Sharing the examples pairs the methods, so the
+    column differences are the paired bootstrap of the accuracy difference.
+    """
+    import numpy as np
+
+    matrices = [np.asarray(correct, dtype=np.float64) for correct in methods]
+    n = {m.shape[1] for m in matrices if m.ndim == 2}
+    if len(n) != 1 or any(m.ndim != 2 or m.shape[0] == 0 for m in matrices):
+        raise ValueError("bootstrap_accuracies needs, per method, one row per seed over the same test examples; "
+                         f"got shapes {[m.shape for m in matrices]}")
+    n_examples = n.pop()
+    rng = np.random.default_rng(seed)
+    replicates = np.empty((resamples, len(matrices)))
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        examples = rng.integers(0, n_examples, size=(size, n_examples))
+        for k, correct in enumerate(matrices):
+            per_seed = correct[:, examples].mean(axis=2).T  # (size, seeds): each seed on the resampled examples
+            drawn = rng.integers(0, correct.shape[0], size=(size, correct.shape[0]))
+            replicates[start:start + size, k] = np.take_along_axis(per_seed, drawn, axis=1).mean(axis=1)
+    return replicates
+
+
+def percentile_interval(replicates: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap replicates (percentile method)."""
+    import numpy as np
+
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(np.asarray(replicates, dtype=np.float64), [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def accuracy_interval(correct: Sequence[Sequence[float]], level: float = 0.95,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(accuracy, low, high): mean correctness over seeds and test examples, and its bootstrap ``level`` interval
+    (see :func:`bootstrap_accuracies`; ``correct[s][i]`` is seed ``s`` on example ``i``)."""
+    replicates = bootstrap_accuracies([correct], resamples, seed)[:, 0]
+    return (mean([mean(row) for row in correct]), *percentile_interval(replicates, level))
+
+
+def difference_interval(correct_a: Sequence[Sequence[float]], correct_b: Sequence[Sequence[float]],
+                        level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(accuracy of a - accuracy of b, low, high): the paired bootstrap interval of the difference, both methods
+    resampled on the same test examples in every replicate (seeds independently per method)."""
+    replicates = bootstrap_accuracies([correct_a, correct_b], resamples, seed)
+    estimate = mean([mean(row) for row in correct_a]) - mean([mean(row) for row in correct_b])
+    return (estimate, *percentile_interval(replicates[:, 0] - replicates[:, 1], level))
+
+
 # ------------------------------------------------------------------------------------- learning-rate sweeps
 def next_lr(lrs: Sequence[float], side: str) -> float:
     """One more grid point past the low or high edge of a log-spaced grid, rounded to 1 significant digit."""
@@ -323,12 +397,85 @@ def next_lr(lrs: Sequence[float], side: str) -> float:
     return float(f"{value:.1g}")
 
 
+class SweepJob(NamedTuple):
+    """One run of the protocol; ``priority`` orders the queue (phase, method index, position in the phase)."""
+
+    priority: tuple[int, int, int]
+    method: str
+    lr: float
+    seed: int
+
+
+class SweepPlan:
+    """The tuning protocol of :func:`sweep` as a queue of runs that grows as results come in.
+
+    Phases, in priority order: every method's grid on the first seed, then the grid extensions, then the other
+    seeds at the chosen learning rate. A method's extensions and seeds are queued only once all its first-seed
+    runs are finished (the choice needs them); other methods' runs go on meanwhile.
+    """
+
+    GRID, EXTENSION, SEEDS = 0, 1, 2
+
+    def __init__(self, grids: dict[str, Sequence[float]], seeds: Sequence[int], score: Callable[[dict], float],
+                 extend: int) -> None:
+        self.methods, self.seeds, self.score = list(grids), list(seeds), score
+        self.extensions_left = {method: extend for method in grids}
+        self.tried: dict[str, dict[float, dict]] = {method: {} for method in grids}
+        self.unfinished = {method: 0 for method in grids}  # first-seed runs queued or running
+        self.chosen: dict[str, float] = {}
+        self.queue: list[SweepJob] = []
+        for method, grid in grids.items():
+            for position, lr in enumerate(grid):
+                self._push(self.GRID, method, position, lr, self.seeds[0])
+
+    def _push(self, phase: int, method: str, position: int, lr: float, seed: int) -> None:
+        heapq.heappush(self.queue, SweepJob((phase, self.methods.index(method), position), method, lr, seed))
+        if phase != self.SEEDS:
+            self.unfinished[method] += 1
+
+    def next_job(self) -> SweepJob | None:
+        """The most urgent queued run, or None when nothing is queued (runs may still be in flight)."""
+        return heapq.heappop(self.queue) if self.queue else None
+
+    def finished(self, job: SweepJob, result: dict) -> None:
+        """Record a finished run; once a method's first-seed runs are all in, queue what follows them."""
+        if job.priority[0] == self.SEEDS:
+            return
+        self.tried[job.method][job.lr] = result
+        self.unfinished[job.method] -= 1
+        if self.unfinished[job.method] == 0:
+            self._after_first_seed(job.method)
+
+    def _after_first_seed(self, method: str) -> None:
+        new = self._extension(method)
+        if new is not None:
+            self._push(self.EXTENSION, method, 0, new, self.seeds[0])  # one at a time per method
+            return
+        tried = self.tried[method]
+        self.chosen[method] = min(sorted(tried), key=lambda lr: self.score(tried[lr]))
+        for position, seed in enumerate(self.seeds[1:]):
+            self._push(self.SEEDS, method, position, self.chosen[method], seed)
+
+    def _extension(self, method: str) -> float | None:
+        """The next grid point past the edge holding the best score, or None (best inside, all diverged, or no
+        extension left)."""
+        tried = self.tried[method]
+        lrs = sorted(tried)
+        best = min(lrs, key=lambda lr: self.score(tried[lr]))
+        if (self.extensions_left[method] <= 0 or len(lrs) < 2 or lrs[0] < best < lrs[-1]
+                or not self.score(tried[best]) < float("inf")):
+            return None
+        self.extensions_left[method] -= 1
+        return next_lr(lrs, "low" if best == lrs[0] else "high")
+
+
 def sweep(
     grids: dict[str, Sequence[float]],
     seeds: Sequence[int],
     run: Callable[[str, float, int], dict],
     score: Callable[[dict], float],
     extend: int = 1,
+    workers: int = 1,
 ) -> dict[str, float]:
     """The tuning protocol shared by the quality benchmarks; returns the chosen learning rate per method.
 
@@ -337,24 +484,33 @@ def sweep(
     2. Where the best learning rate is at an edge of the grid, up to ``extend`` more points past that edge
        (same geometric step), one at a time, until the best is inside.
     3. The chosen learning rate with every other seed.
+
+    ``workers`` > 1 runs that many at once (``run`` is called from threads, so it should start a subprocess):
+    always the earliest queued step of the protocol first, a method's extensions and seeds only after all its
+    ``seeds[0]`` runs, but different methods overlap. With 1 worker the order is exactly steps 1, 2, 3 above,
+    method by method, in this thread.
     """
-    tried: dict[str, dict[float, dict]] = {}
-    for method, grid in grids.items():
-        tried[method] = {lr: run(method, lr, seeds[0]) for lr in grid}
-    chosen = {}
-    for method in grids:
-        for _ in range(extend):
-            lrs = sorted(tried[method])
-            best = min(lrs, key=lambda lr: score(tried[method][lr]))
-            if len(lrs) < 2 or lrs[0] < best < lrs[-1] or not score(tried[method][best]) < float("inf"):
-                break
-            new = next_lr(lrs, "low" if best == lrs[0] else "high")
-            tried[method][new] = run(method, new, seeds[0])
-        chosen[method] = min(sorted(tried[method]), key=lambda lr: score(tried[method][lr]))
-    for method in grids:
-        for seed in seeds[1:]:
-            run(method, chosen[method], seed)
-    return chosen
+    plan = SweepPlan(grids, seeds, score, extend)
+    if workers <= 1:
+        while (job := plan.next_job()) is not None:
+            plan.finished(job, run(job.method, job.lr, job.seed))
+    else:
+        _run_parallel(plan, run, workers)
+    return {method: plan.chosen[method] for method in grids if method in plan.chosen}
+
+
+def _run_parallel(plan: SweepPlan, run: Callable[[str, float, int], dict], workers: int) -> None:
+    """Keep ``workers`` runs of ``plan`` in flight until its queue is empty and every run is finished."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        running = {}
+        while True:
+            while len(running) < workers and (job := plan.next_job()) is not None:
+                running[pool.submit(run, job.method, job.lr, job.seed)] = job
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                plan.finished(running.pop(future), future.result())
 
 
 def choose(results: Iterable[dict], score: Callable[[dict], float], seed: int) -> dict[str, float]:
@@ -391,7 +547,7 @@ def make_runner(
         spec = {**base_spec, "method": method, "lr": lr, "seed": seed}
         if wait_load > 0:
             wait_for_low_load(0.5, wait_load)
-        load = load_average()
+        load, started_at = load_average(), time.time()
         if in_process:
             result = run_one(spec)
         else:
@@ -401,7 +557,8 @@ def make_runner(
         if "error" in result:
             result = {"method": method, "lr": lr, "seed": seed, "diverged": True, "error": result["error"],
                       "curve": []}
-        result["load_average_at_start"] = load
+        # Wall-clock bounds of the run (Unix time), so a report can give the span of a parallel sweep.
+        result.update(load_average_at_start=load, started_at=started_at, finished_at=time.time())
         write_json(path, result)
         print(f"{method:22s} lr={lr:<8g} seed={seed} {describe(result)}", flush=True)
         return result
@@ -425,17 +582,23 @@ def environment_for_report(env: dict, runs_dir: Path, report_only: bool) -> dict
     return env
 
 
-def add_sweep_arguments(parser, name: str, grids: dict, seeds_help: str = "first: LR search; rest: repeats") -> None:
-    """The options every learning-rate sweep script shares (methods, seeds, grid, execution, output)."""
+def add_sweep_arguments(parser, name: str, grids: dict, seeds_help: str = "first: LR search; rest: repeats",
+                        workers: int = 1, threads: int = 2) -> None:
+    """The options every learning-rate sweep script shares (methods, seeds, grid, execution, output);
+    ``workers`` and ``threads`` are the script's defaults for ``--workers`` and ``--threads``."""
     import argparse
 
     parser.add_argument("--methods", nargs="+", default=list(grids), choices=list(grids))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help=seeds_help)
     parser.add_argument("--extend", type=int, default=1, help="grid points added past an edge holding the best lr")
     parser.add_argument("--lrs", type=float, nargs="+", help="one grid for every method (overrides the defaults)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each run")
+    parser.add_argument("--threads", type=int, default=threads, help="torch.set_num_threads in each run")
+    parser.add_argument("--workers", type=int, default=workers,
+                        help="runs at once, each its own process (a method's other seeds wait for its lr choice; "
+                             "--in-process runs one at a time)")
     parser.add_argument("--wait-load", type=float, default=0.0,
-                        help="before each run, wait up to this many seconds for the 1-min load average < 0.5")
+                        help="before each run, wait up to this many seconds for the 1-min load average < 0.5 "
+                             "(one worker only: parallel runs keep the load up)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the outputs from the finished runs")
     parser.add_argument("--in-process", action="store_true", help="run in this process (no per-run peak memory)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for CSV, markdown and PNG")
@@ -455,7 +618,9 @@ def sweep_main(script: str, argv, args, grids: dict, run_one: Callable[[dict], d
     env = environment_for_report(env, args.runs, args.report_only)
     started = time.perf_counter()
     if not args.report_only:
-        sweep({m: (args.lrs or grids[m]) for m in args.methods}, args.seeds, runner(args), score, extend=args.extend)
+        workers = 1 if args.in_process else getattr(args, "workers", 1)  # in-process runs share one interpreter
+        sweep({m: (args.lrs or grids[m]) for m in args.methods}, args.seeds, runner(args), score, extend=args.extend,
+              workers=workers)
     seconds = None if args.report_only else time.perf_counter() - started
     summary = write_report(args, load_runs(args.runs, args.methods), env, seconds)
     for row in summary:

@@ -1,29 +1,49 @@
-"""Fine-tuning quality: plain LoRA vs LoRA-Pro (efficient, full) vs full fine-tuning vs LoRA-Pre Adam.
+"""Fine-tuning quality: LoRA, rsLoRA, LoRA+, LoRA-Pro (efficient, full), LoRA-Pre Adam and full fine-tuning,
+with confidence intervals that say which differences this benchmark resolves.
 
-The LoRA-Pro paper's claim at small scale, on the main-job task: the real pretrained all-MiniLM-L6-v2 (bundled,
-offline) classifies which of 9 standard-library packages a docstring paragraph comes from
-(``DocstringClassificationDataModule(batch_size=32, max_length=64)``: 630 / 135 / 135 paragraphs, chance 11.1%).
-Every method gets the same budget: 4 epochs (80 steps), linear warm-up 8 steps then cosine to 0
-(``WarmupCosineLR``), decoupled weight decay 0.01, the same freshly initialised classifier head per seed.
+Task: the real pretrained all-MiniLM-L6-v2 (bundled, offline) classifies which of 9 standard-library packages a
+docstring paragraph comes from: ``DocstringClassificationDataModule(cap_per_class=None, fractions=(0.35, 0.10,
+0.55), batch_size=32, max_length=64)``, i.e. every distinct paragraph of the 9 packages, split by a stable hash of
+its text: 935 / 254 / 1396 train / validation / test paragraphs on CPython 3.11 (classes unbalanced, majority-class
+rate 17%). The test split is the large one, so that a difference of a few points can be resolved.
 
-Methods:
+Every method gets the same budget: 64 optimizer steps of 32 paragraphs (about 2.1 epochs), linear warm-up 6 steps
+then cosine to 0 (``WarmupCosineLR``), decoupled weight decay 0.01, the same freshly initialised classifier head
+per seed. Validation every 16 steps; the test split once, with the final model, saving every prediction.
+
+Methods (rank 8 everywhere, library defaults otherwise):
     lora_adamw          LoRA r=8, alpha=16 on query/key/value/dense, head trained fully, torch.optim.AdamW
+    rslora_adamw        the same with rank-stabilised scaling alpha/sqrt(r) (``LoRAConfig(rslora=True)``: 5.66
+                        instead of 2)
+    loraplus_adamw      LoRA+: the same adapters, AdamW with the B matrices at 16 x the learning rate of the A
+                        matrices and the head (the LoRA+ paper's ratio; param groups built here)
     lora_pro_efficient  the same adapters, LoRAPro(mode="efficient")
     lora_pro_full       the same adapters, LoRAPro(mode="full") (m x n Adam moments per adapted layer)
     full_ft             every parameter, torch.optim.AdamW
     lora_pre_adam       every parameter, LoRAPreAdamW rank 8 (block matrices factored, the rest AdamW), scale 1,
                         its defaults (debiased second moment, update_bound="v_floor")
-    lora_pre_adam_paper the same with the paper's formula (debias_second_moment=False, update_bound="none"): the
-                        library's behaviour before 2026-11-30, unsafe
+    lora_pre_adam_paper not run by default (``--methods ... lora_pre_adam_paper``): the same with the paper's
+                        formula (debias_second_moment=False, update_bound="none"), unsafe
 
-Reported: test-split accuracy and loss of the final model (primary), the test accuracy at the evaluation with the
-best validation accuracy (checkpoint selection), and validation curves. Learning rates: each method's log-spaced
-grid on seed 0, chosen by final validation accuracy (ties: lower validation loss), extended past an edge holding
-the best (``--extend``), then the chosen one with the other seeds. One process per run; per-run JSON in
-``--runs`` is reused, so an interrupted sweep resumes and ``--report-only`` rebuilds the outputs.
+Protocol: each method's 3-point log grid on seed 0, chosen by final validation accuracy (ties: lower validation
+loss), extended past an edge holding the best (``--extend``, one point by default), then the chosen lr with seeds
+1 and 2. ``--workers 2`` (the default) runs two single-thread runs at once; a method's seeds 1-2 wait for its lr
+choice, other methods' runs go on. One process per run; per-run JSON in ``--runs`` is reused, so an interrupted
+sweep resumes and ``--report-only`` rebuilds the outputs.
 
-    python benchmarks/finetune_quality.py                      # about 1 h on 2 idle CPU cores
-    python benchmarks/finetune_quality.py --report-only
+Statistics: 95% intervals of test accuracy by bootstrap over test examples and seeds, and paired bootstrap
+intervals of the differences between methods (same test examples); see ``common.bootstrap_accuracies``.
+
+Cost (``--threads 1``, measured 2026-11-30 on the 2-core AMD EPYC dev machine under a load average of 3-4.6, CPU
+seconds of one run): LoRA, rsLoRA, LoRA+ and LoRA-Pro efficient 163-167 s, LoRA-Pro full 169 s, full fine-tuning
+179 s, LoRA-Pre Adam 205 s, i.e. about 3 min per run on one core (model load ~7 s, 64 steps ~2 s each, 4
+validations ~3 s each, the test pass ~15 s: evaluation batches are length-sorted). The default protocol (7
+methods x (3 grid points + 2 seeds) + extensions, about 38 runs, ~110 CPU-minutes) takes about 1 h with the
+default two single-thread workers on 2 otherwise idle cores; other processes on the cores stretch it (the
+measurement above took 2-3 x its CPU time in wall time).
+
+    python benchmarks/finetune_quality.py                     # the protocol, 2 workers x 1 thread: about 1 h
+    python benchmarks/finetune_quality.py --report-only       # rebuild the report from the runs folder
     python benchmarks/finetune_quality.py --smoke --out /tmp/bench   # seconds: tiny BERT from a config
 """
 
@@ -31,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import statistics
 import sys
@@ -45,26 +66,48 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SMOKE_BERT = dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   vocab_size=30522, max_position_embeddings=128)
 SMOKE_PACKAGES = ["json", "http"]
+NUM_CLASSES = 9  # the data module's default packages
+FRACTIONS = (0.35, 0.10, 0.55)  # train / validation / test shares of every package's paragraphs
+BATCH_SIZE, MAX_LENGTH = 32, 64
 WEIGHT_DECAY = 0.01
-GRIDS = {
-    "lora_adamw": [3e-4, 1e-3, 3e-3],
-    "lora_pro_efficient": [3e-4, 1e-3, 3e-3],
+LORAPLUS_RATIO = 16.0  # lr of the B matrices / lr of the A matrices (LoRA+ paper's recommendation)
+GRIDS = {  # centred on the choices of the 135-test-paragraph sweep (finetune_quality_runs_135test/)
+    "lora_adamw": [1e-3, 3e-3, 1e-2],
+    "rslora_adamw": [3e-4, 1e-3, 3e-3],  # scaling 2.83x LoRA's: the same updates at about 1/2.83 the lr
+    "loraplus_adamw": [1e-4, 3e-4, 1e-3],  # the lr of A; B moves at 16x
+    "lora_pro_efficient": [1e-3, 3e-3, 1e-2],
     "lora_pro_full": [1e-4, 3e-4, 1e-3],
-    "full_ft": [3e-5, 1e-4, 3e-4],
-    "lora_pre_adam": [3e-5, 1e-4, 3e-4],
+    "full_ft": [1e-4, 3e-4, 1e-3],
+    "lora_pre_adam": [3e-4, 1e-3, 3e-3],
     "lora_pre_adam_paper": [3e-5, 1e-4, 3e-4],
 }
+DEFAULT_METHODS = [method for method in GRIDS if method != "lora_pre_adam_paper"]
+ADAPTER_METHODS = ("lora_adamw", "rslora_adamw", "loraplus_adamw", "lora_pro_efficient", "lora_pro_full")
 PAPER_LITERAL = {"debias_second_moment": False, "update_bound": "none"}
+#: The differences the report judges (first minus second): the papers' claims and the LoRA variants' baselines.
+COMPARISONS = [
+    ("lora_pro_efficient", "lora_adamw"),
+    ("lora_pro_full", "lora_adamw"),
+    ("lora_pre_adam", "full_ft"),
+    ("full_ft", "lora_adamw"),
+    ("rslora_adamw", "lora_adamw"),
+    ("loraplus_adamw", "lora_adamw"),
+    ("lora_pre_adam", "lora_adamw"),
+    ("lora_pre_adam_paper", "lora_pre_adam"),
+]
 
 
 def cost_methods() -> list[str]:
-    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py)."""
-    return [method for method in GRIDS if method != "lora_pre_adam_paper"]
+    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py): rsLoRA and LoRA+ cost
+    what LoRA costs."""
+    return ["lora_adamw", "lora_pro_efficient", "lora_pro_full", "full_ft", "lora_pre_adam"]
 
 
 def label(method: str, rank: int) -> str:
     return {
         "lora_adamw": f"LoRA r={rank} + AdamW",
+        "rslora_adamw": f"rsLoRA r={rank} + AdamW",
+        "loraplus_adamw": f"LoRA+ r={rank} (B lr x{LORAPLUS_RATIO:g})",
         "lora_pro_efficient": f"LoRA-Pro efficient r={rank}",
         "lora_pro_full": f"LoRA-Pro full r={rank}",
         "full_ft": "Full fine-tuning (AdamW)",
@@ -76,16 +119,17 @@ def label(method: str, rank: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_sweep_arguments(parser, NAME, GRIDS)
-    parser.add_argument("--epochs", type=int, default=4, help="passes over the training split (20 steps each)")
-    parser.add_argument("--warmup", type=int, default=8, help="linear warm-up steps")
-    parser.add_argument("--eval-every", type=int, default=10, help="steps between validation (and test) passes")
+    common.add_sweep_arguments(parser, NAME, GRIDS, workers=2, threads=1)
+    parser.set_defaults(methods=DEFAULT_METHODS)
+    parser.add_argument("--steps", type=int, default=64, help="optimizer steps of 32 paragraphs (30 = one epoch)")
+    parser.add_argument("--warmup", type=int, default=6, help="linear warm-up steps")
+    parser.add_argument("--eval-every", type=int, default=16, help="steps between validation passes")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 rank) and LoRA-Pre rank")
-    parser.add_argument("--smoke", action="store_true", help="tiny BERT, 2 classes, 2 epochs, in-process")
+    parser.add_argument("--smoke", action="store_true", help="tiny BERT, 2 classes, 4 steps, in-process")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.epochs, args.warmup, args.eval_every, args.rank, args.seeds = 1, 1, 2, 2, [0, 1]
-        args.extend, args.in_process, args.wait_load = 0, True, 0.0
+        args.steps, args.warmup, args.eval_every, args.rank, args.seeds = 4, 1, 2, 2, [0, 1]
+        args.extend, args.in_process, args.wait_load, args.workers = 0, True, 0.0, 1
         args.lrs = args.lrs or [1e-3]
     args.runs = args.runs or args.out / f"{NAME}_runs"
     return args
@@ -98,7 +142,57 @@ def data_module(smoke: bool, seed: int):
     if smoke:
         return DocstringClassificationDataModule(packages=SMOKE_PACKAGES, cap_per_class=20, batch_size=8,
                                                  max_length=32, seed=seed)
-    return DocstringClassificationDataModule(batch_size=32, max_length=64, seed=seed)
+    return DocstringClassificationDataModule(cap_per_class=None, fractions=FRACTIONS, batch_size=BATCH_SIZE,
+                                             max_length=MAX_LENGTH, seed=seed)
+
+
+@functools.cache
+def loraplus_adamw() -> type:
+    """AdamW with LoRA+'s learning rates: every ``lora_B`` at ``ratio`` x ``lr``, the rest (``lora_A``, the head)
+    at ``lr``. Built on first use so that ``--help`` needs no torch."""
+    import torch
+
+    class LoRAPlusAdamW(torch.optim.AdamW):
+        accepts_module = True  # build_optimizer hands it the model: the groups need the parameters' names
+
+        def __init__(self, model, lr: float, ratio: float = LORAPLUS_RATIO, weight_decay: float = 0.0):
+            trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            b_matrices = [p for name, p in trainable if "lora_B" in name]
+            if not b_matrices:
+                raise ValueError("LoRA+ needs LoRA adapters: the model has no trainable lora_B")
+            rest = [p for name, p in trainable if "lora_B" not in name]
+            groups = [{"params": rest}, {"params": b_matrices, "lr": lr * ratio}]
+            super().__init__(groups, lr=lr, weight_decay=weight_decay)
+
+    return LoRAPlusAdamW
+
+
+def lora_config(method: str, rank: int):
+    """The adapters of the LoRA methods (None: every weight trained)."""
+    from lit_lowrank import LoRAConfig
+
+    if method not in ADAPTER_METHODS:
+        return None
+    return LoRAConfig(r=rank, alpha=2 * rank, target_modules="default", rslora=method == "rslora_adamw")
+
+
+def optimizer_factory(method: str, lr: float, rank: int):
+    import torch
+
+    from lit_lowrank.optim import LoRAPreAdamW, LoRAPro
+
+    adamw = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=WEIGHT_DECAY)
+    lora_pre = functools.partial(LoRAPreAdamW, lr=lr, rank=rank, scale=1.0, weight_decay=WEIGHT_DECAY)
+    return {
+        "lora_adamw": adamw,
+        "rslora_adamw": adamw,
+        "loraplus_adamw": functools.partial(loraplus_adamw(), lr=lr, weight_decay=WEIGHT_DECAY),
+        "full_ft": adamw,
+        "lora_pro_efficient": functools.partial(LoRAPro, lr=lr, mode="efficient", weight_decay=WEIGHT_DECAY),
+        "lora_pro_full": functools.partial(LoRAPro, lr=lr, mode="full", weight_decay=WEIGHT_DECAY),
+        "lora_pre_adam": lora_pre,
+        "lora_pre_adam_paper": functools.partial(lora_pre, **PAPER_LITERAL),
+    }[method]
 
 
 def build_task(method: str, lr: float, seed: int, rank: int, total_steps: int, warmup: int, smoke: bool):
@@ -106,9 +200,8 @@ def build_task(method: str, lr: float, seed: int, rank: int, total_steps: int, w
     from its ``configure_optimizers``."""
     import torch
 
-    from lit_lowrank import LoRAConfig
     from lit_lowrank.backbones import transformers_backbone
-    from lit_lowrank.optim import LoRAPreAdamW, LoRAPro, WarmupCosineLR
+    from lit_lowrank.optim import WarmupCosineLR
     from lit_lowrank.tasks import SequenceClassificationTask
 
     torch.manual_seed(seed)  # the classifier head's and the adapters' initialisation
@@ -117,20 +210,10 @@ def build_task(method: str, lr: float, seed: int, rank: int, total_steps: int, w
                                          tokenizer=False, model_kwargs={"num_labels": len(SMOKE_PACKAGES)})
     else:
         backbone = transformers_backbone(MINILM, auto_class="AutoModelForSequenceClassification", tokenizer=False,
-                                         model_kwargs={"num_labels": 9})
-    adapters = method in ("lora_adamw", "lora_pro_efficient", "lora_pro_full")
-    lora = LoRAConfig(r=rank, alpha=2 * rank, target_modules="default") if adapters else None
-    factory = {
-        "lora_adamw": functools.partial(torch.optim.AdamW, lr=lr, weight_decay=WEIGHT_DECAY),
-        "full_ft": functools.partial(torch.optim.AdamW, lr=lr, weight_decay=WEIGHT_DECAY),
-        "lora_pro_efficient": functools.partial(LoRAPro, lr=lr, mode="efficient", weight_decay=WEIGHT_DECAY),
-        "lora_pro_full": functools.partial(LoRAPro, lr=lr, mode="full", weight_decay=WEIGHT_DECAY),
-        "lora_pre_adam": functools.partial(LoRAPreAdamW, lr=lr, rank=rank, scale=1.0, weight_decay=WEIGHT_DECAY),
-        "lora_pre_adam_paper": functools.partial(LoRAPreAdamW, lr=lr, rank=rank, scale=1.0, weight_decay=WEIGHT_DECAY,
-                                                 **PAPER_LITERAL),
-    }[method]
+                                         model_kwargs={"num_labels": NUM_CLASSES})
     scheduler = functools.partial(WarmupCosineLR, warmup_steps=warmup, total_steps=total_steps)
-    task = SequenceClassificationTask(backbone, lora=lora, optimizer=factory, scheduler=scheduler)
+    task = SequenceClassificationTask(backbone, lora=lora_config(method, rank),
+                                      optimizer=optimizer_factory(method, lr, rank), scheduler=scheduler)
     configured = task.configure_optimizers()
     return task, configured["optimizer"], configured["lr_scheduler"]["scheduler"]
 
@@ -146,47 +229,58 @@ def optimizer_state_bytes(optimizer) -> int:
                if isinstance(value, torch.Tensor) and value.dim() > 0)
 
 
-def evaluate(model, loader) -> tuple[float, float]:
-    """(mean cross-entropy per example, accuracy)."""
+class LengthSortedSplit:
+    """An evaluation split batched in order of token length, so that padding each batch to its longest text
+    wastes little (most paragraphs are far shorter than ``max_length``: this halves the cost of evaluating).
+    ``in_split_order`` puts per-example results back in the split's order."""
+
+    def __init__(self, dm, split: str) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from lit_lowrank.data.labelled_text import TokenizeCollator
+
+        examples = dm.splits[split]
+        encoded = dm.tokenizer([text for text, _ in examples], truncation=True, max_length=dm.max_length)
+        self.order = sorted(range(len(examples)), key=lambda i: len(encoded["input_ids"][i]))
+        # Its own generator: starting an iterator draws a seed, which must not come from the global RNG that
+        # dropout uses, or how often a run evaluates would change its training.
+        self.loader = DataLoader([examples[i] for i in self.order], batch_size=dm.batch_size,
+                                 collate_fn=TokenizeCollator(dm.tokenizer, dm.max_length),
+                                 generator=torch.Generator())
+
+    def in_split_order(self, values: list) -> list:
+        restored = [None] * len(values)
+        for position, index in enumerate(self.order):
+            restored[index] = values[position]
+        return restored
+
+
+def evaluate(model, split: LengthSortedSplit) -> dict:
+    """Mean cross-entropy per example, accuracy, and every prediction and label in the split's order."""
     import torch
 
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, predictions, labels = 0.0, [], []
     with torch.no_grad():
-        for batch in loader:
+        for batch in split.loader:
             output = model(**batch)
-            n = len(batch["labels"])
-            loss_sum += float(output.loss) * n
-            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
-            count += n
+            loss_sum += float(output.loss) * len(batch["labels"])
+            predictions += output.logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
     model.train()
-    return loss_sum / count, correct / count
+    correct = sum(p == y for p, y in zip(predictions, labels))
+    return {"loss": loss_sum / len(labels), "acc": correct / len(labels),
+            "predictions": split.in_split_order(predictions), "labels": split.in_split_order(labels)}
 
 
-def run_one(spec: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    started, cpu_started = time.perf_counter(), common.cpu_seconds()
-    dm = data_module(spec["smoke"], spec["seed"])
-    dm.setup("fit")
-    steps_per_epoch = len(dm.train_dataloader())
-    total = spec["epochs"] * steps_per_epoch
-    task, optimizer, scheduler = build_task(spec["method"], spec["lr"], spec["seed"], spec["rank"], total,
-                                            spec["warmup"], spec["smoke"])
-    model = task.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rss_before = common.peak_rss_mib()
-    val_loader, test_loader = dm.val_dataloader(), dm.test_dataloader()
-
-    def point(step: int, train_loss):
-        val_loss, val_acc = evaluate(model, val_loader)
-        test_loss, test_acc = evaluate(model, test_loader)
-        return dict(step=step, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss,
-                    test_acc=test_acc)
-
-    curve, window, step_times, step, diverged = [point(0, None)], [], [], 0, False
-    for epoch in range(spec["epochs"]):
+def train(model, optimizer, scheduler, dm, total: int, eval_every: int) -> tuple[list[dict], list[float], bool]:
+    """``total`` optimizer steps over as many epochs as that takes. Returns the validation curve (every
+    ``eval_every`` steps and at the end), the step times, and whether the loss became non-finite (training
+    stops there)."""
+    validation = LengthSortedSplit(dm, "validation")
+    curve, window, step_times, step = [], [], [], 0
+    for epoch in itertools.count():
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(epoch)
         for batch in loader:
@@ -200,28 +294,64 @@ def run_one(spec: dict) -> dict:
             step_times.append(time.perf_counter() - start)
             window.append(loss.detach().item())
             if not math.isfinite(window[-1]):
-                diverged = True
-                break
-            if step % spec["eval_every"] == 0 or step == total:
-                curve.append(point(step, common.mean(window)))
+                return curve, step_times, True
+            if step % eval_every == 0 or step == total:
+                val = evaluate(model, validation)
+                curve.append(dict(step=step, train_loss=common.mean(window), val_loss=val["loss"], val_acc=val["acc"]))
                 window = []
-        if diverged:
-            break
-    final = curve[-1]
-    best = max(curve[1:] or curve, key=lambda p: (p["val_acc"], -p["val_loss"], p["step"]))
+            if step == total:
+                return curve, step_times, False
+    raise AssertionError("unreachable")
+
+
+def test_outcome(model, dm, diverged: bool) -> dict:
+    """The final model on the test split. A diverged model gets every example wrong (prediction -1) rather than
+    the arbitrary argmax of non-finite logits."""
+    if not diverged:
+        return evaluate(model, LengthSortedSplit(dm, "test"))
+    labels = [label_id for _, label_id in dm.splits["test"]]
+    return {"loss": float("inf"), "acc": 0.0, "predictions": [-1] * len(labels), "labels": labels}
+
+
+def class_counts(dm) -> dict[str, list[int]]:
+    """Examples per class in each split (the majority-class rate is the accuracy of always guessing it)."""
+    return {split: [sum(1 for _, y in examples if y == k) for k in range(dm.num_classes)]
+            for split, examples in dm.splits.items()}
+
+
+def run_one(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    started, cpu_started = time.perf_counter(), common.cpu_seconds()
+    dm = data_module(spec["smoke"], spec["seed"])
+    dm.setup("fit")
+    task, optimizer, scheduler = build_task(spec["method"], spec["lr"], spec["seed"], spec["rank"], spec["steps"],
+                                            spec["warmup"], spec["smoke"])
+    model = task.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rss_before = common.peak_rss_mib()
+    curve, step_times, diverged = train(model, optimizer, scheduler, dm, spec["steps"], spec["eval_every"])
+    diverged = diverged or not curve or not math.isfinite(curve[-1]["val_loss"])
+    test = test_outcome(model, dm, diverged)
+    final = curve[-1] if curve and not diverged else {"val_acc": 0.0, "val_loss": float("inf")}
+    best = max(curve or [dict(step=0, val_acc=0.0, val_loss=float("inf"))],
+               key=lambda p: (p["val_acc"], -p["val_loss"], p["step"]))
     return {
         **{k: spec[k] for k in ("method", "lr", "seed", "rank")},
         "label": label(spec["method"], spec["rank"]),
-        "steps": step,
-        "diverged": diverged or not math.isfinite(final["val_loss"]),
-        "final_val_acc": final["val_acc"] if not diverged else 0.0,
-        "final_val_loss": final["val_loss"] if not diverged else float("inf"),
-        "final_test_acc": final["test_acc"] if not diverged else 0.0,
-        "final_test_loss": final["test_loss"] if not diverged else float("inf"),
+        "steps": len(step_times),
+        "diverged": diverged,
+        "final_val_acc": final["val_acc"],
+        "final_val_loss": final["val_loss"],
+        "final_test_acc": test["acc"],
+        "final_test_loss": test["loss"],
+        "test_examples": len(test["labels"]),
         "best_val_step": best["step"],
         "best_val_acc": best["val_acc"],
-        "test_acc_at_best_val": best["test_acc"],
         "curve": curve,
+        "test_predictions": test["predictions"],
+        "test_labels": test["labels"],
         "trainable_params": trainable,
         "state_bytes": optimizer_state_bytes(optimizer),
         "peak_rss_mib": common.peak_rss_mib(),
@@ -230,6 +360,7 @@ def run_one(spec: dict) -> dict:
         "wall_s": time.perf_counter() - started,
         "cpu_s": common.cpu_seconds() - cpu_started,
         "sizes": {split: len(examples) for split, examples in dm.splits.items()},
+        "class_counts": class_counts(dm),
     }
 
 
@@ -250,77 +381,136 @@ def describe(result: dict) -> str:
 
 
 def runner(args):
-    base = dict(epochs=args.epochs, warmup=args.warmup, eval_every=args.eval_every, rank=args.rank,
+    base = dict(steps=args.steps, warmup=args.warmup, eval_every=args.eval_every, rank=args.rank,
                 threads=args.threads, smoke=args.smoke)
     return common.make_runner(Path(__file__).resolve(), args.runs, base, run_one, describe, args.in_process,
                               args.wait_load)
 
 
+def correctness(run: dict) -> list[int]:
+    """1 per test example the run got right, 0 per one it got wrong, in test-split order."""
+    return [int(p == y) for p, y in zip(run["test_predictions"], run["test_labels"])]
+
+
+def final_runs(args, runs: list[dict], method: str, lr: float) -> list[dict]:
+    """The runs of ``method`` at its chosen ``lr`` on the protocol's seeds that saved test predictions."""
+    return sorted((r for r in runs if r["method"] == method and r["lr"] == lr and r["seed"] in args.seeds
+                   and "test_predictions" in r), key=lambda r: r["seed"])
+
+
+def summary_row(args, runs: list[dict], method: str, lr: float) -> dict:
+    final = final_runs(args, runs, method, lr)
+    test_acc = [r["final_test_acc"] for r in final]
+    accuracy, low, high = common.accuracy_interval([correctness(r) for r in final]) if final else (None,) * 3
+    grid = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
+                  if r["method"] == method and r["seed"] == args.seeds[0])
+    return {
+        "method": label(method, args.rank),
+        "key": method,
+        "lr": lr,
+        "seeds": len(final),
+        "test_examples": final[0]["test_examples"] if final else None,
+        "test_acc_mean": 100 * accuracy if final else None,
+        "test_acc_ci_low": 100 * low if final else None,
+        "test_acc_ci_high": 100 * high if final else None,
+        "test_acc_ci": f"[{100 * low:.1f}, {100 * high:.1f}]" if final else "",
+        "test_acc_std": common.std(test_acc, factor=100),
+        "test_acc_per_seed": " / ".join(f"{100 * a:.1f}" for a in test_acc),
+        "test_loss_mean": common.mean([r["final_test_loss"] for r in final]),
+        "val_acc_mean": 100 * common.mean([r["final_val_acc"] for r in final]),
+        "lr_grid": ", ".join(f"{g:g}: {100 * v:.1f}" for g, v in grid),
+        "trainable_M": final[0]["trainable_params"] / 1e6 if final else None,
+        "state_MiB": final[0]["state_bytes"] / 2**20 if final else None,
+        "peak_rss_MiB": common.mean([r["peak_rss_mib"] for r in final]),
+        "step_ms": common.mean([r["step_ms_median"] for r in final]),
+        "run_wall_s": common.mean([r["wall_s"] for r in final]),
+        "run_cpu_s": common.mean([r["cpu_s"] for r in final]),
+    }
+
+
 def summarise(args, runs: list[dict]) -> tuple[list[dict], dict]:
     chosen = common.choose(runs, score, args.seeds[0])
-    summary = []
-    for method in [m for m in args.methods if m in chosen]:
-        lr = chosen[method]
-        final = sorted((r for r in runs if r["method"] == method and r["lr"] == lr and r["seed"] in args.seeds
-                        and "final_test_acc" in r), key=lambda r: r["seed"])
-        grid = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
-                      if r["method"] == method and r["seed"] == args.seeds[0])
-        test_acc = [r["final_test_acc"] for r in final]
-        summary.append({
-            "method": label(method, args.rank),
-            "key": method,
-            "lr": lr,
-            "seeds": len(final),
-            "test_acc_mean": 100 * common.mean(test_acc),
-            "test_acc_std": common.std(test_acc, factor=100),
-            "test_acc_per_seed": " / ".join(f"{100 * a:.1f}" for a in test_acc),
-            "test_loss_mean": common.mean([r["final_test_loss"] for r in final]),
-            "val_acc_mean": 100 * common.mean([r["final_val_acc"] for r in final]),
-            "test_acc_at_best_val_mean": 100 * common.mean([r["test_acc_at_best_val"] for r in final]),
-            "lr_grid": ", ".join(f"{g:g}: {100 * v:.1f}" for g, v in grid),
-            "trainable_M": final[0]["trainable_params"] / 1e6 if final else None,
-            "state_MiB": final[0]["state_bytes"] / 2**20 if final else None,
-            "peak_rss_MiB": common.mean([r["peak_rss_mib"] for r in final]),
-            "step_ms": common.mean([r["step_ms_median"] for r in final]),
-        })
-    return summary, chosen
+    return [summary_row(args, runs, method, chosen[method]) for method in args.methods if method in chosen], chosen
 
 
-def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
+def compare(args, runs: list[dict], chosen: dict, a: str, b: str, bonferroni: int) -> dict | None:
+    """Paired bootstrap of test accuracy a - b (points) at both methods' chosen lrs; None without runs for both.
+    ``resolved``: the 95% interval excludes 0; ``resolved_bonferroni``: so does the 1 - 0.05 / ``bonferroni``
+    interval (all the report's comparisons at a joint 95%)."""
+    if a not in chosen or b not in chosen:
+        return None
+    runs_a, runs_b = final_runs(args, runs, a, chosen[a]), final_runs(args, runs, b, chosen[b])
+    if not runs_a or not runs_b or runs_a[0]["test_labels"] != runs_b[0]["test_labels"]:
+        return None
+    replicates = common.bootstrap_accuracies([[correctness(r) for r in runs_a], [correctness(r) for r in runs_b]])
+    differences = 100 * (replicates[:, 0] - replicates[:, 1])
+    low, high = common.percentile_interval(differences, 0.95)
+    strict = common.percentile_interval(differences, 1 - 0.05 / max(bonferroni, 1))
+    estimate = 100 * (common.mean([r["final_test_acc"] for r in runs_a])
+                      - common.mean([r["final_test_acc"] for r in runs_b]))
+    return {
+        "comparison": f"{label(a, args.rank)} - {label(b, args.rank)}",
+        "a": a, "b": b, "seeds_a": len(runs_a), "seeds_b": len(runs_b),
+        "difference": estimate, "ci_low": low, "ci_high": high,
+        "difference_text": f"{estimate:+.1f}", "ci": f"[{low:+.1f}, {high:+.1f}]",
+        "resolved": verdict(low, high, a, b, args.rank),
+        "resolved_bonferroni": verdict(*strict, a, b, args.rank),
+    }
+
+
+def verdict(low: float, high: float, a: str, b: str, rank: int) -> str:
+    if low > 0:
+        return f"yes: {label(a, rank)} better"
+    if high < 0:
+        return f"yes: {label(b, rank)} better"
+    return "no"
+
+
+def comparisons(args, runs: list[dict], chosen: dict) -> tuple[list[dict], list[dict]]:
+    """The report's comparisons of interest, and every pair of methods (for the CSV)."""
+    wanted = [pair for pair in COMPARISONS if pair[0] in chosen and pair[1] in chosen]
+    of_interest = [compare(args, runs, chosen, a, b, len(wanted)) for a, b in wanted]
+    methods = [m for m in args.methods if m in chosen]
+    every_pair = [compare(args, runs, chosen, a, b, len(wanted)) for a, b in itertools.combinations(methods, 2)]
+    return [row for row in of_interest if row], [row for row in every_pair if row]
+
+
+def plot(args, runs: list[dict], chosen: dict, summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (acc_ax, loss_ax, grid_ax) = plt.subplots(1, 3, figsize=(16, 5))
+    figure, (acc_ax, grid_ax, test_ax) = plt.subplots(1, 3, figsize=(17, 5.5))
     colors = plt.get_cmap("tab10")
     for index, method in enumerate(m for m in args.methods if m in chosen):
-        color = colors(index)
+        color, name = colors(index), label(method, args.rank)
         picked = [r for r in runs if r["method"] == method and r["lr"] == chosen[method] and r.get("curve")
                   and r["seed"] in args.seeds]
         for run in picked:
-            steps = [p["step"] for p in run["curve"]]
-            acc_ax.plot(steps, [100 * p["val_acc"] for p in run["curve"]], color=color, alpha=0.25, linewidth=1)
-            loss_ax.plot(steps, [p["val_loss"] for p in run["curve"]], color=color, alpha=0.25, linewidth=1)
+            acc_ax.plot([p["step"] for p in run["curve"]], [100 * p["val_acc"] for p in run["curve"]], color=color,
+                        alpha=0.25, linewidth=1)
         if picked and len({len(r["curve"]) for r in picked}) == 1:
             steps = [p["step"] for p in picked[0]["curve"]]
-            name = f"{label(method, args.rank)} (lr {chosen[method]:g}, {len(picked)} seeds)"
-            for axis, key, factor in ((acc_ax, "val_acc", 100), (loss_ax, "val_loss", 1)):
-                values = [factor * common.mean([r["curve"][i][key] for r in picked]) for i in range(len(steps))]
-                axis.plot(steps, values, color=color, linewidth=2, label=name)
-        sweep_runs = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
-                            if r["method"] == method and r["seed"] == args.seeds[0])
-        grid_ax.plot([lr for lr, _ in sweep_runs], [100 * a for _, a in sweep_runs], "o-", color=color,
-                     label=label(method, args.rank))
-    chance = 100 / (len(SMOKE_PACKAGES) if args.smoke else 9)
-    acc_ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.1f}%)")
+            values = [100 * common.mean([r["curve"][i]["val_acc"] for r in picked]) for i in range(len(steps))]
+            acc_ax.plot(steps, values, color=color, linewidth=2, label=f"{name} (lr {chosen[method]:g})")
+        grid = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
+                      if r["method"] == method and r["seed"] == args.seeds[0])
+        grid_ax.plot([lr for lr, _ in grid], [100 * a for _, a in grid], "o-", color=color, label=name)
+    rows = [row for row in summary if row["test_acc_mean"] is not None]
+    for y, row in enumerate(rows):
+        test_ax.errorbar(row["test_acc_mean"], y, color=colors(y), fmt="o", capsize=4,
+                         xerr=[[row["test_acc_mean"] - row["test_acc_ci_low"]],
+                               [row["test_acc_ci_high"] - row["test_acc_mean"]]])
+    test_ax.set_yticks(range(len(rows)), [row["method"] for row in rows], fontsize=7)
+    test_ax.invert_yaxis()
     acc_ax.set(xlabel="optimizer step", ylabel="validation accuracy (%)",
                title="Validation accuracy: mean over seeds (bold), each seed (faint)")
-    loss_ax.set(xlabel="optimizer step", ylabel="validation loss (cross-entropy)", title="Validation loss")
     grid_ax.set_xscale("log")
     grid_ax.set(xlabel="peak learning rate", ylabel="final validation accuracy (%), seed 0",
                 title="Learning-rate grid (seed 0)")
-    for axis in (acc_ax, loss_ax, grid_ax):
+    test_ax.set(xlabel="test accuracy (%)", title="Test accuracy, 95% bootstrap CI")
+    for axis in (acc_ax, grid_ax, test_ax):
         axis.grid(True, which="both", alpha=0.3)
     acc_ax.legend(fontsize=7)
     grid_ax.legend(fontsize=7)
@@ -329,66 +519,126 @@ def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def protocol_span_minutes(runs: list[dict]) -> float | None:
+    """Minutes from the first run's start to the last run's end (the sweep's wall time when it ran in one go);
+    None when the runs carry no timestamps."""
+    timed = [r for r in runs if "started_at" in r and "finished_at" in r]
+    if not timed:
+        return None
+    return (max(r["finished_at"] for r in timed) - min(r["started_at"] for r in timed)) / 60
+
+
+def timing_line(runs: list[dict], seconds: float | None) -> str:
+    span = protocol_span_minutes(runs)
+    wall_total = sum(r.get("wall_s", 0) for r in runs) / 60
+    cpu_total = sum(r.get("cpu_s", 0) for r in runs) / 60
+    return (f"- runs: {len(runs)}; protocol wall time (first run's start to last run's end): "
+            + (f"{span:.0f} min" if span is not None else "unknown (runs without timestamps)")
+            + f"; {wall_total:.0f} min wall and {cpu_total:.0f} min CPU summed over the runs"
+            + (f"; this invocation {seconds / 60:.0f} min" if seconds else ""))
+
+
+def setup_lines(args, runs: list[dict]) -> list[str]:
+    sample = next((r for r in runs if "sizes" in r), {})
+    sizes, counts = sample.get("sizes", {}), sample.get("class_counts", {})
+    test_counts = counts.get("test", [])
+    majority = 100 * max(test_counts) / sum(test_counts) if test_counts else float("nan")
+    model = ("Tiny BERT from a config (smoke test)" if args.smoke else
+             "The real pretrained all-MiniLM-L6-v2 (22.7M parameters, `AutoModelForSequenceClassification`, new "
+             "9-way head)")
+    data = ("`DocstringClassificationDataModule(packages=['json', 'http'], cap_per_class=20)`" if args.smoke else
+            f"`DocstringClassificationDataModule(cap_per_class=None, fractions={FRACTIONS}, batch_size={BATCH_SIZE}, "
+            f"max_length={MAX_LENGTH})`")
+    return [
+        "## Setup",
+        "",
+        f"{model} on {data}: which standard-library package a docstring paragraph comes from, every distinct "
+        f"paragraph of the packages split by a stable hash of its text: **{sizes.get('train', '?')} / "
+        f"{sizes.get('validation', '?')} / {sizes.get('test', '?')} train / validation / test paragraphs**; test "
+        f"paragraphs per class {test_counts} (majority-class rate {majority:.1f}%). Same budget for every method: "
+        f"{args.steps} optimizer steps of {BATCH_SIZE if not args.smoke else 8} paragraphs, warm-up {args.warmup} "
+        f"steps then cosine to 0, decoupled weight decay {WEIGHT_DECAY}, AdamW betas (0.9, 0.999); dropout 0.1 as "
+        "in the model config.",
+        "",
+        f"LoRA: r={args.rank}, alpha={2 * args.rank} on query/key/value/dense (all 36 linear layers of the 6 blocks), "
+        "classifier head trained fully (in LoRA-Pro's second param group, plain AdamW). rsLoRA: the same with "
+        f"`LoRAConfig(rslora=True)`, scaling alpha/sqrt(r) = {2 * args.rank / math.sqrt(args.rank):.2f} instead of "
+        f"alpha/r = 2. LoRA+: the same adapters, AdamW with every `lora_B` at {LORAPLUS_RATIO:g} x the learning rate "
+        "of the `lora_A` matrices and the head (the reported lr). LoRA-Pre Adam: no adapters, every parameter "
+        f"trained, rank {args.rank} factors for the 36 block matrices, `scale=1` (the paper's fine-tuning alpha), "
+        "embeddings / norms / pooler / head on AdamW. The task is built exactly as the CLI builds it "
+        "(`SequenceClassificationTask(...).configure_optimizers()`); the loop is plain PyTorch.",
+        "",
+        "Learning rates (same protocol for every method): a log-spaced grid of 3 peak learning rates per method, "
+        "seed 0, full budget; chosen by final validation accuracy (ties: lower validation loss); where the best was "
+        f"at an edge, up to {args.extend} more point(s) past it; then the chosen lr with seeds "
+        f"{', '.join(map(str, args.seeds[1:]))}. Validation every {args.eval_every} steps; the test split once, "
+        "with the final model.",
+        "",
+        "Statistics: the test accuracy of a method is the mean over its seeds and the test paragraphs. Its 95% "
+        f"interval is a percentile bootstrap ({common.BOOTSTRAP_RESAMPLES} resamples, RNG seed "
+        f"{common.BOOTSTRAP_SEED}): each resample draws the test paragraphs with replacement (one draw shared by "
+        "every seed and method: they all saw the same paragraphs) and, per method, its seeds with replacement. "
+        "A difference between two methods is bootstrapped the same way, paired on the paragraphs; it is "
+        "**resolved** when its 95% interval excludes 0. The last column applies a Bonferroni correction over the "
+        "comparisons listed (each at 1 - 0.05/k), so that all of them hold together at 95%.",
+        "",
+    ]
+
+
+def results_lines(summary: list[dict], pairs: list[dict]) -> list[str]:
+    return [
+        "## Results",
+        "",
+        *common.markdown_table(summary, [
+            ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"), ("test_examples", "test examples"),
+            ("test_acc_mean", "test acc %"), ("test_acc_ci", "95% CI"), ("test_acc_per_seed", "per seed"),
+            ("test_loss_mean", "test loss"), ("trainable_M", "trainable M params"),
+            ("state_MiB", "optimizer state MiB"), ("step_ms", "step ms (in-run median)"),
+            ("run_wall_s", "run s (wall)"), ("run_cpu_s", "run s (CPU)"),
+            ("lr_grid", "lr grid, seed 0: final val acc %")], digits=4),
+        "",
+        "### Differences (points of test accuracy, paired bootstrap)",
+        "",
+        *common.markdown_table(pairs, [
+            ("comparison", "comparison (first - second)"), ("difference_text", "difference"), ("ci", "95% CI"),
+            ("resolved", "resolved (95% CI excludes 0)"), ("resolved_bonferroni", "resolved, Bonferroni")], digits=3),
+        "",
+        f"![validation curves, lr grids and test intervals]({NAME}.png)",
+        "",
+        f"Per-run values: `{NAME}.csv`; method summary with intervals: `{NAME}_summary.csv`; every pair of methods: "
+        f"`{NAME}_pairs.csv`; validation curves: `{NAME}_curves.csv`; per-example test predictions: the run JSON in "
+        "the runs folder. In-run times include other processes' load; see `train_step_speed.md` for the controlled "
+        "step timing.",
+        "",
+    ]
+
+
+RUN_COLUMNS = ["method", "label", "lr", "seed", "rank", "steps", "test_examples", "final_val_acc", "final_val_loss",
+               "final_test_acc", "final_test_loss", "best_val_step", "best_val_acc", "diverged", "trainable_params",
+               "state_bytes", "peak_rss_mib", "rss_before_training_mib", "step_ms_median", "wall_s", "cpu_s",
+               "load_average_at_start", "started_at", "finished_at", "error"]
+
+
 def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> list[dict]:
     summary, chosen = summarise(args, runs)
+    of_interest, every_pair = comparisons(args, runs, chosen)
     args.out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(args.out / f"{NAME}.csv", [{k: v for k, v in r.items() if k not in ("curve", "sizes")} for r in runs],
-                     ["method", "label", "lr", "seed", "rank", "steps", "final_val_acc", "final_val_loss",
-                      "final_test_acc", "final_test_loss", "best_val_step", "best_val_acc", "test_acc_at_best_val",
-                      "diverged", "trainable_params", "state_bytes", "peak_rss_mib", "rss_before_training_mib",
-                      "step_ms_median", "wall_s", "cpu_s", "load_average_at_start", "error"])
+    common.write_csv(args.out / f"{NAME}.csv", runs, RUN_COLUMNS)
+    common.write_csv(args.out / f"{NAME}_summary.csv", summary)
+    common.write_csv(args.out / f"{NAME}_pairs.csv", every_pair)
     common.write_csv(args.out / f"{NAME}_curves.csv",
                      [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **p} for r in runs
                       for p in r.get("curve", [])])
-    plot(args, runs, chosen, args.out / f"{NAME}.png")
-    sizes = next((r["sizes"] for r in runs if "sizes" in r), {})
-    wall_total = sum(r.get("wall_s", 0) for r in runs) / 60
-    cpu_total = sum(r.get("cpu_s", 0) for r in runs) / 60
+    plot(args, runs, chosen, summary, args.out / f"{NAME}.png")
     lines = [
         "# Fine-tuning quality: all-MiniLM-L6-v2 on the docstring task",
         "",
         *common.environment_lines(env),
-        f"- runs: {len(runs)} ({wall_total:.0f} min wall, {cpu_total:.0f} min CPU in the runs"
-        + (f"; this invocation {seconds / 60:.0f} min" if seconds else "") + ")",
+        timing_line(runs, seconds),
         "",
-        "## Setup",
-        "",
-        ("Tiny BERT from a config (smoke test). " if args.smoke else
-         "The real pretrained all-MiniLM-L6-v2 (22.7M parameters, `AutoModelForSequenceClassification`, new 9-way "
-         "head) ")
-        + "on `DocstringClassificationDataModule(batch_size=32, max_length=64)`: which standard-library package a "
-          f"docstring paragraph comes from, {sizes.get('train', '?')} / {sizes.get('validation', '?')} / "
-          f"{sizes.get('test', '?')} train / validation / test paragraphs, chance 11.1%. Same budget for every "
-          f"method: {args.epochs} epochs ({args.epochs * 20} steps), warm-up {args.warmup} steps then cosine to 0, "
-          f"decoupled weight decay {WEIGHT_DECAY}, AdamW betas (0.9, 0.999); dropout 0.1 as in the model config. "
-          f"LoRA: r={args.rank}, alpha={2 * args.rank} on query/key/value/dense (all 36 linear layers of the 6 "
-          "blocks), classifier head trained fully (in LoRA-Pro's second param group, plain AdamW). LoRA-Pre Adam: "
-          f"no adapters, every parameter trained, rank {args.rank} factors for the 36 block matrices, `scale=1` (the "
-          "paper's fine-tuning alpha), embeddings / norms / pooler / head on AdamW. The task is built exactly as the "
-          "CLI builds it (`SequenceClassificationTask(...).configure_optimizers()`); the loop is plain PyTorch.",
-        "",
-        "Learning-rate tuning (same protocol for every method): a log-spaced grid of 3 peak learning rates per method "
-        "around its usual range, seed 0, full budget; chosen by final validation accuracy (ties: lower validation "
-        f"loss); where the best was at an edge, up to {args.extend} more point(s) past it; then the chosen lr with "
-        f"seeds {', '.join(map(str, args.seeds[1:]))}. Validation and test are evaluated every {args.eval_every} "
-        "steps; **test accuracy is that of the final model** (the column 'at best val' evaluates the checkpoint "
-        "with the best validation accuracy instead). Test split: 135 paragraphs, so one paragraph = 0.74 points.",
-        "",
-        "## Results",
-        "",
-        *common.markdown_table(summary, [
-            ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"), ("test_acc_mean", "test acc % (mean)"),
-            ("test_acc_std", "std"), ("test_acc_per_seed", "test acc % per seed"), ("test_loss_mean", "test loss"),
-            ("test_acc_at_best_val_mean", "test acc % at best val"), ("trainable_M", "trainable M params"),
-            ("state_MiB", "optimizer state MiB"), ("step_ms", "step ms (in-run median)"),
-            ("lr_grid", "lr grid, seed 0: final val acc %")], digits=4),
-        "",
-        f"![validation curves]({NAME}.png)",
-        "",
-        "Per-run values: `finetune_quality.csv`; curves (validation and test every evaluation): "
-        "`finetune_quality_curves.csv`. In-run step times may include other processes' load; see "
-        "`train_step_speed.md` for the controlled timing.",
-        "",
+        *setup_lines(args, runs),
+        *results_lines(summary, of_interest),
     ]
     common.write_markdown(args.out, NAME, lines, args.smoke)
     return summary
@@ -396,8 +646,14 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
-                             lambda row: f"{row['method']:34s} lr {row['lr']:<7g} test acc {row['test_acc_mean']:.1f}% ({row['test_acc_per_seed']})")
+    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report, summary_line)
+
+
+def summary_line(row: dict) -> str:
+    if row["test_acc_mean"] is None:
+        return f"{row['method']:34s} lr {row['lr']:<7g} no finished run with test predictions"
+    return (f"{row['method']:34s} lr {row['lr']:<7g} test acc {row['test_acc_mean']:.1f}% {row['test_acc_ci']} "
+            f"({row['test_acc_per_seed']})")
 
 
 if __name__ == "__main__":

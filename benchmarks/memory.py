@@ -1,10 +1,11 @@
 """Memory per method: exact optimizer-state bytes and peak process memory, for the two quality settings and
 for Llama-60M..1B shapes.
 
-1. ``runs``: every method of ``pretrain_quality.py`` and ``finetune_quality.py`` (same model, data and optimizer
-   builders), each in a fresh process that builds the data, the model and the optimizer and takes ``--steps``
-   training steps. Reported: the optimizer's state bytes (``state_bytes()`` where the optimizer has it, else its
-   state tensors, GaLore's projection matrices included), parameter and gradient bytes, and peak memory:
+1. ``runs``: every method of ``pretrain_quality.py`` (its paper rows and its references: full-rank Muon, APOLLO,
+   APOLLO-Mini, Adam-mini) and ``finetune_quality.py`` (same model, data and optimizer builders), each in a fresh
+   process that builds the data, the model and the optimizer and takes ``--steps`` training steps. Reported: the
+   optimizer's state bytes (``state_bytes()`` where the optimizer has it, else every state tensor it holds after
+   those steps, GaLore's and APOLLO's projection matrices included), parameter and gradient bytes, and peak memory:
    ``ru_maxrss`` on CPU (the whole process: interpreter, libraries, data, model, activations, state), also shown
    above the process's resident size right after the imports; on CUDA ``torch.cuda.max_memory_allocated``.
 2. ``llama``: the optimizer-state table of ``lora_pre_memory.py`` (AdamW, GaLore, LoRA-Pre Adam / Muon on GaLore's
@@ -21,6 +22,7 @@ for Llama-60M..1B shapes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -58,7 +60,7 @@ def settings(smoke: bool) -> dict[str, list[str]]:
     import finetune_quality
     import pretrain_quality
 
-    return {"pretrain": pretrain_quality.cost_methods(), "finetune": finetune_quality.cost_methods()}
+    return {"pretrain": pretrain_quality.cost_methods(references=True), "finetune": finetune_quality.cost_methods()}
 
 
 def measure_one(spec: dict) -> dict:
@@ -74,10 +76,11 @@ def measure_one(spec: dict) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            import galore_torch  # noqa: F401
-        except ImportError:
-            pass
+        for package in ("galore_torch", "apollo_torch", "adam_mini"):  # the same imports in every run's baseline
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                pass
     transformers.LlamaForCausalLM, transformers.BertForSequenceClassification  # noqa: B018 - resolve lazy imports
     rss_imports = common.peak_rss_mib()
     torch.set_num_threads(spec["threads"])
@@ -231,7 +234,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for axis, setting, title in ((axes[0], "pretrain", "Pre-training Llama (1.85M params)"),
+    import pretrain_quality
+
+    for axis, setting, title in ((axes[0], "pretrain", f"Pre-training {pretrain_quality.model_name()}"),
                                  (axes[1], "finetune", "Fine-tuning MiniLM (22.7M params)")):
         same = [r for r in rows if r["setting"] == setting]
         labels = [r["label"].replace(", debias_second_moment (extension)", "\n+debias (ext.)") for r in same]
@@ -251,6 +256,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(args, env: dict, run_rows: list[dict], llama_rows: list[dict]) -> None:
+    import pretrain_quality
+
     args.out.mkdir(parents=True, exist_ok=True)
     if run_rows:
         common.write_csv(args.out / f"{NAME}_runs.csv", run_rows)
@@ -270,12 +277,14 @@ def write_report(args, env: dict, run_rows: list[dict], llama_rows: list[dict]) 
             "",
             f"Each method in a fresh process: data, model and optimizer built as in the quality benchmark, then "
             f"{args.steps} training step(s) on {args.device}. Optimizer state: exact bytes (`state_bytes()` for "
-            "LoRA-Pre, the state tensors otherwise; GaLore's projection matrices included, 0-d step counters not). "
+            "LoRA-Pre, every state tensor held after the steps otherwise: moments, Adam-mini's and APOLLO's scalars, "
+            "GaLore's and APOLLO's projection matrices; step counters not). "
             "Peak RSS is the whole process (`ru_maxrss`: Python, torch, transformers, the tokenised data, the model, "
             "activations, gradients and state); 'above imports' subtracts the resident size after the imports, "
             "which the methods share. The baseline is AdamW (pre-training) and plain LoRA + AdamW (fine-tuning).",
             "",
-            "### Pre-training (Llama hidden 128, 4 layers, vocab 8192, batch 16 x 128)",
+            f"### Pre-training ({pretrain_quality.model_name()}, batch {pretrain_quality.BATCH} x "
+            f"{pretrain_quality.BLOCK} bytes)",
             "",
             *common.markdown_table([r for r in run_rows if r["setting"] == "pretrain"], columns, digits=4),
             "",

@@ -1,41 +1,74 @@
-"""Pre-training quality: a small Llama on the embedded corpus, AdamW vs GaLore vs LoRA-Pre Adam / Muon.
+"""Pre-training quality: a byte-level Llama on the standard library's source, AdamW vs low-rank optimizers.
 
-The LoRA-Pre paper's main table at small scale. Every method trains the same Llama (hidden 128, MLP 352,
-4 layers, 4 heads, tied 8192-token vocabulary, ~1.85M parameters) from the same initialisation (per seed) on the
-same token blocks in the same order (``TextBlocksDataModule(source="python", block_size=128, batch_size=16,
-max_vocab=8192)``: pydoc topics + standard-library docstrings, 4295 training / 213 validation blocks), for the
-same number of steps with linear warm-up + cosine decay to 10% (``WarmupCosineLR``), no weight decay and no
-gradient clipping. Validation loss is token-weighted over all validation blocks; perplexity is its exp.
+The LoRA-Pre paper's main table at CPU scale, with the parameters in the block matrices as in a real LLM. Every
+method trains the same Llama (hidden 128, MLP 352, 4 layers, 4 heads, tied byte vocabulary of 257: 836,864
+parameters, 802,816 = 95.9% of them in the 28 block matrices, 32,896 in the embedding) from the same
+initialisation (per seed) on the same token blocks in the same order: ``TextBlocksDataModule(source=
+"python-source", tokenizer="bytes", block_size=256, batch_size=4)``, i.e. the standard library's ``.py`` files
+(test folders and site-packages left out) plus the pydoc topics and docstrings, 13.7M bytes, split by a SHA-256 of
+each file's path relative to the stdlib folder (51,188 training / 2,056 validation blocks on CPython 3.11). 1000
+steps of 4 x 256 = 1024 tokens (1.02M tokens, 8% of the training bytes: no block is seen twice), linear warm-up
+over the first 10% then cosine decay to 10% (``WarmupCosineLR``), no weight decay, no gradient clipping; Adam
+betas (0.9, 0.999), eps 1e-8 wherever a method has them. Validation: token-weighted loss on 192 blocks spread
+evenly over the validation split (49k bytes, the same for every run), every 200 steps; bits per byte = loss / ln 2.
 
-Methods (``--rank`` r, default 32: the matrices are 128 x 128 and 128 x 352):
+Methods (``--rank`` r, default 32; the block matrices are 128 x 128 and 352 x 128; the embedding (= tied head)
+and the norms get AdamW inside each optimizer, except in Adam-mini):
     adamw                  torch.optim.AdamW on every tensor
-    galore                 GaLoreAdamW (galore-torch) rank r on the 28 block matrices, scale 0.25, projection
-                           refreshed every --galore-gap steps; embeddings / norms AdamW in the same optimizer
-    lora_pre_adam          LoRAPreAdamW rank r with its defaults (debiased second moment, update_bound="v_floor"),
-                           scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
+    galore                 GaLoreAdamW (galore-torch) rank r, scale 0.25, projection refreshed every 200 steps
+    lora_pre_adam          LoRAPreAdamW rank r with its defaults, scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
     lora_pre_adam_low      the same at rank r / 8
     lora_pre_muon          LoRAPreMuon rank r, scale_rule "adamw_rms" so one lr serves Muon and AdamW tensors
-    lora_pre_adam_adam_floor, lora_pre_adam_rms_clip    the other update bounds (with the debiased second moment)
+    muon                   full-rank reference of lora_pre_muon: torch.optim.Muon (momentum 0.95, Nesterov, 5
+                           Newton-Schulz steps, run in float32 here) on the block matrices with
+                           adjust_lr_fn="match_rms_adamw" (lr x 0.2 sqrt(max(p, q)): update RMS ~0.2 lr like
+                           AdamW's, the rule of LoRA-Pre Muon's "adamw_rms"), plus torch.optim.AdamW on the other
+                           tensors at the same lr, stepped together (``MuonWithAdamW``)
+    apollo                 APOLLOAdamW (apollo-torch) rank r, channel-wise scaling, scale 1, random projection
+                           refreshed every 200 steps (the APOLLO paper's setting: rank 1/4 of hidden)
+    apollo_mini            APOLLO-Mini: the same optimizer at rank 1, tensor-wise scaling, scale 128 (the paper's)
+    adam_mini              Adam_mini (adam-mini): one second moment per head (q, k), per output neuron (v, o, MLP),
+                           per token (embedding) and per tensor (norms)
+  not run by default (``--methods``):
+    lora_pre_adam_adam_floor, lora_pre_adam_rms_clip    LoRA-Pre Adam's other update bounds
     lora_pre_adam_debias   the debiased second moment alone (update_bound="none")
     lora_pre_adam_paper, lora_pre_adam_low_paper   the paper's formula (debias_second_moment=False,
-                           update_bound="none"), rank r and r / 8: the library's behaviour before 2026-11-30
-    adamw_scaled           control row: AdamW with the block matrices' lr multiplied by --scale, i.e. GaLore's and
-                           LoRA-Pre Adam's two learning rates with full-rank moments (separates the effect of
-                           the low-rank momenta from that of the smaller step on the matrices)
+                           update_bound="none"), rank r and r / 8
+    adamw_scaled           control: AdamW with the block matrices' lr multiplied by --scale (GaLore's and LoRA-Pre
+                           Adam's two learning rates with full-rank moments)
 
-Learning rates: each method's log-spaced grid on seed 0 with the full step budget, chosen by final validation
-loss, extended past an edge when the best is at it (``--extend``), then the chosen one with the other seeds.
-Each (method, lr, seed) runs in its own process; its JSON lands in ``--runs`` and is reused when present, so an
-interrupted sweep resumes and ``--report-only`` rebuilds the CSV / markdown / PNG from the runs.
+Learning rates: each method's log-spaced 3-point grid on seed 0 with the full step budget, chosen by final
+validation loss, one point added past an edge holding the best (``--extend 1``), then the chosen lr with seeds 1
+and 2: about 50 runs. Each (method, lr, seed) runs in its own single-threaded process (``--threads 1``); its JSON
+lands in ``--runs`` and is reused when present, so an interrupted sweep resumes, several invocations with
+disjoint ``--methods`` can share the folder, and ``--report-only`` rebuilds the CSV / markdown / PNG from the runs.
+The report states the protocol's wall time (first run's start to last run's end).
 
-    python benchmarks/pretrain_quality.py                      # about 1 h on 2 idle CPU cores
-    python benchmarks/pretrain_quality.py --report-only
-    python benchmarks/pretrain_quality.py --smoke --out /tmp/bench   # seconds, tiny model, in-process
+Time (2026-11-30, AMD EPYC, 2 cores shared with other jobs, load 3.5-6.5): one run took 153-221 s of CPU (AdamW
+153, GaLore 155, LoRA-Pre Adam 185 / r/8 187, LoRA-Pre Muon 218, Muon 221, APOLLO 196, APOLLO-Mini 180, Adam-mini
+177) and 205-387 s of wall time; on an idle core a run is ~2.3-3 min, and the whole protocol with two runs at a
+time about 65-75 min (longer on a loaded machine).
+
+    python benchmarks/pretrain_quality.py                 # whole protocol, two runs at a time (--workers 2)
+    python benchmarks/pretrain_quality.py --report-only   # report from benchmarks/results/pretrain_quality_runs
+    python benchmarks/pretrain_quality.py --smoke --out /tmp/bench   # seconds: tiny model, in-process
+
+Where the sweep driver (common.py) has no ``--workers``, two invocations with disjoint method lists (balanced by
+run time) use the two cores, then one report covers all their runs:
+
+    R=benchmarks/results/pretrain_quality_runs
+    python benchmarks/pretrain_quality.py --methods lora_pre_adam lora_pre_adam_low lora_pre_muon muon \\
+        --runs $R --out /tmp/pretrain_a > /tmp/pretrain_a.log 2>&1 &
+    python benchmarks/pretrain_quality.py --methods adamw galore apollo apollo_mini adam_mini \\
+        --runs $R --out /tmp/pretrain_b > /tmp/pretrain_b.log 2>&1 &
+    wait; python benchmarks/pretrain_quality.py --report-only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import inspect
 import math
 import statistics
@@ -44,32 +77,46 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NAME = "pretrain_quality"
 BETAS, EPS = (0.9, 0.999), 1e-8
-LLAMA = dict(model_type="llama", vocab_size=8192, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
-SMOKE_LLAMA = dict(LLAMA, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-# Log-spaced grids around each method's usual range (x ~3.3 apart). GaLore and LoRA-Pre Adam scale their
-# matrices' update by 0.25, so their usual lr is higher (GaLore's paper: 1e-2 with scale 0.25 vs AdamW 1e-3).
+BLOCK, BATCH = 256, 4  # 1024 tokens per step: one 1000-step run in ~2.5 min on one idle core
+STEPS, WARMUP_SHARE, EVAL_EVERY = 1000, 0.1, 200
+VAL_BLOCKS = 192  # validation blocks evaluated, spread evenly over the split (49k bytes, ~2 s per pass)
+PROJECTION_GAP = 200  # GaLore's and APOLLO's update_proj_gap (their papers' value)
+LLAMA = dict(model_type="llama", vocab_size=257, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=BLOCK, tie_word_embeddings=True)
+SMOKE_LLAMA = dict(LLAMA, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, max_position_embeddings=32)
+# Log-spaced grids (x ~3.3 apart) around each method's likely best. GaLore and LoRA-Pre Adam scale their matrices'
+# update by 0.25 and APOLLO by ~0.5 (sqrt(r / 128)), so their usual lr is high (GaLore's and APOLLO's papers: 1e-2).
+# AdamW and Adam-mini are centred there too: in the timing runs AdamW at 3e-3 ended far behind GaLore at 1e-2, whose
+# embedding gets the whole 1e-2. Both Muons: LoRA-Pre Muon's best in the previous setting was 1e-2. LoRA-Pre Adam
+# (all options) keeps its previous grid, whose best was 3e-3 (9e-4 for the paper-literal rows).
 GRIDS = {
-    "adamw": [1e-3, 3e-3, 1e-2],
+    "adamw": [3e-3, 1e-2, 3e-2],
     "galore": [3e-3, 1e-2, 3e-2],
-    # One notch lower than the paper-literal rows' grid: with bounded steps their best lr was 3e-3 or below.
     "lora_pre_adam": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_low": [9e-4, 3e-3, 1e-2],
-    "lora_pre_muon": [1e-3, 3e-3, 1e-2],
-    "lora_pre_adam_debias": [3e-3, 1e-2, 3e-2],
+    "lora_pre_muon": [3e-3, 1e-2, 3e-2],
+    "muon": [3e-3, 1e-2, 3e-2],
+    "apollo": [3e-3, 1e-2, 3e-2],
+    "apollo_mini": [3e-3, 1e-2, 3e-2],
+    "adam_mini": [3e-3, 1e-2, 3e-2],
+    "lora_pre_adam_debias": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_adam_floor": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_rms_clip": [9e-4, 3e-3, 1e-2],
-    "lora_pre_adam_paper": [3e-3, 1e-2, 3e-2],
-    "lora_pre_adam_low_paper": [3e-3, 1e-2, 3e-2],
+    "lora_pre_adam_paper": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_low_paper": [9e-4, 3e-3, 1e-2],
     "adamw_scaled": [3e-3, 1e-2, 3e-2],
 }
 PAPER_METHODS = ["adamw", "galore", "lora_pre_adam", "lora_pre_adam_low", "lora_pre_muon"]
+# Full-rank Muon (LoRA-Pre Muon's reference) and the other memory-efficient optimizers of the LoRA-Pre paper's table
+REFERENCE_METHODS = ["muon", "apollo", "apollo_mini", "adam_mini"]
 # LoRA-Pre Adam's options against its default (the bound candidates of the 2026-11-30 amendment, the paper's formula)
 EXTRA_METHODS = ["lora_pre_adam_adam_floor", "lora_pre_adam_rms_clip", "lora_pre_adam_debias", "lora_pre_adam_paper",
                  "lora_pre_adam_low_paper"]
@@ -84,17 +131,28 @@ LORA_PRE_ADAM_OPTIONS = {
     "lora_pre_adam_low_paper": {"debias_second_moment": False, "update_bound": "none"},
 }
 CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and train_step_speed.py
+#: The package (the ``bench`` extra) each third-party method imports; its rows are left out where it is missing.
+REQUIRES = {"galore": "galore_torch", "apollo": "apollo_torch", "apollo_mini": "apollo_torch",
+            "adam_mini": "adam_mini"}
 
 
-def cost_methods() -> list[str]:
+def installed(method: str) -> bool:
+    """Whether the package ``method`` needs (if any) is importable."""
+    module = REQUIRES.get(method)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def cost_methods(references: bool = False) -> list[str]:
     """The methods whose optimizer state or step differ (memory.py, train_step_speed.py): the paper's rows and the
-    paper formula's step (no floor); the other LoRA-Pre Adam options cost what the default costs."""
-    return [m for m in PAPER_METHODS + ["lora_pre_adam_paper"] if m != "galore" or common.galore_available()]
+    paper formula's step (no floor), plus with ``references`` full-rank Muon, APOLLO, APOLLO-Mini and Adam-mini;
+    the other LoRA-Pre Adam options cost what the default costs."""
+    methods = PAPER_METHODS + ["lora_pre_adam_paper"] + (REFERENCE_METHODS if references else [])
+    return [m for m in methods if installed(m)]
 
 
-def default_methods(controls: bool = True) -> list[str]:
-    methods = PAPER_METHODS + EXTRA_METHODS + (CONTROL_METHODS if controls else [])
-    return [m for m in methods if m != "galore" or common.galore_available()]
+def default_methods() -> list[str]:
+    """The sweep's methods: the paper's rows and the reference optimizers (whose packages are installed)."""
+    return [m for m in PAPER_METHODS + REFERENCE_METHODS if installed(m)]
 
 
 def label(method: str, rank: int) -> str:
@@ -104,6 +162,10 @@ def label(method: str, rank: int) -> str:
         "lora_pre_adam": f"LoRA-Pre Adam r={rank} (default: debiased, v_floor)",
         "lora_pre_adam_low": f"LoRA-Pre Adam r={max(1, rank // 8)} (default)",
         "lora_pre_muon": f"LoRA-Pre Muon r={rank}",
+        "muon": "Muon (full rank, torch.optim.Muon + AdamW)",
+        "apollo": f"APOLLO r={rank} (channel-wise)",
+        "apollo_mini": "APOLLO-Mini r=1 (tensor-wise)",
+        "adam_mini": "Adam-mini",
         "lora_pre_adam_adam_floor": f"LoRA-Pre Adam r={rank}, debiased, adam_floor",
         "lora_pre_adam_rms_clip": f"LoRA-Pre Adam r={rank}, debiased, rms_clip",
         "lora_pre_adam_debias": f"LoRA-Pre Adam r={rank}, debiased, no bound",
@@ -117,12 +179,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_sweep_arguments(parser, NAME, GRIDS)
-    parser.set_defaults(methods=default_methods())  # GaLore only when galore-torch is installed
-    parser.add_argument("--steps", type=int, default=256, help="optimizer steps (268 = one pass over the blocks)")
-    parser.add_argument("--warmup", type=int, default=25, help="linear warm-up steps")
-    parser.add_argument("--eval-every", type=int, default=32, help="steps between validation passes")
-    parser.add_argument("--rank", type=int, default=32, help="rank r (GaLore, LoRA-Pre); the low-rank row uses r/8")
-    parser.add_argument("--galore-gap", type=int, default=50, help="GaLore's update_proj_gap (steps)")
+    # Packages that are missing leave their rows out. One thread per run and two runs at once use two cores
+    # without oversubscribing them (``workers`` is read by sweep drivers that have a --workers option).
+    parser.set_defaults(methods=default_methods(), threads=1, workers=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (of BATCH x BLOCK tokens)")
+    parser.add_argument("--warmup", type=int,
+                        help=f"linear warm-up steps (default: {WARMUP_SHARE * 100:g}%% of --steps)")
+    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="steps between validation passes")
+    parser.add_argument("--rank", type=int, default=32, help="rank r (GaLore, LoRA-Pre, APOLLO); the low row: r/8")
+    parser.add_argument("--galore-gap", type=int, default=PROJECTION_GAP, help="GaLore's and APOLLO's update_proj_gap")
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore / LoRA-Pre Adam update scale (alpha)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and data, 6 steps, in-process")
     args = parser.parse_args(argv)
@@ -130,6 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup, args.eval_every, args.rank, args.seeds = 6, 2, 3, 8, [0, 1]
         args.extend, args.in_process, args.wait_load = 0, True, 0.0
         args.lrs = args.lrs or [1e-2]
+    args.warmup = round(WARMUP_SHARE * args.steps) if args.warmup is None else args.warmup
     args.runs = args.runs or args.out / f"{NAME}_runs"
     return args
 
@@ -138,42 +204,159 @@ def parse_args(argv=None) -> argparse.Namespace:
 def data_module(smoke: bool, seed: int):
     from lit_lowrank.data import TextBlocksDataModule
 
-    if smoke:  # one standard-library source file: ~30k tokens, no corpus build
+    if smoke:  # one standard-library source file: ~100k bytes, no corpus build
         import argparse as some_module
 
-        return TextBlocksDataModule(source=inspect.getfile(some_module), block_size=32, batch_size=4,
-                                    max_vocab=SMOKE_LLAMA["vocab_size"], max_val_blocks=8, seed=seed)
-    return TextBlocksDataModule(source="python", block_size=128, batch_size=16, max_vocab=LLAMA["vocab_size"],
+        return TextBlocksDataModule(source=inspect.getfile(some_module), tokenizer="bytes", block_size=32,
+                                    batch_size=4, max_val_blocks=8, seed=seed)
+    return TextBlocksDataModule(source="python-source", tokenizer="bytes", block_size=BLOCK, batch_size=BATCH,
                                 seed=seed)
 
 
-def build_model(smoke: bool, seed: int):
-    import torch
+def validation_blocks(blocks: torch.Tensor, count: int = VAL_BLOCKS) -> torch.Tensor:
+    """``count`` blocks spread evenly over the validation split: every held-out file is represented, at a
+    fraction of the cost of evaluating all of them (the split holds ~2000 blocks)."""
+    if len(blocks) <= count:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, count).round().long()]
 
+
+def build_model(smoke: bool, seed: int):
     from lit_lowrank.backbones import transformers_backbone
 
     torch.manual_seed(seed)
     return transformers_backbone(config=SMOKE_LLAMA if smoke else LLAMA, tokenizer=False).model.train()
 
 
-def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galore_gap: int):
-    import torch
+def model_name() -> str:
+    """The pre-trained model in words (for memory.py's and the reports' titles)."""
+    return (f"Llama hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} layers, byte vocabulary "
+            f"{LLAMA['vocab_size']}")
 
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters in the block matrices (the low-rank methods' group), in the embedding (= tied head), elsewhere."""
+    from lit_lowrank.optim import lowrank_param_groups
+
+    matrices, _ = lowrank_param_groups(model)
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    counts = {"matrix_params": sum(p.numel() for p in matrices["params"]), "embedding_params": embedding.numel()}
+    return {**counts, "other_params": total - sum(counts.values()), "total_params": total}
+
+
+def newton_schulz_float32(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                          eps: float) -> torch.Tensor:
+    """The quintic Newton-Schulz orthogonalisation of ``torch.optim.Muon`` (same coefficients and step count, handed
+    over by it), in float32: ``X <- a X + (b G + c G^2) X`` with ``G = X X^T``, ``X`` the wide orientation of the
+    matrix scaled to unit Frobenius norm."""
+    a, b, c = coefficients
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.float().T if tall else matrix.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@contextlib.contextmanager
+def float32_newton_schulz():
+    """Run ``torch.optim.Muon``'s steps with :func:`newton_schulz_float32` in place of its bfloat16 iteration.
+
+    torch casts to bfloat16 for GPUs; on a CPU without bfloat16 matrix units each bfloat16 matmul is ~4x slower
+    than float32, and Muon's step took 650 ms of a 770 ms training step here (60 ms in float32). float32 is also
+    what LoRA-Pre Muon uses, so the two differ in the momentum's rank only. The swap is of a private function
+    of torch 2.14 (``torch.optim._muon._zeropower_via_newtonschulz``); a torch without it fails loudly here."""
+    from torch.optim import _muon
+
+    original = _muon._zeropower_via_newtonschulz
+    _muon._zeropower_via_newtonschulz = newton_schulz_float32
+    try:
+        yield
+    finally:
+        _muon._zeropower_via_newtonschulz = original
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the block matrices and ``torch.optim.AdamW`` on the other tensors, stepped as one.
+
+    One learning rate serves both: Muon's ``adjust_lr_fn="match_rms_adamw"`` multiplies it by
+    ``0.2 sqrt(max(p, q))`` for a ``p x q`` matrix, which brings the orthogonalised update's RMS to ~0.2 lr,
+    about AdamW's (Moonlight's rule, the same as LoRA-Pre Muon's ``scale_rule="adamw_rms"``). Muon's
+    Newton-Schulz runs in float32 (:func:`float32_newton_schulz`).
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        # Optimizer.__init__ is not called: the groups and the state belong to the two inner optimizers, and this
+        # object only shows them as one, so WarmupCosineLR (which wants an Optimizer) scales every group's lr.
+        self.optimizers = (muon, adamw)
+        self.param_groups = muon.param_groups + adamw.param_groups
+        self.defaults = {}
+
+    @property
+    def state(self) -> dict:
+        return {**self.optimizers[0].state, **self.optimizers[1].state}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        muon, adamw = self.optimizers
+        with float32_newton_schulz():
+            muon.step()
+        adamw.step()
+
+
+def adamw_optimizer(params, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+
+def apollo_optimizer(matrices, others, lr: float, rank: int, gap: int, mini: bool):
+    """APOLLOAdamW with the APOLLO paper's settings: rank r channel-wise scaling at scale 1, or APOLLO-Mini (rank 1,
+    tensor-wise, scale 128); random projections refreshed every ``gap`` steps; the rest plain Adam in it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it imports bitsandbytes, which warns about missing GPU libraries
+        from apollo_torch import APOLLOAdamW
+    options = dict(rank=1, scale_type="tensor", scale=128) if mini else dict(rank=rank, scale_type="channel", scale=1)
+    groups = [{"params": matrices, "proj": "random", "proj_type": "std", "update_proj_gap": gap, **options},
+              {"params": others}]
+    return APOLLOAdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+
+def adam_mini_optimizer(model, lr: float):
+    """Adam_mini on the named parameters; it recognises Llama's names (embed_tokens, q/k/v/o_proj, mlp)."""
+    from adam_mini import Adam_mini
+
+    config = model.config
+    return Adam_mini(model.named_parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0,
+                     dim=config.hidden_size, n_heads=config.num_attention_heads,
+                     n_kv_heads=config.num_key_value_heads, verbose=False)
+
+
+def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galore_gap: int):
     from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups
 
+    matrices, others = (group["params"] for group in lowrank_param_groups(model, rank=rank))
     if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+        return adamw_optimizer(model.parameters(), lr)
     if method == "adamw_scaled":
-        matrices, others = lowrank_param_groups(model, rank=rank)
-        groups = [{"params": matrices["params"], "lr": lr * scale}, {"params": others["params"]}]
-        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+        return adamw_optimizer([{"params": matrices, "lr": lr * scale}, {"params": others}], lr)
+    if method == "muon":
+        muon = torch.optim.Muon(matrices, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+        return MuonWithAdamW(muon, adamw_optimizer(others, lr))
+    if method in ("apollo", "apollo_mini"):
+        return apollo_optimizer(matrices, others, lr, rank, galore_gap, mini=method == "apollo_mini")
+    if method == "adam_mini":
+        return adam_mini_optimizer(model, lr)
     if method == "galore":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from galore_torch import GaLoreAdamW
-        matrices, others = lowrank_param_groups(model, rank=rank)
-        groups = [{"params": matrices["params"], "rank": rank, "update_proj_gap": galore_gap, "scale": scale,
-                   "proj_type": "std"}, {"params": others["params"]}]
+        groups = [{"params": matrices, "rank": rank, "update_proj_gap": galore_gap, "scale": scale,
+                   "proj_type": "std"}, {"params": others}]
         return GaLoreAdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, no_deprecation_warning=True)
     if method == "lora_pre_muon":
         return LoRAPreMuon(model, lr=lr, rank=rank, adamw_lr=lr, adamw_betas=BETAS, adamw_eps=EPS,
@@ -184,10 +367,9 @@ def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galor
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """``state_bytes()`` where the optimizer has it; else the bytes of its state tensors, GaLore's projection
-    matrices included (torch's 0-d ``step`` tensors left out, as LoRA-Pre's Python-int steps are)."""
-    import torch
-
+    """``state_bytes()`` where the optimizer has it; else the bytes of every state tensor it holds after a step:
+    moments, Adam-mini's and APOLLO's scalars, GaLore's and APOLLO's projection matrices (held in a projector
+    object), but not step counters (Python ints in LoRA-Pre)."""
     if hasattr(optimizer, "state_bytes"):
         return int(optimizer.state_bytes().total)
     total = 0
@@ -195,7 +377,7 @@ def optimizer_state_bytes(optimizer) -> int:
         for key, value in state.items():
             if key == "projector" and getattr(value, "ortho_matrix", None) is not None:
                 total += value.ortho_matrix.nbytes
-            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            elif isinstance(value, torch.Tensor) and key != "step":
                 total += value.nbytes
     return total
 
@@ -209,60 +391,65 @@ def train_batches(dm):
         epoch += 1
 
 
-def evaluate(model, loader) -> float:
-    """Token-weighted mean next-token loss (as CausalLMTask's val/loss)."""
-    import torch
-
+def evaluate(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
+    """Token-weighted mean next-token loss over ``blocks`` (as CausalLMTask's val/loss)."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in loader:
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss) * tokens
+        for batch in blocks.split(batch_size):
+            tokens = batch[:, 1:].numel()  # every position but the first is predicted; no padding
+            total += float(model(input_ids=batch, labels=batch).loss) * tokens
             count += tokens
     model.train()
     return total / count
 
 
-def run_one(spec: dict) -> dict:
-    import torch
+def train_step(model, optimizer, scheduler, batch) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().item()
 
+
+def train(spec: dict, dm, model, optimizer) -> tuple[list[dict], list[float], bool]:
+    """The training loop: validation curve, step times, whether the loss went non-finite."""
     from lit_lowrank.optim import WarmupCosineLR
 
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=spec["warmup"], total_steps=spec["steps"], min_ratio=0.1)
+    val = validation_blocks(dm.val_blocks)
+    curve = [{"step": 0, "val_loss": evaluate(model, val), "train_loss": None}]
+    batches, window, step_times = train_batches(dm), [], []
+    for step in range(1, spec["steps"] + 1):
+        batch = next(batches)
+        start = time.perf_counter()
+        window.append(train_step(model, optimizer, scheduler, batch))
+        step_times.append(time.perf_counter() - start)
+        if not math.isfinite(window[-1]):
+            return curve, step_times, True
+        if step % spec["eval_every"] == 0 or step == spec["steps"]:
+            curve.append({"step": step, "val_loss": evaluate(model, val), "train_loss": common.mean(window)})
+            window = []
+    return curve, step_times, not math.isfinite(curve[-1]["val_loss"])
+
+
+def run_one(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    started, cpu_started = time.perf_counter(), common.cpu_seconds()
+    started_at, started, cpu_started = time.time(), time.perf_counter(), common.cpu_seconds()
     dm = data_module(spec["smoke"], spec["seed"])
     dm.setup("fit")
     model = build_model(spec["smoke"], spec["seed"])
     optimizer = make_optimizer(spec["method"], model, spec["lr"], spec["rank"], spec["scale"], spec["galore_gap"])
-    scheduler = WarmupCosineLR(optimizer, warmup_steps=spec["warmup"], total_steps=spec["steps"], min_ratio=0.1)
     rss_before = common.peak_rss_mib()
-    val_loader = dm.val_dataloader()
-    curve = [{"step": 0, "val_loss": evaluate(model, val_loader), "train_loss": None}]
-    batches, window, step_times, diverged = train_batches(dm), [], [], False
-    for step in range(1, spec["steps"] + 1):
-        batch = next(batches)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step_times.append(time.perf_counter() - start)
-        window.append(loss.detach().item())
-        if not math.isfinite(window[-1]):
-            diverged = True
-            break
-        if step % spec["eval_every"] == 0 or step == spec["steps"]:
-            curve.append({"step": step, "val_loss": evaluate(model, val_loader), "train_loss": common.mean(window)})
-            window = []
-    final = curve[-1]["val_loss"] if not diverged else float("inf")
-    diverged = diverged or not math.isfinite(final)
+    curve, step_times, diverged = train(spec, dm, model, optimizer)
+    final = float("inf") if diverged else curve[-1]["val_loss"]
     return {
-        **{k: spec[k] for k in ("method", "lr", "seed", "steps", "rank")},
+        **{k: spec[k] for k in ("method", "lr", "seed", "steps", "warmup", "rank")},
         "label": label(spec["method"], spec["rank"]),
-        "final_val_loss": final if not diverged else float("inf"),
-        "final_val_ppl": math.exp(min(final, 50.0)) if not diverged else float("inf"),
+        "final_val_loss": final,
+        "final_val_bpb": final / math.log(2),
+        "final_val_ppl": math.exp(min(final, 50.0)),
         "diverged": diverged,
         "curve": curve,
         "state_bytes": optimizer_state_bytes(optimizer),
@@ -271,8 +458,14 @@ def run_one(spec: dict) -> dict:
         "step_ms_median": 1e3 * statistics.median(step_times),
         "wall_s": time.perf_counter() - started,
         "cpu_s": common.cpu_seconds() - cpu_started,
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "threads": spec["threads"],
+        "versions": {name: common.version(name) for name in ("torch", "galore-torch", "apollo-torch", "adam-mini")},
         "train_blocks": int(dm.train_blocks.shape[0]),
         "val_blocks": int(dm.val_blocks.shape[0]),
+        "val_blocks_evaluated": int(validation_blocks(dm.val_blocks).shape[0]),
+        **parameter_counts(model),
     }
 
 
@@ -285,7 +478,8 @@ def score(result: dict) -> float:
 def describe(result: dict) -> str:
     if "error" in result:
         return "FAILED: " + result["error"][-500:]
-    return f"val loss {result['final_val_loss']:.4f} ppl {result['final_val_ppl']:.2f} ({result.get('wall_s', 0):.0f} s)"
+    return (f"val loss {result['final_val_loss']:.4f} ({result['final_val_loss'] / math.log(2):.3f} bits/byte) "
+            f"({result.get('wall_s', 0):.0f} s)")
 
 
 def runner(args):
@@ -311,12 +505,14 @@ def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
             "seeds": len(final),
             "val_loss_mean": common.mean(losses),
             "val_loss_std": common.std(losses),
+            "val_bpb_mean": common.mean(losses) / math.log(2),
             "val_ppl_mean": common.mean([math.exp(min(x, 50)) for x in losses]),
-            "val_ppl_per_seed": " / ".join(f"{math.exp(min(x, 50)):.2f}" for x in losses),
+            "val_bpb_per_seed": " / ".join(f"{x / math.log(2):.4f}" for x in losses),
             "lr_grid": ", ".join(f"{g:g}: {v:.3f}" for g, v in grid),
             "state_MiB": final[0].get("state_bytes", 0) / 2**20 if final else None,
             "peak_rss_MiB": common.mean([r["peak_rss_mib"] for r in final if "peak_rss_mib" in r]),
             "step_ms": common.mean([r["step_ms_median"] for r in final if "step_ms_median" in r]),
+            "run_s": common.mean([r["wall_s"] for r in final if "wall_s" in r]),
         })
     rows = [{k: v for k, v in run.items() if k != "curve"} for run in runs]
     return summary, rows, chosen
@@ -331,100 +527,170 @@ def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
     figure, (curves, grid_ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.get_cmap("tab10")
     for index, method in enumerate(m for m in args.methods if m in chosen):
-        color = colors(index)
+        color = colors(index % 10)
         chosen_runs = [r for r in runs if r["method"] == method and r["lr"] == chosen[method] and r.get("curve")]
         for run in chosen_runs:
-            curves.plot([p["step"] for p in run["curve"]], [math.exp(min(p["val_loss"], 20)) for p in run["curve"]],
+            curves.plot([p["step"] for p in run["curve"]], [p["val_loss"] / math.log(2) for p in run["curve"]],
                         color=color, alpha=0.25, linewidth=1)
         lengths = {len(r["curve"]) for r in chosen_runs}
         if chosen_runs and len(lengths) == 1:
             steps = [p["step"] for p in chosen_runs[0]["curve"]]
             mean_loss = [common.mean([r["curve"][i]["val_loss"] for r in chosen_runs]) for i in range(len(steps))]
-            curves.plot(steps, [math.exp(min(v, 20)) for v in mean_loss], color=color, linewidth=2,
+            curves.plot(steps, [v / math.log(2) for v in mean_loss], color=color, linewidth=2,
                         label=f"{label(method, args.rank)} (lr {chosen[method]:g}, {len(chosen_runs)} seeds)")
         sweep_runs = sorted((r["lr"], r["final_val_loss"]) for r in runs if r["method"] == method and r["seed"] == args.seeds[0])
-        grid_ax.plot([lr for lr, _ in sweep_runs], [min(v, 20) for _, v in sweep_runs], "o-",
+        grid_ax.plot([lr for lr, _ in sweep_runs], [min(v, 20) / math.log(2) for _, v in sweep_runs], "o-",
                      color=color, label=label(method, args.rank))
-    curves.set_yscale("log")
-    curves.set_xlabel("optimizer step")
-    curves.set_ylabel("validation perplexity (log scale)")
-    curves.set_title("Validation perplexity, chosen lr: mean over seeds (bold), each seed (faint)")
-    curves.legend(fontsize=8)
-    curves.grid(True, which="both", alpha=0.3)
-    finals = [r["final_val_loss"] for r in runs if math.isfinite(r.get("final_val_loss", float("inf")))]
+    finals = [r["final_val_loss"] / math.log(2) for r in runs if math.isfinite(r.get("final_val_loss", float("inf")))]
     if finals:
-        curves.set_ylim(math.exp(min(finals)) * 0.9, math.exp(max(p["val_loss"] for r in runs for p in r.get("curve", [])[:1])) * 1.1)
-        grid_ax.set_ylim(min(finals) - 0.05, min(max(finals), min(finals) + 1.5) + 0.05)
+        # the curves' first points (8 bits/byte at initialisation) would flatten the differences that matter
+        curves.set_ylim(min(finals) * 0.97, min(finals) * 1.6)
+        grid_ax.set_ylim(min(finals) - 0.05, min(max(finals), min(finals) + 1.0) + 0.05)
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel("validation bits per byte")
+    curves.set_title("Validation loss, chosen lr: mean over seeds (bold), each seed (faint)")
+    curves.legend(fontsize=7)
+    curves.grid(True, alpha=0.3)
     grid_ax.set_xscale("log")
     grid_ax.set_xlabel("peak learning rate")
-    grid_ax.set_ylabel("final validation loss (seed 0)")
+    grid_ax.set_ylabel("final validation bits per byte (seed 0)")
     grid_ax.set_title("Learning-rate grid (seed 0)")
     grid_ax.grid(True, which="both", alpha=0.3)
-    grid_ax.legend(fontsize=7)
+    grid_ax.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def timing_line(runs: list[dict], seconds: float | None) -> str:
+    """Sum of the runs' wall and CPU time, and the protocol's wall time: first run's start to last run's end
+    (over every invocation that shared the runs folder, e.g. two side by side)."""
+    wall_total = sum(r.get("wall_s", 0) for r in runs) / 60
+    cpu_total = sum(r.get("cpu_s", 0) for r in runs) / 60
+    stamped = [r for r in runs if "started_at" in r]
+    span = (max(r["finished_at"] for r in stamped) - min(r["started_at"] for r in stamped)) / 60 if stamped else 0
+    return (f"- runs: {len(runs)}; protocol wall time {span:.0f} min (first run's start to last run's end); "
+            f"{wall_total:.0f} min wall and {cpu_total:.0f} min CPU summed over the runs"
+            + (f"; this invocation {seconds / 60:.0f} min" if seconds else ""))
+
+
+def model_and_data_lines(args, first: dict) -> list[str]:
+    """The model (with its parameter split), the data and the schedule, from the first run's record."""
+    config = SMOKE_LLAMA if args.smoke else LLAMA
+    block, batch = (32, 4) if args.smoke else (BLOCK, BATCH)
+    matrix_share = first.get("matrix_params", 0) / max(1, first.get("total_params", 1))
+    return [
+        f"Llama {'(smoke sizes) ' if args.smoke else ''}hidden {config['hidden_size']}, MLP "
+        f"{config['intermediate_size']}, {config['num_hidden_layers']} layers, {config['num_attention_heads']} heads, "
+        f"byte vocabulary {config['vocab_size']} (tied), trained from scratch. Parameters: "
+        f"{first.get('total_params', '?')}, of which **{first.get('matrix_params', '?')} ({matrix_share:.1%}) in the "
+        f"block matrices**, {first.get('embedding_params', '?')} in the embedding (= head) and "
+        f"{first.get('other_params', '?')} in the norms.",
+        "",
+        "Data: `TextBlocksDataModule(source=\"python-source\", tokenizer=\"bytes\", "
+        f"block_size={block}, batch_size={batch})`: the standard library's .py files (test folders and site-packages "
+        "left out) plus the pydoc topics and docstrings, UTF-8 bytes with an end-of-text id between documents, split "
+        "by a SHA-256 of each file's path relative to the stdlib folder (a file's code and docstrings on the same "
+        f"side): {first.get('train_blocks', '?')} training / {first.get('val_blocks', '?')} validation blocks. "
+        f"{args.steps} steps of {batch * block} tokens ({args.steps * batch * block / 1e6:.2f}M tokens, no block "
+        f"seen twice), linear warm-up {args.warmup} steps then cosine to 10% (`WarmupCosineLR`), no weight decay, no "
+        f"clipping; Adam betas {BETAS}, eps {EPS:g} wherever a method has them. Same initialisation and data order "
+        f"per seed for every method. Validation: token-weighted loss over {first.get('val_blocks_evaluated', '?')} "
+        f"blocks spread evenly over the validation split, every {args.eval_every} steps; bits per byte = loss / ln 2, "
+        "perplexity (per byte) = exp(loss).",
+    ]
+
+
+def method_lines(args, first: dict) -> list[str]:
+    """How each method is set up (package versions from the first run's record)."""
+    versions = first.get("versions", {})
+    return [
+        "Low-rank methods project or factor the block matrices (the 2-D weights inside the transformer blocks); the "
+        "embedding and norms stay on AdamW inside the same optimizer (except in Adam-mini).",
+        "",
+        f"- GaLore: galore-torch {versions.get('galore-torch', '')} `GaLoreAdamW`, rank {args.rank}, "
+        f"`proj_type=\"std\"`, `scale={args.scale}`, `update_proj_gap={args.galore_gap}`.",
+        f"- LoRA-Pre Adam: `LoRAPreAdamW` with the library's defaults, `scale={args.scale}` (the paper's pre-training "
+        "alpha).",
+        "- LoRA-Pre Muon: `LoRAPreMuon`, momentum 0.95 Nesterov, `scale_rule=\"adamw_rms\"` (update RMS ~0.2 lr, "
+        "like AdamW's, so one lr serves its Muon and AdamW tensors), Newton-Schulz in float32.",
+        "- Muon (full rank, LoRA-Pre Muon's reference): `torch.optim.Muon` (momentum 0.95 Nesterov, 5 Newton-Schulz "
+        "steps, `adjust_lr_fn=\"match_rms_adamw\"`: lr x 0.2 sqrt(max(p, q)), the same rule) on the block matrices "
+        "plus `torch.optim.AdamW` on the rest at the same lr, stepped together. torch's Newton-Schulz runs in "
+        "bfloat16, which has no fast path on this CPU (650 ms of a 770 ms step); the benchmark runs the same "
+        "iteration in float32.",
+        f"- APOLLO / APOLLO-Mini: apollo-torch {versions.get('apollo-torch', '')} `APOLLOAdamW`, random projection "
+        f"refreshed every {args.galore_gap} steps; rank {args.rank} channel-wise at scale 1 (APOLLO) and rank 1 "
+        "tensor-wise at scale 128 (APOLLO-Mini), the APOLLO paper's settings; the package's default Fira "
+        "norm-growth limiter on. The package seeds each matrix's projections by its position in the optimizer, so "
+        "they are the same for every run seed.",
+        f"- Adam-mini: adam-mini {versions.get('adam-mini', '')} `Adam_mini`: one second moment per q/k head, per "
+        "output neuron of v/o/MLP, per embedding row and per norm tensor.",
+        "",
+        "Optimizer state: the bytes of the optimizer's tensors after the run (GaLore's and APOLLO's projection "
+        "matrices included, step counters not).",
+    ]
+
+
+def tuning_lines(args) -> list[str]:
+    return [
+        "Learning-rate tuning (same protocol for every method): a log-spaced grid of 3 peak learning rates per method "
+        "around its usual range, seed 0, full step budget; chosen by final validation loss; where the best was at an "
+        f"edge of the grid, up to {args.extend} more point(s) past that edge; then the chosen lr with seeds "
+        f"{', '.join(map(str, args.seeds[1:]))}. The grid and its losses are in the last column.",
+    ]
+
+
+def missing_lines(args, runs: list[dict]) -> list[str]:
+    """What the table lacks and why: default methods whose package is not installed, runs that failed."""
+    lines = [f"- not run: {label(m, args.rank)} (`{m}`): its package `{REQUIRES[m]}` is not installed (the `bench` "
+             "extra)" for m in PAPER_METHODS + REFERENCE_METHODS if not installed(m)]
+    lines += [f"- failed: `{r['method']}` lr {r['lr']:g} seed {r['seed']}: "
+              f"{r['error'].strip().splitlines()[-1][:300] if r['error'].strip() else 'no message'}"
+              for r in runs if "error" in r]
+    return ["", *lines] if lines else []
 
 
 def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> list[dict]:
     summary, rows, chosen = summarise(args, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_csv(args.out / f"{NAME}.csv", rows,
-                     ["method", "label", "lr", "seed", "steps", "rank", "final_val_loss", "final_val_ppl", "diverged",
-                      "state_bytes", "peak_rss_mib", "rss_before_training_mib", "step_ms_median", "wall_s", "cpu_s",
-                      "load_average_at_start", "error"])
+                     ["method", "label", "lr", "seed", "steps", "warmup", "rank", "final_val_loss", "final_val_bpb",
+                      "final_val_ppl", "diverged", "state_bytes", "peak_rss_mib", "rss_before_training_mib",
+                      "step_ms_median", "wall_s", "cpu_s", "threads", "load_average_at_start", "error"])
     common.write_csv(args.out / f"{NAME}_curves.csv",
                      [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **point}
                       for r in runs for point in r.get("curve", [])])
     plot(args, runs, chosen, args.out / f"{NAME}.png")
-    cpu_total = sum(r.get("cpu_s", 0) for r in runs) / 60
-    wall_total = sum(r.get("wall_s", 0) for r in runs) / 60
     first = next((r for r in runs if "train_blocks" in r), {})
     lines = [
-        "# Pre-training quality: small Llama on the embedded corpus",
+        "# Pre-training quality: byte-level Llama on the Python standard library's source",
         "",
         *common.environment_lines(env),
-        f"- runs: {len(runs)} ({wall_total:.0f} min wall, {cpu_total:.0f} min CPU in the runs"
-        + (f"; this invocation {seconds / 60:.0f} min" if seconds else "") + ")",
+        timing_line(runs, seconds),
         "",
         "## Setup",
         "",
-        f"Llama {'(smoke sizes) ' if args.smoke else ''}hidden {LLAMA['hidden_size']}, MLP {LLAMA['intermediate_size']}, "
-        f"{LLAMA['num_hidden_layers']} layers, {LLAMA['num_attention_heads']} heads, vocabulary {LLAMA['vocab_size']} "
-        "(tied), trained from scratch on `TextBlocksDataModule(source=\"python\", block_size=128, batch_size=16, "
-        f"max_vocab=8192)`: {first.get('train_blocks', '?')} training / {first.get('val_blocks', '?')} validation "
-        f"blocks. {args.steps} steps ({args.steps * 16 * 128 / 1e3:.0f}k tokens, about one pass), linear warm-up "
-        f"{args.warmup} steps then cosine to 10% (`WarmupCosineLR`), no weight decay, no clipping; Adam betas "
-        f"{BETAS}, eps {EPS:g} for every Adam-type method. Same initialisation and data order per seed for every "
-        "method. Validation: token-weighted loss over all validation blocks every "
-        f"{args.eval_every} steps; perplexity = exp(loss).",
+        *model_and_data_lines(args, first),
         "",
-        f"Low-rank methods factor or project the 28 block matrices (q/k/v/o 128x128, gate/up 352x128, down 128x352); "
-        f"embedding (= tied head) and norms stay on AdamW inside the same optimizer. GaLore: galore-torch "
-        f"{env.get('galore-torch', '')} `GaLoreAdamW`, rank {args.rank}, `proj_type=\"std\"`, `scale={args.scale}`, "
-        f"`update_proj_gap={args.galore_gap}` (GaLore's paper: 200 over 10k+ steps; with {args.steps} steps 200 would "
-        f"mean one refresh, so it is scaled down to {args.steps // args.galore_gap + 1} subspaces per run). LoRA-Pre Adam: "
-        f"`scale={args.scale}` (the paper's pre-training alpha). LoRA-Pre Muon: momentum 0.95 Nesterov, "
-        "`scale_rule=\"adamw_rms\"` (update RMS ~0.2 like AdamW's), so one lr serves its Muon matrices and its AdamW "
-        "tensors.",
+        *method_lines(args, first),
         "",
-        "Learning-rate tuning (same protocol for every method): a log-spaced grid of 3 peak learning rates per method "
-        "around its usual range, seed 0, full step budget; chosen by final validation loss; where the best was at an "
-        f"edge of the grid, up to {args.extend} more point(s) past that edge; then the chosen lr with seeds "
-        f"{', '.join(map(str, args.seeds[1:]))}. The grid and its losses are in the last column.",
+        *tuning_lines(args),
         "",
         "## Results",
         "",
         *common.markdown_table(summary, [
             ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"), ("val_loss_mean", "val loss (mean)"),
-            ("val_loss_std", "std"), ("val_ppl_mean", "val ppl (mean)"), ("val_ppl_per_seed", "val ppl per seed"),
-            ("state_MiB", "optimizer state MiB"), ("step_ms", "step ms (in-run median)"),
+            ("val_loss_std", "std"), ("val_bpb_mean", "bits/byte (mean)"),
+            ("val_bpb_per_seed", "bits/byte per seed"), ("val_ppl_mean", "val ppl (mean)"),
+            ("state_MiB", "optimizer state MiB"), ("step_ms", "step ms (in-run median)"), ("run_s", "s per run"),
             ("lr_grid", "lr grid, seed 0: final val loss")]),
+        *missing_lines(args, runs),
         "",
         f"![validation curves]({NAME}.png)",
         "",
         "Per-run values (every lr and seed): `pretrain_quality.csv`; curves: `pretrain_quality_curves.csv`. "
-        "The step times above are measured inside the quality runs (other processes may have shared the CPU); "
+        "The step times above are measured inside the quality runs (the other worker shared the CPU); "
         "`train_step_speed.md` has the controlled timing.",
         "",
     ]
@@ -435,7 +701,8 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
-                             lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val ppl {row['val_ppl_mean']:.2f} ({row['val_ppl_per_seed']})")
+                             lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val loss {row['val_loss_mean']:.4f} "
+                                         f"({row['val_bpb_mean']:.3f} bits/byte)")
 
 
 if __name__ == "__main__":

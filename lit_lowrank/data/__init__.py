@@ -1,14 +1,17 @@
 """LightningDataModules: token blocks for causal LM, labelled text, digits, ImageFolder and image-text pairs.
 
-Everything works offline: the embedded corpus (pydoc topics + standard-library docstrings, see
-:mod:`lit_lowrank.data.corpus`), scikit-learn's digits and the bundled MiniLM tokenizer need no download.
+Everything works offline: the embedded corpora (pydoc topics + standard-library docstrings, and the standard
+library's source code, see :mod:`lit_lowrank.data.corpus`), scikit-learn's digits, the bundled MiniLM tokenizer and
+the byte-level tokenizer need no download.
 """
+from lit_lowrank.data.byte_tokenizer import ByteTokenizer
 from lit_lowrank.data.corpus import (
     DEFAULT_PACKAGES,
     Document,
     LabelledText,
     TextClassificationSplits,
     docstring_classification,
+    python_source_corpus,
     python_text_corpus,
     stable_fraction,
 )
@@ -18,6 +21,7 @@ from lit_lowrank.data.labelled_text import DocstringClassificationDataModule, Te
 from lit_lowrank.data.text import DatasetUnavailableError, TextBlocksDataModule
 
 __all__ = [
+    "ByteTokenizer",
     "DEFAULT_PACKAGES",
     "DatasetUnavailableError",
     "DigitsDataModule",
@@ -32,6 +36,7 @@ __all__ = [
     "TextClassificationDataModule",
     "TextClassificationSplits",
     "docstring_classification",
+    "python_source_corpus",
     "python_text_corpus",
     "stable_fraction",
 ]

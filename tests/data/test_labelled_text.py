@@ -109,3 +109,23 @@ def test_docstring_datamodule_matches_the_task():
     assert batch["labels"].min() >= 0 and batch["labels"].max() < 9
     test = next(iter(dm.test_dataloader()))
     assert test["labels"].tolist() == [ex.label for ex in task.test[:16]]
+
+
+def test_docstring_datamodule_uncapped_with_a_large_test_share():
+    """The fine-tuning benchmark's split: every paragraph of the 9 packages, 55% of them for test."""
+    fractions = (0.35, 0.10, 0.55)
+    dm = DocstringClassificationDataModule(cap_per_class=None, fractions=fractions)
+    dm.setup("fit")
+    task = docstring_classification(cap_per_class=10**9, fractions=fractions)
+    assert dm.fingerprint == task.fingerprint()
+    sizes = {split: len(examples) for split, examples in dm.splits.items()}
+    assert sizes["test"] >= 1000 and sizes["test"] > sizes["train"] > sizes["validation"] > 200
+    texts = {split: {text for text, _ in examples} for split, examples in dm.splits.items()}
+    assert not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
+    # a paragraph's split depends on its text alone: the capped default task's test paragraphs stay test ones
+    assert {ex.text for ex in docstring_classification().test} <= texts["test"]
+
+
+def test_docstring_datamodule_rejects_a_cap_below_one():
+    with pytest.raises(ValueError, match="cap_per_class must be a positive"):
+        DocstringClassificationDataModule(cap_per_class=0)

@@ -1,0 +1,77 @@
+"""benchmarks/common.py's sweep driver: the protocol's order with one worker, its dependencies with several."""
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
+GRIDS = {"a": [1e-3, 3e-3, 1e-2], "b": [1e-4, 3e-4, 1e-3], "c": [1e-2, 3e-2, 1e-1]}
+# Validation error by (method, lr): a's best is inside its grid, b's at the high edge (one extension, 3e-3,
+# is worse), c's at the low edge twice (two extensions, then the best is inside).
+ERRORS = {"a": {1e-3: 0.5, 3e-3: 0.2, 1e-2: 0.4}, "b": {1e-4: 0.6, 3e-4: 0.5, 1e-3: 0.3, 3e-3: 0.4},
+          "c": {1e-2: 0.3, 3e-2: 0.5, 1e-1: 0.6, 3e-3: 0.2, 9e-4: 0.25}}
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("benchmark_common_for_sweep", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorder:
+    """A fake ``run``: records start and end order, and optionally sleeps so that runs overlap."""
+
+    def __init__(self, pause: float = 0.0):
+        self.pause, self.events, self.lock = pause, [], threading.Lock()
+
+    def __call__(self, method, lr, seed):
+        with self.lock:
+            self.events.append(("start", method, lr, seed))
+        time.sleep(self.pause)
+        with self.lock:
+            self.events.append(("end", method, lr, seed))
+        return {"method": method, "lr": lr, "seed": seed, "error": ERRORS[method][lr] + 0.01 * seed}
+
+    def starts(self):
+        return [event[1:] for event in self.events if event[0] == "start"]
+
+
+def score(result):
+    return result["error"]
+
+
+def test_one_worker_runs_grids_then_extensions_then_seeds(common):
+    run = Recorder()
+    chosen = common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
+    assert chosen == {"a": 3e-3, "b": 1e-3, "c": 3e-3}
+    grids = [(m, lr, 0) for m, grid in GRIDS.items() for lr in grid]
+    extensions = [("b", 3e-3, 0), ("c", 3e-3, 0), ("c", 9e-4, 0)]
+    seeds = [(m, chosen[m], s) for m in GRIDS for s in (1, 2)]
+    assert run.starts() == grids + extensions + seeds
+
+
+def test_two_workers_keep_each_methods_choice_before_its_seeds(common):
+    run = Recorder(pause=0.02)
+    chosen = common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=2)
+    assert chosen == common.sweep(GRIDS, [0, 1, 2], Recorder(), score, extend=2, workers=1)
+    assert sorted(run.starts()) == sorted(Recorder.starts(_sequential(common)))
+    for method in GRIDS:
+        last_first_seed_end = max(i for i, e in enumerate(run.events) if e[0] == "end" and e[1] == method and e[3] == 0)
+        first_other_seed = min(i for i, e in enumerate(run.events) if e[0] == "start" and e[1] == method and e[3] > 0)
+        assert last_first_seed_end < first_other_seed
+    running, most = 0, 0
+    for event in run.events:
+        running += 1 if event[0] == "start" else -1
+        most = max(most, running)
+    assert most == 2  # runs overlapped, never more than the workers
+
+
+def _sequential(common):
+    run = Recorder()
+    common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
+    return run
