@@ -151,7 +151,7 @@ def bench_adamw(shape, args, dtype=torch.float32) -> Row:
 
 def lora_pro_inputs(shape, r, dtype, layers, seed=0):
     """Factors, precomputed spectrum and g~ factors of a trained-looking stack, and fresh fp32 moments."""
-    from lit_lowrank.optim.lora_pro_math import equivalent_factors, gram_spectrum
+    from lit_lowrank.optim.lora_pro.closed_form import equivalent_factors, gram_spectrum
 
     m, n = shape
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -167,7 +167,8 @@ def lora_pro_inputs(shape, r, dtype, layers, seed=0):
 
 def bench_lora_pro_full(shape, r, dtype, args) -> list[Row]:
     from lit_lowrank.kernels import lora_pro_full
-    from lit_lowrank.optim.lora_pro_update import bias_corrections, full_mode_update, torch_moments_and_projections
+    from lit_lowrank.optim.adamw import bias_corrections
+    from lit_lowrank.optim.lora_pro.update import full_mode_update, torch_moments_and_projections
 
     m, n = shape
     L = args.layers
@@ -212,7 +213,7 @@ def kernel_config(module, r: int) -> str:
 
 def lora_pre_inputs(shape, r, dtype, layers, seed=0):
     """L parameters of ``dtype`` with gradients, and fp32 factors as after some steps (B, V_B non-zero)."""
-    from lit_lowrank.optim.lowrank_factors import init_factor_pairs
+    from lit_lowrank.optim.lora_pre.factors import init_factor_pairs
 
     m, n = shape
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -229,8 +230,9 @@ def lora_pre_inputs(shape, r, dtype, layers, seed=0):
 
 def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
     from lit_lowrank.kernels import lora_pre_adam
-    from lit_lowrank.optim.lora_pre_adam_update import adam_step_constants, damped_pinv_pair, lora_pre_adam_update_
-    from lit_lowrank.optim.lowrank_factors import Workspace
+    from lit_lowrank.optim.lora_pre.adam_scalars import adam_step_constants
+    from lit_lowrank.optim.lora_pre.adam_update import damped_pinv_pair, lora_pre_adam_update_
+    from lit_lowrank.optim.lora_pre.factors import Workspace
 
     m, n = shape
     L = args.layers

@@ -17,18 +17,18 @@ import time
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW
-from lit_lowrank.optim import lora_pre_base
+from lit_lowrank.optim.lora_pre import base
 
 SHAPES = [(1024, 1024), (1024, 2816)]
 
 
 def paper_step_without_check(optimizer: LoRAPreAdamW) -> None:
-    real = lora_pre_base.LowRankOptimizerBase._finite
-    lora_pre_base.LowRankOptimizerBase._finite = lambda self, params: {p: True for p in params}
+    real = base.LowRankOptimizerBase._finite
+    base.LowRankOptimizerBase._finite = lambda self, params: {p: True for p in params}
     try:
         optimizer.step()
     finally:
-        lora_pre_base.LowRankOptimizerBase._finite = real
+        base.LowRankOptimizerBase._finite = real
 
 
 def main(argv=None) -> None:

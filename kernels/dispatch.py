@@ -17,7 +17,7 @@ A kernel module is a file next to this one that imports triton at its top and de
 ``INTERPRETED = built_by_interpreter(its_kernel)`` (CPU tensors are sent to it only when True).
 Tests set ``TRITON_INTERPRET=1`` before importing it (``tests/kernels/conftest.py``); see
 :func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers. Adding one (``lora_pre_adam.py``
-is wired this way from ``lit_lowrank.optim.lora_pre_adam_update``, with ``undo=`` as its step is two launches)::
+is wired this way from ``lit_lowrank.optim.lora_pre.adam_update``, with ``undo=`` as its step is two launches)::
 
     from lit_lowrank.kernels.dispatch import run_with_fallback, should_use_kernel
 
@@ -112,11 +112,20 @@ class KernelFallbackWarning(UserWarning):
     """A Triton kernel was asked for but the torch reference runs instead (same results, slower)."""
 
 
-def validate_use_triton(value: object) -> UseTriton:
-    """``value`` if it is ``"auto"``, ``True`` or ``False``, else a ValueError naming the choices."""
-    if value == "auto" or isinstance(value, bool):
-        return value  # type: ignore[return-value]
-    raise ValueError(f"use_triton must be 'auto', True or False, got {value!r}")
+def validate_use_triton(value: object, owner: Optional[str] = None, *, missing_kernel: Optional[str] = None) -> UseTriton:
+    """``value`` if it is ``"auto"``, ``True`` or ``False``, else a ValueError naming the choices (and ``owner``).
+
+    ``missing_kernel`` is for an optimizer that accepts ``use_triton`` for symmetry but has no kernel (LoRA-Pre Muon
+    has no kernel): there ``True`` cannot be honoured, so it warns once per process (:class:`KernelFallbackWarning`,
+    keyed by ``missing_kernel``, as for any kernel that cannot run) and the torch path runs, as under ``"auto"``.
+    """
+    if not (value == "auto" or isinstance(value, bool)):
+        where = f"{owner}: invalid" if owner else "invalid"
+        raise ValueError(f"{where} use_triton {value!r}; expected 'auto', True or False.")
+    if missing_kernel is not None and value is True:
+        fallback_warning(missing_kernel, "none", f"{owner or 'this optimizer'} has no Triton kernel. HINT: "
+                         "use_triton='auto' or False say the same without this warning.")
+    return value  # type: ignore[return-value]
 
 
 @functools.cache

@@ -1,10 +1,10 @@
 """Fused LoRA-Pre Adam step: the parameter update and the factors' skinny products in two passes over ``g``.
 
-The torch reference is :func:`lit_lowrank.optim.lora_pre_adam_update.lora_pre_adam_update_`; this module's
+The torch reference is :func:`lit_lowrank.optim.lora_pre.adam_update.lora_pre_adam_update_`; this module's
 :func:`lora_pre_adam_update_` takes the same arguments and gives the same results to fp32 rounding (the
 reductions run in another order). ``m_t`` and ``v_t`` are formed a register tile at a time and never stored.
 With the reference's algebra (``kappa = beta1 / (1 - beta1)``, ``rho = sqrt(beta2 / (1 - beta2))``, constants
-folded into ``step_size`` and ``eps_hat``: :func:`~lit_lowrank.optim.lora_pre_adam_update.adam_step_constants`):
+folded into ``step_size`` and ``eps_hat``: :func:`~lit_lowrank.optim.lora_pre.adam_scalars.adam_step_constants`):
 
 **Pass 1** (:func:`_first_pass`; grid: row blocks x column slots; a program owns BLOCK_M rows and a slot of
 COL_TILES consecutive BLOCK_N-column tiles, visited in order). Per tile:
@@ -24,14 +24,7 @@ updates ``B`` and ``V_B`` and forms ``B_pinv = damped_pinv(B_new^T)`` (from the 
 ``V_B_pinv |g|`` (R_PAD x BLOCK_N accumulators) summed over ROW_TILES consecutive row tiles ->
 ``right_partials[slot]``; torch sums the slots (and, under FSDP2, the ranks) and updates ``A`` and ``V_A``.
 
-Memory traffic per weight entry, in words of W's and g's dtype: pass 1 reads g and W and writes W, pass 2 reads
-g: 4 words, against fused AdamW's 7 (all fp32 there). On top: the partial sums, written once and read once by
-torch, ``r / 32`` bytes per entry and pass with 512-wide reduction slots (1 B in all at r = 16, 8 B at r = 128);
-and re-reads of the small factors, mostly from L1/L2: ``16 r / BLOCK_M`` (A-side tiles) + ``8 r / BLOCK_N``
-(B and V_B chunks) bytes per entry in pass 1, ``8 r / BLOCK_N`` in pass 2.
-Jacobi runs the same two passes (its B_pinv comes from the old B): forming its ``r x q`` products in pass 1
-would save the second read of ``g`` (4 B per entry in fp32, 2 in bf16) but needs partial sums per row *tile*
-(``16 r / BLOCK_M`` B per entry: 4 B at r = 16 with 64-row tiles) and a ``(p / BLOCK_M) x 2 r x q`` buffer.
+Memory traffic, and why Jacobi runs the same two passes: docs/design.md.
 
 Ragged edges are masked: rows, columns and rank entries outside the matrix load as 0, so they add nothing to
 the sums, and are never stored. The configs tried on GPU differ only in the tile size that does not reduce
@@ -55,16 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_lowrank.kernels.dispatch import built_by_interpreter, dot_precision as _dot_precision
-from lit_lowrank.optim.lora_pre_adam_update import (
+from lit_lowrank.kernels.dispatch import built_by_interpreter
+from lit_lowrank.kernels.dispatch import dot_precision as _dot_precision
+from lit_lowrank.optim.lora_pre.adam_scalars import (
     NO_FLOOR,
     DeviceStepInputs,
     adam_rates,
     adam_step_constants,
-    damped_pinv_pair,
     device_step_inputs,
 )
-from lit_lowrank.optim.lowrank_factors import Workspace, masked_copy_
+from lit_lowrank.optim.lora_pre.adam_update import damped_pinv_pair
+from lit_lowrank.optim.lora_pre.factors import Workspace, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 #: Fixed reduction tiling (see the module docstring): pass 1 sums BLOCK_N * COL_TILES = 512 columns per slot,

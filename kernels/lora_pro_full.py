@@ -1,6 +1,6 @@
 """Fused LoRA-Pro full-mode step: Adam moments of ``g~`` updated tile by tile, projections accumulated on the fly.
 
-The torch reference is :func:`lit_lowrank.optim.lora_pro_update.torch_moments_and_projections`; this
+The torch reference is :func:`lit_lowrank.optim.lora_pro.update.torch_moments_and_projections`; this
 module's :func:`moments_and_projections` takes the same arguments and gives the same results (to fp32
 rounding: reductions run in another order). Per layer and per (BLOCK_M x BLOCK_N) tile of the m x n weight:
 
@@ -36,13 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_lowrank.kernels.dispatch import built_by_interpreter, dot_precision as _dot_precision
+from lit_lowrank.kernels.dispatch import built_by_interpreter
+from lit_lowrank.kernels.dispatch import dot_precision as _dot_precision
 
-#: Block sizes tried on GPU. The split-K partial sums cost 8 r (1 / (BLOCK_M ROW_TILES) + 1 / BLOCK_N) bytes
-#: of traffic per weight entry, next to the 16 of the moments: at r = 128 and 64 x 64 tiles that is 32, so
-#: programs also sum B^T G over ROW_TILES row tiles in registers (configs with ROW_TILES > 1 are pruned for
-#: r > 128, where that sum would not fit). Checked by compiling for sm_90 with ptxas (no GPU at hand):
-#: see tests/kernels for the shared-memory bound; 128 x 128 tiles spill and exceed it.
+#: Block sizes tried on GPU; why ROW_TILES and no 128 x 128 tiles: docs/design.md.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "ROW_TILES": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "ROW_TILES": 1}, num_warps=8, num_stages=1),

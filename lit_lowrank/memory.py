@@ -222,8 +222,7 @@ def _tensors(config, method, rank, dtype, lora_targets, sharded_full, auto_class
 
 def _list_tensors(model: nn.Module, method: str, rank: int, lora_targets, sharded_full: bool) -> list[_Tensor]:
     """Every per-rank tensor that ``method`` keeps for ``model``, mirroring what each optimizer allocates."""
-    from lit_lowrank.optim.lora_pro_math import compute_dtype
-    from lit_lowrank.optim.lowrank_factors import factor_dtype
+    from lit_lowrank.optim.state import compute_dtype
 
     out: list[_Tensor] = []
 
@@ -266,10 +265,10 @@ def _list_tensors(model: nn.Module, method: str, rank: int, lora_targets, sharde
                 add("projected", (k, q) if p >= q else (p, k), dtype, sharded=False)
                 add("projected", (p, k) if p >= q else (k, q), dtype, sharded=False, copies=2)
             else:
-                add("factors", (p, rank), factor_dtype(dtype), copies=pairs)
-                add("factors", (rank, q), factor_dtype(dtype), sharded=False, copies=pairs)
+                add("factors", (p, rank), compute_dtype(dtype), copies=pairs)
+                add("factors", (rank, q), compute_dtype(dtype), sharded=False, copies=pairs)
         else:  # the AdamW part of LoRA-Pre (float32 moments) and of GaLore (moments in the parameter's dtype)
-            add("moments", shape, dtype if method == "galore" else factor_dtype(dtype), copies=2)
+            add("moments", shape, dtype if method == "galore" else compute_dtype(dtype), copies=2)
     return out
 
 

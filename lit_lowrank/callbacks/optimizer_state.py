@@ -10,12 +10,15 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_lowrank.callbacks.skipped_steps import skipped_steps
+from lit_lowrank.optim.sharding import is_sharded
+from lit_lowrank.optim.state import tensor_bytes
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``optimizer.state`` on this process (a DTensor counts its local shard).
 
-    Optimizers with a ``state_bytes()`` method (LoRAPro, LoRAPreAdamW, LoRAPreMuon) report it themselves.
+    Optimizers with a ``state_bytes()`` method (LoRAPro, LoRAPreAdamW, LoRAPreMuon) report it themselves (the same
+    count: :func:`lit_lowrank.optim.state.tensor_bytes` of every state tensor).
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(10, 10))
@@ -27,13 +30,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if hasattr(optimizer, "state_bytes"):
         report = optimizer.state_bytes()
         return int(getattr(report, "total", report))
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total
+    return sum(tensor_bytes(value) for state in optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor))
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -65,15 +63,10 @@ class OptimizerStateMonitor(Callback):
             return
         local = sum(optimizer_state_bytes(opt) for opt in trainer.optimizers)
         total = int(trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64, device=pl_module.device),
-                                            reduce_op="sum")) if _is_sharded(trainer) else local
+                                            reduce_op="sum")) if is_sharded(trainer) else local
         self.last = {"optimizer/state_bytes": total, "optimizer/state_bytes_per_rank": local,
                      "memory/peak_bytes": peak_memory_bytes(pl_module.device),
                      "optimizer/skipped_steps": skipped_steps(trainer)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(dict(self.last), step=step)
-
-
-def _is_sharded(trainer: L.Trainer) -> bool:
-    name = type(trainer.strategy).__name__
-    return trainer.world_size > 1 and ("FSDP" in name or "ModelParallel" in name)

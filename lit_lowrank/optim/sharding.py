@@ -13,7 +13,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,18 @@ except ImportError:  # torch built without distributed support
     DTensor, Shard, distribute_tensor = (), None, None
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
+def is_sharded(obj: object) -> bool:
+    """Whether ``obj`` is split over ranks: a DTensor; a module holding FSDP-wrapped submodules; a Lightning
+    ``Trainer`` whose strategy shards (FSDP or ModelParallel) over more than one process. Anything else: False."""
+    if isinstance(obj, torch.Tensor):
+        return isinstance(obj, DTensor)
+    if isinstance(obj, torch.nn.Module):
+        return any(type(module).__name__.startswith("FSDP") for module in obj.modules())
+    strategy = getattr(obj, "strategy", None)
+    if strategy is None:
+        return False
+    name = type(strategy).__name__
+    return obj.world_size > 1 and ("FSDP" in name or "ModelParallel" in name)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -45,7 +55,7 @@ def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-def process_group(tensors: Iterable[torch.Tensor]) -> Optional[dist.ProcessGroup]:
+def process_group(tensors: Iterable[torch.Tensor]) -> dist.ProcessGroup | None:
     """The group over which the first sharded tensor is split, or None when nothing is sharded."""
     for tensor in tensors:
         if is_sharded(tensor):
@@ -56,7 +66,7 @@ def process_group(tensors: Iterable[torch.Tensor]) -> Optional[dist.ProcessGroup
     return None
 
 
-def all_reduce_(value: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_(value: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or ``op``) ``value`` over ``group`` in place; nothing to do without a group."""
     if group is not None:
         dist.all_reduce(value, op=op, group=group)
@@ -74,7 +84,7 @@ class RowShards:
         True
     """
 
-    def __init__(self, param: "DTensor") -> None:
+    def __init__(self, param: DTensor) -> None:
         if tuple(param.placements) != (Shard(0),):
             raise NotImplementedError(
                 f"low-rank optimizer state supports parameters sharded by rows (FSDP2's Shard(0)), got placements "
@@ -84,13 +94,13 @@ class RowShards:
         self.group = process_group([param])
 
     @classmethod
-    def of(cls, param: torch.Tensor) -> Optional["RowShards"]:
+    def of(cls, param: torch.Tensor) -> RowShards | None:
         return cls(param) if is_sharded(param) else None
 
     def sum_(self, value: torch.Tensor) -> torch.Tensor:
         return all_reduce_(value, self.group)
 
-    def rows_of(self, value: torch.Tensor) -> "DTensor":
+    def rows_of(self, value: torch.Tensor) -> DTensor:
         """A full ``p x k`` tensor as a DTensor split like the parameter (this rank keeps its rows)."""
         return distribute_tensor(value, self.param.device_mesh, self.param.placements, src_data_rank=None)
 
@@ -120,7 +130,7 @@ class RowShards:
         start, stop = self.row_range()
         return stack_t[..., start:stop]
 
-    def zeros(self, columns: int, dtype: torch.dtype) -> "DTensor":
+    def zeros(self, columns: int, dtype: torch.dtype) -> DTensor:
         """A ``p x columns`` DTensor of zeros split like the parameter; each rank allocates only its rows."""
         start, stop = self.row_range()
         return self._whole(torch.zeros((stop - start, columns), dtype=dtype, device=local(self.param).device))
@@ -129,7 +139,7 @@ class RowShards:
         """The full ``p x k`` matrix from every rank's row block (an all-gather)."""
         return self._whole(local_rows).full_tensor()
 
-    def _whole(self, local_rows: torch.Tensor) -> "DTensor":
+    def _whole(self, local_rows: torch.Tensor) -> DTensor:
         """Every rank's row block as one ``p x k`` DTensor split like the parameter (no communication)."""
         shape = (self.param.shape[0], local_rows.shape[1])
         return DTensor.from_local(local_rows, self.param.device_mesh, self.param.placements, run_check=False,

@@ -15,6 +15,7 @@ from lit_lowrank.backbones import Backbone
 from lit_lowrank.backbones.checkpointing import enable_gradient_checkpointing
 from lit_lowrank.callbacks.skipped_steps import SkippedStepsGuard
 from lit_lowrank.optim.factory import build_optimizer, build_scheduler, check_optimizer_fits_model
+from lit_lowrank.optim.sharding import is_sharded
 from lit_lowrank.tasks.frozen_base import FROZEN_BASE_KEY, check_frozen_base, drop_frozen_base
 from lit_lowrank.tasks.rng_state import collect_rng_states, restore_rng_states
 
@@ -89,7 +90,7 @@ class LowRankTask(L.LightningModule):
         if mesh is not None and self.checkpoint_trainable_only:
             raise ValueError("checkpoint_trainable_only: true is not supported with a sharded strategy (FSDP2) yet. "
                              "HINT: leave it unset (null): sharded runs then save full checkpoints.")
-        if mesh is None or _is_sharded(self.model):
+        if mesh is None or is_sharded(self.model):
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -139,7 +140,7 @@ class LowRankTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Not restored yet: building the optimizers and Lightning's own steps before training would draw from them.
         self._resume_rng_states = checkpoint.get("rng_states")
-        if _is_sharded(self.model) and checkpoint.get(FROZEN_BASE_KEY):
+        if is_sharded(self.model) and checkpoint.get(FROZEN_BASE_KEY):
             raise ValueError("a trainable-only checkpoint cannot be loaded into a sharded (FSDP2) model yet. HINT: "
                              "resume it without the sharded strategy, or re-save it with checkpoint_trainable_only: false.")
         # load_state_dict (called next by Lightning) then accepts exactly these keys as missing.
@@ -162,7 +163,7 @@ class LowRankTask(L.LightningModule):
     def _saves_trainable_only(self) -> bool:
         if self.checkpoint_trainable_only is not None:
             return self.checkpoint_trainable_only
-        return next(lora_modules(self.model), None) is not None and not _is_sharded(self.model)
+        return next(lora_modules(self.model), None) is not None and not is_sharded(self.model)
 
     @override
     def on_train_start(self) -> None:
@@ -186,10 +187,6 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             blocks.extend(m for m in module if any(True for _ in m.parameters()))
     return blocks
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

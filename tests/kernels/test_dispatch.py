@@ -15,7 +15,7 @@ from lit_lowrank import LoRAConfig, inject_lora
 from lit_lowrank.kernels import dispatch
 from lit_lowrank.kernels.dispatch import KernelFallbackWarning, should_use_kernel, validate_use_triton
 from lit_lowrank.optim import LoRAPro
-from lit_lowrank.optim.lora_pro_update import full_mode_update
+from lit_lowrank.optim.lora_pro.update import full_mode_update
 
 HAS_TRITON = dispatch.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton cannot be imported")

@@ -21,15 +21,18 @@ pytest.importorskip("triton", reason="triton cannot be imported")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from hopper_compile import compile_for_hopper  # noqa: E402
-from lit_lowrank.kernels import dispatch  # noqa: E402
-from lit_lowrank.kernels import lora_pre_adam  # noqa: E402
+
+from lit_lowrank.kernels import (
+    dispatch,  # noqa: E402
+    lora_pre_adam,  # noqa: E402
+)
 from lit_lowrank.kernels.dispatch import KernelFallbackWarning, should_use_kernel  # noqa: E402
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon  # noqa: E402
-from lit_lowrank.optim import lora_pre_adam_update as reference  # noqa: E402
-from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_  # noqa: E402
-from lit_lowrank.optim.lowrank_factors import Workspace, init_factor_pairs  # noqa: E402
+from lit_lowrank.optim.lora_pre import adam_scalars  # noqa: E402
+from lit_lowrank.optim.lora_pre import adam_update as reference  # noqa: E402
+from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_  # noqa: E402
+from lit_lowrank.optim.lora_pre.factors import Workspace, init_factor_pairs  # noqa: E402
 
 KERNEL_MODULE = "lit_lowrank.kernels.lora_pre_adam"
 # benchmarks/gpu_acceptance.sh runs these natively (TRITON_INTERPRET=0): the same comparisons on CUDA tensors, with
@@ -165,7 +168,7 @@ def test_the_fused_bound_holds_where_it_binds_like_the_reference(bound, kernel_c
         before = kernel.W.clone()
         kernel.step(grad, step, True, update_bound=bound, scale=0.5)
         torch_path.step(grad, step, False, update_bound=bound, scale=0.5)
-        limit = 1.0 if bound == "v_floor" else reference.adam_worst_case(step, 0.9, 0.999) ** 0.5
+        limit = 1.0 if bound == "v_floor" else adam_scalars.adam_worst_case(step, 0.9, 0.999) ** 0.5
         assert (kernel.W - before).abs().max() <= HYPER["lr"] * 0.5 * limit * (1 + 1e-5) + 1e-6
     unbounded = Matrix(W0, 4)
     for step, grad in enumerate(grads, start=1):
@@ -272,12 +275,12 @@ def _scalars_of_steps(step_ptr, out_ptr, log_beta1: tl.float64, log_beta2: tl.fl
 def test_in_kernel_step_scalars_equal_adam_step_tensors(beta1, beta2, debias, bound):
     """The kernel computes the step's scalars from the step count in fp64, as ``adam_step_tensors`` does in torch
     (which tests/optim checks against the host's ``adam_step_constants``); count 0 reads as step 1."""
-    inputs = reference.device_step_inputs(lr=3e-3, beta1=beta1, beta2=beta2, eps=1e-8, scale=0.25,
+    inputs = adam_scalars.device_step_inputs(lr=3e-3, beta1=beta1, beta2=beta2, eps=1e-8, scale=0.25,
                                           debias_second_moment=debias, update_bound=bound)
     steps = torch.tensor([0, 1, 2, 3, 10, 100, 1000, 12345, 10**6], dtype=torch.float32, device=DEVICE)
     out = torch.zeros(len(steps), 4, dtype=torch.float64, device=DEVICE)
     _scalars_of_steps[(len(steps),)](steps, out, *inputs[:-2], DEBIAS=inputs.debias, BOUND=inputs.bound)
-    expected = torch.stack(reference.adam_step_tensors(steps, inputs), dim=1)
+    expected = torch.stack(adam_scalars.adam_step_tensors(steps, inputs), dim=1)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=0.0)
 
 

@@ -15,13 +15,17 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton cannot be imported")
 
+from hopper_compile import compile_for_hopper  # noqa: E402
+
 from lit_lowrank import LoRAConfig, inject_lora  # noqa: E402
 from lit_lowrank.adapters import lora_modules  # noqa: E402
-from hopper_compile import compile_for_hopper  # noqa: E402
-from lit_lowrank.kernels import dispatch  # noqa: E402
-from lit_lowrank.kernels import lora_pro_full  # noqa: E402
+from lit_lowrank.kernels import (
+    dispatch,  # noqa: E402
+    lora_pro_full,  # noqa: E402
+)
 from lit_lowrank.optim import LoRAPro  # noqa: E402
-from lit_lowrank.optim.lora_pro_update import bias_corrections, full_mode_update, torch_moments_and_projections  # noqa: E402
+from lit_lowrank.optim.adamw import bias_corrections  # noqa: E402
+from lit_lowrank.optim.lora_pro.update import full_mode_update, torch_moments_and_projections  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, damping=1e-8)

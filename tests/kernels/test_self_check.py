@@ -15,10 +15,10 @@ pytest.importorskip("triton", reason="triton cannot be imported")
 
 from lit_lowrank.kernels import dispatch, lora_pre_adam, lora_pro_full  # noqa: E402
 from lit_lowrank.kernels.dispatch import CHECK_ENV, KernelFallbackWarning, output_error  # noqa: E402
-from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_  # noqa: E402
-from lit_lowrank.optim import lora_pro_update  # noqa: E402
-from lit_lowrank.optim.lora_pro_update import full_mode_update  # noqa: E402
-from lit_lowrank.optim.lowrank_factors import Workspace, init_factor_pairs  # noqa: E402
+from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_  # noqa: E402
+from lit_lowrank.optim.lora_pre.factors import Workspace, init_factor_pairs  # noqa: E402
+from lit_lowrank.optim.lora_pro import update as pro_update  # noqa: E402
+from lit_lowrank.optim.lora_pro.update import full_mode_update  # noqa: E402
 
 NATIVE = os.environ.get("TRITON_INTERPRET", "1") != "1"
 if NATIVE and not torch.cuda.is_available():
@@ -217,8 +217,8 @@ def test_unknown_setting_says_what_to_set(monkeypatch):
 
 def test_reference_runs_with_fp32_matmuls_and_the_user_setting_is_restored(monkeypatch):
     seen = []
-    original = lora_pro_update.torch_moments_and_projections
-    monkeypatch.setattr(lora_pro_update, "torch_moments_and_projections",
+    original = pro_update.torch_moments_and_projections
+    monkeypatch.setattr(pro_update, "torch_moments_and_projections",
                         lambda *a, **k: seen.append(torch.get_float32_matmul_precision()) or original(*a, **k))
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")

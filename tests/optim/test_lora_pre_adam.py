@@ -132,7 +132,7 @@ def test_rank_too_large_raises_a_clear_error_by_default():
 
 def test_full_rank_dense_gives_plain_adamw_with_one_warning_per_tensor(caplog):
     ours_model, torch_model = make_mlp(), make_mlp()
-    with caplog.at_level(logging.WARNING, logger="lit_lowrank.optim.lora_pre_base"):
+    with caplog.at_level(logging.WARNING, logger="lit_lowrank.optim.lora_pre.base"):
         ours = LoRAPreAdamW(ours_model.named_parameters(), lr=0.01, rank=12, full_rank="dense")  # 20x12 and 6x20
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2 and "0.weight (20, 12)" in messages[0] and "3.weight (6, 20)" in messages[1]
@@ -145,7 +145,7 @@ def test_full_rank_dense_gives_plain_adamw_with_one_warning_per_tensor(caplog):
 
 def test_full_rank_factored_keeps_factors_and_warns(caplog):
     model = make_mlp()
-    with caplog.at_level(logging.WARNING, logger="lit_lowrank.optim.lora_pre_base"):
+    with caplog.at_level(logging.WARNING, logger="lit_lowrank.optim.lora_pre.base"):
         optimizer = LoRAPreAdamW(model.parameters(), rank=12, full_rank="factored")
     assert len(caplog.records) == 2 and "full_rank='factored'" in caplog.records[0].getMessage()
     train(model, optimizer, steps=1)

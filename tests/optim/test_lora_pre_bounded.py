@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW
-from lit_lowrank.optim.lora_pre_adam_update import adam_worst_case
+from lit_lowrank.optim.lora_pre.adam_scalars import adam_worst_case
 
 PAPER = {"debias_second_moment": False, "update_bound": "none"}  # the paper's formula, unsafe
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -179,16 +179,16 @@ def test_invalid_bound_options_raise_clear_errors():
 def test_cpu_squares_agree_with_hypot_and_are_not_used_where_they_could_overflow(monkeypatch, magnitude):
     # The CPU path forms sqrt(x^2 + g^2) and the floor from squares when nothing can overflow; |g| = 1e30 squares
     # to inf in float32, so there it must take torch.hypot. Either way: the hypot path's numbers, within the bound.
-    from lit_lowrank.optim import lora_pre_adam_update
+    from lit_lowrank.optim.lora_pre import adam_update
 
     generator = torch.Generator().manual_seed(0)
     gradients = [magnitude * torch.randn(16, 12, generator=generator) for _ in range(5)]
     used = []
-    real = lora_pre_adam_update._squares_are_safe
-    monkeypatch.setattr(lora_pre_adam_update, "_squares_are_safe", lambda *a: used.append(real(*a)) or used[-1])
+    real = adam_update._squares_are_safe
+    monkeypatch.setattr(adam_update, "_squares_are_safe", lambda *a: used.append(real(*a)) or used[-1])
     squares = _run(lambda p: LoRAPreAdamW(p, lr=1e-2, rank=3, seed=0), gradients)
     assert used == [magnitude < 1e20] * 5
-    monkeypatch.setattr(lora_pre_adam_update, "_squares_are_safe", lambda *a: False)
+    monkeypatch.setattr(adam_update, "_squares_are_safe", lambda *a: False)
     hypot = _run(lambda p: LoRAPreAdamW(p, lr=1e-2, rank=3, seed=0), gradients)
     torch.testing.assert_close(squares, hypot, rtol=1e-5, atol=1e-7)
     assert float(squares.diff(dim=0).abs().max()) <= 1e-2 * (1 + 1e-5)

@@ -13,8 +13,9 @@ import torch
 from host_reads import HostRead, no_host_reads
 from torch import nn
 
-from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_factors
-from lit_lowrank.optim.lora_pre_adam_update import adam_step_constants, adam_step_tensors, device_step_inputs
+from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon
+from lit_lowrank.optim.lora_pre import factors
+from lit_lowrank.optim.lora_pre.adam_scalars import adam_step_constants, adam_step_tensors, device_step_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,12 +266,12 @@ def test_the_accelerators_damped_pinv_solve_equals_the_cpu_one(monkeypatch):
     """Off CPU the damped pseudo-inverses solve with two triangular solves (``torch.cholesky_inverse`` checks its
     error codes on the host); on the same factors both give the same pseudo-inverses."""
     gen = torch.Generator().manual_seed(5)
-    factors = [torch.randn(4, 30, generator=gen), torch.zeros(4, 30),  # B^T at step 1 is zero
-               torch.randn(4, 2, generator=gen) @ torch.randn(2, 30, generator=gen)]  # rank-deficient
-    for factor in factors:
-        on_cpu = lowrank_factors.damped_pinv(factor, 1e-6)
+    matrices = [torch.randn(4, 30, generator=gen), torch.zeros(4, 30),  # B^T at step 1 is zero
+                torch.randn(4, 2, generator=gen) @ torch.randn(2, 30, generator=gen)]  # rank-deficient
+    for factor in matrices:
+        on_cpu = factors.damped_pinv(factor, 1e-6)
         with monkeypatch.context() as patch:
-            patch.setattr(lowrank_factors, "cholesky_solve", lowrank_factors.triangular_solves)
-            off_cpu = lowrank_factors.damped_pinv(factor, 1e-6)
+            patch.setattr(factors, "cholesky_solve", factors.triangular_solves)
+            off_cpu = factors.damped_pinv(factor, 1e-6)
         close(off_cpu, on_cpu, 1e-5)
         assert torch.isfinite(off_cpu).all()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW
-from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_
-from lit_lowrank.optim.lowrank_factors import Workspace
+from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre.factors import Workspace
 
 F64 = torch.float64
 SPEC_ALTERNATING_ERRORS = {1: 0.84, 2: 0.70, 4: 0.45, 8: 0.25}  # the spec's simulation, r = 1 / 2 / 4 / 8

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lit_lowrank.optim import LoRAPreMuon
-from lit_lowrank.optim.lora_pre_muon_update import muon_update_scale, newton_schulz_orthogonalize
+from lit_lowrank.optim.lora_pre.muon_update import muon_update_scale, newton_schulz_orthogonalize
 
 F64 = torch.float64
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_
+from lit_lowrank.optim.lora_pre.factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -103,7 +103,7 @@ def lora_pre_muon_update_(
     rank keeps its rows of the result; the factor update sums ``B^T B`` and ``B^+ g`` (r x r, r x q) over ranks.
 
     Example:
-        >>> from lit_lowrank.optim.lowrank_factors import init_factor_pairs
+        >>> from lit_lowrank.optim.lora_pre.factors import init_factor_pairs
         >>> W, g = torch.zeros(6, 4), torch.randn(6, 4)
         >>> ((B, A),) = init_factor_pairs((6, 4), 2, 0, 1, torch.float32, W.device)
         >>> lora_pre_muon_update_(W, g, B, A, lr=0.1, momentum=0.95, nesterov=False, weight_decay=0.0,

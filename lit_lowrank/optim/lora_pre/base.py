@@ -7,7 +7,6 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,134 +14,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lit_lowrank.kernels.dispatch import fallback_warning
-from lit_lowrank.optim.lowrank_factors import (
-    Workspace,
-    auto_chunk_rows,
-    derive_seed,
-    factor_dtype,
-    init_factor_pairs,
-    masked_copy_,
-)
+from lit_lowrank.optim.adamw import adamw_foreach_update_, adamw_masked_update_
+from lit_lowrank.optim.lora_pre.factors import Workspace, auto_chunk_rows, derive_seed, init_factor_pairs
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
+from lit_lowrank.optim.state import StateBytes, compute_dtype, restore_saved_dtypes, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 FULL_RANK_POLICIES = ("error", "dense", "factored")
 FACTOR_UPDATES = ("alternating", "jacobi")
-
-
-@dataclass(frozen=True)
-class StateBytes:
-    """Bytes held by an optimizer's state tensors (scratch buffers excluded).
-
-    ``total`` = ``factors`` + ``dense`` = ``sum(per_group)``; ``factors`` counts the low-rank factors, ``dense``
-    every other state tensor (AdamW moments, dense Muon momenta).
-
-    Example:
-        >>> from lit_lowrank.optim import LoRAPreMuon
-        >>> layer = torch.nn.Linear(32, 16)
-        >>> optimizer = LoRAPreMuon(layer.parameters(), rank=4)
-        >>> layer(torch.randn(2, 32)).sum().backward()
-        >>> optimizer.step()
-        >>> optimizer.state_bytes()  # (16 + 32) * 4 float32 factor entries; AdamW moments of the 16 biases
-        StateBytes(total=896, per_group=(768, 128), factors=768, dense=128)
-    """
-
-    total: int
-    per_group: tuple[int, ...]
-    factors: int
-    dense: int
-
-
-def adamw_foreach_update_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Decoupled-weight-decay Adam on a list of same-device, same-dtype tensors, in place.
-
-    The operations and their order are those of ``torch.optim.AdamW(foreach=True)`` so results agree bitwise;
-    ``steps`` are the already incremented Python step counters (one per tensor).
-    """
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    step_sizes = [(lr / (1.0 - beta1**step)) * -1 for step in steps]
-    bias_correction2_sqrts = [(1.0 - beta2**step) ** 0.5 for step in steps]
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, bias_correction2_sqrts)
-    torch._foreach_add_(denominators, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
-
-
-def adamw_masked_update_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    oks: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """:func:`adamw_foreach_update_` for a device-side skip: nothing is read on the host.
-
-    ``steps`` are 0-d float32 step counts and ``oks`` 0-d bool flags, one per tensor, on the tensors' device; each
-    count goes up by its flag. Where a flag is False the tensor, its moments and its count stay bit for bit as they
-    were, even if its gradient holds NaN. The formula is AdamW's; the roundings may differ from the host path's by
-    an ulp (``exp_avg`` is ``beta1 * exp_avg + (1 - beta1) * g``, not a ``lerp``).
-    """
-    live = torch.stack(oks)
-    torch._foreach_add_(steps, list(live.unbind()))
-    dtype = exp_avgs[0].dtype
-    # A skipped tensor computes with a gradient of -0.0 and the rates (1, 0): exp_avg * 1 + (-0.0) and
-    # exp_avg_sq * 1 + (+0.0) leave both bit for bit (exp_avg_sq, a sum of squares from +0, is never -0.0).
-    grads = [torch.where(ok, grad.to(dtype), -0.0) for ok, grad in zip(oks, grads)]
-    torch._foreach_mul_(exp_avg_sqs, per_tensor(live, beta2, 1.0, dtype))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    torch._foreach_mul_(exp_avgs, per_tensor(live, beta1, 1.0, dtype))
-    torch._foreach_mul_(grads, per_tensor(live, 1.0 - beta1, 0.0, dtype))
-    torch._foreach_add_(exp_avgs, grads)
-    taken = torch.stack(steps).to(torch.float64).clamp_min(1.0)  # a skipped first step counts 0: its update is dropped
-    step_sizes = -lr / one_minus_power(beta1, taken)
-    bias_correction2_sqrts = one_minus_power(beta2, taken).sqrt()
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, list(bias_correction2_sqrts.to(dtype).unbind()))
-    torch._foreach_add_(denominators, eps)
-    new_values = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_mul_(new_values, list(step_sizes.to(dtype).unbind()))
-    decayed = torch._foreach_mul(params, 1.0 - lr * weight_decay) if weight_decay != 0.0 else params
-    torch._foreach_add_(new_values, decayed)
-    for param, new_value, ok in zip(params, new_values, oks):
-        masked_copy_(param, new_value, ok)
-
-
-def per_tensor(live: Tensor, value: float, skipped: float, dtype: torch.dtype) -> list[Tensor]:
-    """One 0-d ``dtype`` tensor per flag of ``live``: ``value`` where it holds, else ``skipped``; filled on the
-    device (a Python number never travels there as a copy)."""
-    return list(torch.full_like(live, value, dtype=dtype).masked_fill_(~live, skipped).unbind())
-
-
-def one_minus_power(beta: float, steps: Tensor) -> Tensor:
-    """``1 - beta^t`` for float64 step counts ``t >= 1``, on their device (``beta = 0`` gives 1)."""
-    if beta == 0.0:
-        return torch.ones_like(steps)
-    return -torch.expm1(steps * math.log(beta))
 
 
 def device_count(state: dict[str, Any], key: str, param: Tensor) -> Tensor:
@@ -197,23 +77,6 @@ def check_betas(owner: str, name: str, betas: Any) -> None:
         raise ValueError(f"{owner}: invalid {name} {betas!r}; expected two floats in [0, 1), e.g. (0.9, 0.999).")
 
 
-def check_use_triton(owner: str, use_triton: Any, kernel: str, exists: bool = True) -> None:
-    """Validate the kernel switch ``"auto"`` | ``True`` | ``False`` (semantics: :mod:`lit_lowrank.kernels.dispatch`).
-
-    ``kernel`` names the optimizer's fused Triton kernel; ``exists=False`` for an optimizer without one
-    (LoRAPreMuon): there ``True`` cannot be honoured, so it warns once per process
-    (:class:`~lit_lowrank.kernels.dispatch.KernelFallbackWarning`, as for any kernel that cannot run) and the torch
-    path runs, as under ``"auto"`` and ``False``.
-    """
-    if not (use_triton == "auto" or isinstance(use_triton, bool)):
-        raise ValueError(f"{owner}: invalid use_triton {use_triton!r}; expected 'auto', True or False.")
-    if not exists and use_triton is True:
-        fallback_warning(
-            kernel, "none", f"{owner} has no Triton kernel (its Newton-Schulz iterations are torch matmuls, "
-            "i.e. cuBLAS on GPU). HINT: use_triton='auto' or False say the same without this warning."
-        )
-
-
 class LowRankOptimizerBase(Optimizer):
     """Shared machinery of the LoRA-Pre optimizers (not meant to be used directly).
 
@@ -242,7 +105,7 @@ class LowRankOptimizerBase(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int | None) -> None:
         if isinstance(params, nn.Module):
-            from lit_lowrank.optim.groups import lowrank_param_groups
+            from lit_lowrank.optim.lora_pre.groups import lowrank_param_groups
 
             params = lowrank_param_groups(params, rank=defaults["rank"])
         # Per-parameter factor seeds derive from this and the parameter's index, and are stored in the state.
@@ -334,7 +197,7 @@ class LowRankOptimizerBase(Optimizer):
                 group["rank"],
                 seed,
                 len(self._factor_names) // 2,
-                factor_dtype(param.dtype),
+                compute_dtype(param.dtype),
                 param.device,
             )
             shards = RowShards.of(param)
@@ -393,9 +256,8 @@ class LowRankOptimizerBase(Optimizer):
     def _finite(self, params: list[Tensor]) -> dict[Tensor, bool]:
         """Whether each gradient is finite, read on the host once per step (nothing to wait for on a CPU).
 
-        One ``aminmax`` per gradient (a read pass; NaN propagates into both, inf into one; ~0.1 ns per entry on
-        CPU, 15x faster than an inf-norm) and one device-to-host copy of the flags (and of each gradient's local
-        ``max |g|``, kept in ``self._grad_absmax`` for the step) for the whole step, like
+        One ``aminmax`` per gradient (cost: docs/design.md) and one device-to-host copy of the flags (and of each
+        gradient's local ``max |g|``, kept in ``self._grad_absmax`` for the step) for the whole step, like
         ``torch.amp.GradScaler``'s skip decision. Under FSDP2 a non-finite entry in any rank's shard skips the
         parameter on every rank.
         """
@@ -460,7 +322,7 @@ class LowRankOptimizerBase(Optimizer):
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         for (_, param_dtype), same_kind in by_device_dtype.items():
-            dtype = factor_dtype(param_dtype)
+            dtype = compute_dtype(param_dtype)
             states = [self.state[param] for param in same_kind]
             for param, state in zip(same_kind, states):
                 if "exp_avg" not in state:
@@ -488,19 +350,11 @@ class LowRankOptimizerBase(Optimizer):
     def _adamw_on_device(self, params: list[Tensor], states: list[dict[str, Any]], oks: list[Tensor],
                          dtype: torch.dtype, hyper: dict[str, float]) -> None:
         """The AdamW tensors of a device-side step, on their local shards (element-wise: nothing crosses ranks)."""
-        targets = [local(param).detach() for param in params]
-        values = targets if dtype == params[0].dtype else [target.to(dtype) for target in targets]
-        adamw_masked_update_(
-            values,
-            [local(self._grad_of(param)) for param in params],
-            [local(state["exp_avg"]) for state in states],
-            [local(state["exp_avg_sq"]) for state in states],
-            [device_count(state, "step", param) for param, state in zip(params, states)],
-            oks,
-            **hyper,
-        )
-        if values is not targets:
-            torch._foreach_copy_(targets, values)
+        ok = torch.stack(oks)
+        grads = [torch.where(finite, local(self._grad_of(param)).to(dtype), 0) for param, finite in zip(params, oks)]
+        local_states = [{"step": device_count(state, "step", param), "exp_avg": local(state["exp_avg"]),
+                         "exp_avg_sq": local(state["exp_avg_sq"])} for param, state in zip(params, states)]
+        adamw_masked_update_([local(param).detach() for param in params], grads, local_states, ok, **hyper)
 
     # ------------------------------------------------------------------------------------------ state & I/O
     def __getstate__(self) -> dict[str, Any]:
@@ -535,7 +389,7 @@ class LowRankOptimizerBase(Optimizer):
             for param in group["params"]:
                 for key, value in self.state.get(param, {}).items():
                     if isinstance(value, Tensor):
-                        nbytes = local(value).nbytes
+                        nbytes = tensor_bytes(value)
                         group_bytes += nbytes
                         if key in self._factor_names:
                             factors += nbytes
@@ -545,19 +399,10 @@ class LowRankOptimizerBase(Optimizer):
         return StateBytes(total=factors + dense, per_group=tuple(per_group), factors=factors, dense=dense)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict()``, keeping each state tensor's saved dtype.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to its parameter's dtype, which would
-        turn the float32 factors of a bf16 model into bf16 ones; here every state tensor keeps the dtype it was
-        saved with and only moves to its parameter's device.
-        """
-        saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
-        params = [param for group in self.param_groups for param in group["params"]]
+        """Load a state saved by ``state_dict()``, keeping each state tensor's saved dtype (float32 factors of a
+        bf16 model stay float32: :func:`~lit_lowrank.optim.state.restore_saved_dtypes`)."""
         super().load_state_dict(state_dict)
-        for param_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
 
 def split_by_matrix(params: Iterable[Any]) -> tuple[list[Any], list[Any]]:

@@ -51,11 +51,6 @@ def derive_seed(base_seed: int, index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
-def factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the factors for a parameter: float32 for 16/32-bit parameters, float64 for float64 ones."""
-    return torch.promote_types(param_dtype, torch.float32)
-
-
 def init_factor_pairs(
     shape: tuple[int, int], rank: int, seed: int, n_pairs: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[Tensor, Tensor]]:
@@ -196,13 +191,10 @@ def row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:
 
 
 CPU_CHUNK_ELEMENTS = 1 << 19
-"""Elements per row chunk of the transient ``p x q`` work on CPU (2 MiB per float32 buffer). Measured on a
-2-core AMD EPYC (2 MiB L2 per core, 32 MiB L3): 2^19 was fastest at 1024 x 2816 and 2048 x 5461, 2^20 and more
-lost up to 30%, smaller chunks lost to per-op overhead."""
+"""Elements per row chunk of the transient ``p x q`` work on CPU (2 MiB per float32 buffer); measured: docs/design.md."""
 
 CPU_WHOLE_MATRIX_ELEMENTS = 1 << 20
-"""Matrices up to this size are done in one chunk on CPU: their whole working set (gradient, weight and the
-transient buffers, ~20 MiB at 2^20) stays in L3 anyway, and one chunk saves the per-chunk op overhead."""
+"""Matrices up to this size are done in one chunk on CPU (the working set stays in L3; docs/design.md)."""
 
 
 def auto_chunk_rows(shape: tuple[int, int], device: torch.device) -> int:

@@ -15,13 +15,19 @@ and updates the parameter and the factors in place (the math, our defaults and w
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, fallback_warning, run_with_fallback, should_use_kernel
-from lit_lowrank.optim.lowrank_factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_, row_chunks
+from lit_lowrank.optim.lora_pre.adam_scalars import (
+    NO_FLOOR,
+    adam_rates,
+    adam_step_constants,
+    adam_step_tensors,
+    device_step_inputs,
+)
+from lit_lowrank.optim.lora_pre.factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_, row_chunks
 from lit_lowrank.optim.sharding import RowShards
 
 KERNEL = "lora_pre_adam"
@@ -36,137 +42,6 @@ UPDATE_BOUNDS = ("v_floor", "adam_floor", "rms_clip", "none")
 1 (Adafactor), or not at all (the paper's formula: unsafe, see ``docs/lora-pre.md``)."""
 KERNEL_UPDATE_BOUNDS = ("v_floor", "adam_floor", "none")
 """Bounds fused into the kernel's first pass; ``rms_clip`` needs the whole update's RMS first (torch path only)."""
-
-
-class AdamStepConstants(NamedTuple):
-    """Host scalars of one LoRA-Pre Adam step, shared by the torch path and the fused kernel."""
-
-    kappa: float  # m_t / (1 - beta1) = g + kappa * B A
-    rho: float  # sqrt(v_t) / sqrt(1 - beta2) = hypot(|g|, rho * V_B V_A)
-    step_size: float  # W -= step_size * (g + kappa B A) / (max(hypot(...), floor * |g + kappa B A|) + eps_hat)
-    eps_hat: float
-    gamma1: float  # factor update rates: 1 - gamma1 = sqrt(beta1), 1 - gamma2 = beta2^(1/4)
-    gamma2: float
-    floor: float  # 0: no floor; else sqrt(v_hat) >= |m_hat| / sqrt(C) reads hypot(...) >= floor * |g + kappa B A|
-
-
-def adam_worst_case(step: int, beta1: float, beta2: float) -> float:
-    """``C_t = sum_i w_i^2 / u_i``: Adam's bound ``m_hat^2 <= C_t v_hat`` (Cauchy-Schwarz over the EMA weights).
-
-    ``w_i = (1 - beta1) beta1^(t-i) / (1 - beta1^t)`` and ``u_i`` likewise with ``beta2``; 1 at step 1, tending to
-    ``(1 - beta1)^2 / ((1 - beta2)(1 - beta1^2 / beta2))`` (about 53 for (0.9, 0.999)).
-
-    Example:
-        >>> round(adam_worst_case(1, 0.9, 0.999), 6), round(adam_worst_case(10**6, 0.9, 0.999), 1)
-        (1.0, 52.9)
-    """
-    ratio = beta1 * beta1 / beta2
-    geometric = float(step) if ratio == 1.0 else (1.0 - ratio**step) / (1.0 - ratio)
-    return (1.0 - beta1) ** 2 * (1.0 - beta2**step) / ((1.0 - beta1**step) ** 2 * (1.0 - beta2)) * geometric
-
-
-def adam_rates(beta1: float, beta2: float) -> tuple[float, float, float]:
-    """The step-independent constants ``(kappa, gamma1, gamma2)``: ``m_t / (1 - beta1) = g + kappa B A``, and the
-    factor update rates ``1 - gamma1 = sqrt(beta1)``, ``1 - gamma2 = beta2^(1/4)``."""
-    return beta1 / (1.0 - beta1), 1.0 - math.sqrt(beta1), 1.0 - beta2**0.25
-
-
-def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps: float, scale: float,
-                        debias_second_moment: bool = True, update_bound: str = "v_floor") -> AdamStepConstants:
-    """The constants of step ``step`` (>= 1) after the rewrites described in :func:`lora_pre_adam_update_`."""
-    kappa, gamma1, gamma2 = adam_rates(beta1, beta2)
-    rho = math.sqrt(beta2 / (1.0 - beta2))
-    if debias_second_moment and step > 1:
-        # V_B V_A follows the EMA of |g| at rate sqrt(beta2), whose square warms up like (1 - beta2^((t-1)/2))^2,
-        # far below Adam's v_{t-1} ~ (1 - beta2^(t-1)); rescale it to Adam's scale (exact for a steady gradient).
-        rho *= math.sqrt(1.0 - beta2 ** (step - 1)) / (1.0 - beta2 ** ((step - 1) / 2))
-    c = math.sqrt(1.0 - beta2) / math.sqrt(1.0 - beta2**step)  # sqrt(v_t / (1 - beta2^t)) = c * hypot(...)
-    m_hat_per_m = (1.0 - beta1) / ((1.0 - beta1**step) * c)  # m_hat / (c (g + kappa B A))
-    floor = 0.0
-    if update_bound == "v_floor":
-        floor = m_hat_per_m
-    elif update_bound == "adam_floor":
-        floor = m_hat_per_m / math.sqrt(adam_worst_case(step, beta1, beta2))
-    return AdamStepConstants(kappa, rho, lr * scale * m_hat_per_m, eps / c, gamma1, gamma2, floor)
-
-
-NO_FLOOR, V_FLOOR, ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE = 0, 1, 2, 3
-"""Codes of the floor in :class:`DeviceStepInputs` (and the kernel's ``BOUND``); ``ADAM_FLOOR_RATIO_ONE`` is
-``"adam_floor"`` with ``beta1^2 == beta2``, where the geometric sum in ``C_t`` is ``t`` itself."""
-
-
-class DeviceStepInputs(NamedTuple):
-    """What the step-dependent scalars need from the host when the step count is a device tensor: float64
-    functions of the hyper-parameters only, so nothing about the step is read on the host. Shared by
-    :func:`adam_step_tensors` (torch) and the fused kernel, which computes the same formulas in-kernel."""
-
-    log_beta1: float  # log(beta1), -inf for beta1 = 0: beta1^t = exp(t log(beta1))
-    log_beta2: float
-    one_minus_beta1: float
-    root_one_minus_beta2: float  # sqrt(1 - beta2)
-    rho: float  # sqrt(beta2 / (1 - beta2)), before the warm-up correction
-    lr_scale: float  # lr * scale
-    eps: float
-    log_ratio: float  # "adam_floor" only (else 0): log(beta1^2 / beta2)
-    one_minus_ratio: float  # "adam_floor" only (else 1): 1 - beta1^2 / beta2
-    worst_case_scale: float  # "adam_floor" only (else 0): (1 - beta1)^2 / (1 - beta2)
-    debias: bool
-    bound: int  # NO_FLOOR ("none", "rms_clip"), V_FLOOR, ADAM_FLOOR or ADAM_FLOOR_RATIO_ONE
-
-
-def device_step_inputs(*, lr: float, beta1: float, beta2: float, eps: float, scale: float,
-                       debias_second_moment: bool = True, update_bound: str = "v_floor") -> DeviceStepInputs:
-    """The :class:`DeviceStepInputs` of these hyper-parameters."""
-
-    def log(beta: float) -> float:
-        return math.log(beta) if beta > 0.0 else -math.inf
-
-    log_ratio, one_minus_ratio, worst_case_scale, bound = 0.0, 1.0, 0.0, NO_FLOOR
-    if update_bound == "v_floor":
-        bound = V_FLOOR
-    elif update_bound == "adam_floor":
-        ratio = beta1 * beta1 / beta2
-        log_ratio, one_minus_ratio = 2.0 * log(beta1) - log(beta2), 1.0 - ratio
-        worst_case_scale = (1.0 - beta1) ** 2 / (1.0 - beta2)
-        bound = ADAM_FLOOR_RATIO_ONE if ratio == 1.0 else ADAM_FLOOR
-    rho = math.sqrt(beta2 / (1.0 - beta2))
-    return DeviceStepInputs(log(beta1), log(beta2), 1.0 - beta1, math.sqrt(1.0 - beta2), rho, lr * scale, eps,
-                            log_ratio, one_minus_ratio, worst_case_scale, debias_second_moment, bound)
-
-
-def adam_step_tensors(step: Tensor, inputs: DeviceStepInputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(rho, step_size, eps_hat, floor)`` of :func:`adam_step_constants` for a step count held in a tensor: float64
-    0-d tensors on its device, so nothing is read on the host. ``floor`` is 0 without a floor.
-
-    The count is clamped at 1: a matrix whose first step is skipped still counts 0, and its update is discarded
-    anyway. The fused kernel's ``_step_scalars`` (``lit_lowrank.kernels.lora_pre_adam``) is this, line by line.
-
-    Example:
-        >>> inputs = device_step_inputs(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, scale=1.0)
-        >>> rho, step_size, eps_hat, floor = adam_step_tensors(torch.tensor(3.0), inputs)
-        >>> host = adam_step_constants(step=3, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, scale=1.0)
-        >>> [round(float(x) / y, 9) for x, y in zip((rho, step_size, eps_hat, floor), (host.rho, host.step_size,
-        ...                                                                              host.eps_hat, host.floor))]
-        [1.0, 1.0, 1.0, 1.0]
-    """
-    k = inputs
-    t = step.to(torch.float64).clamp_min(1.0)
-    c = k.root_one_minus_beta2 / torch.sqrt(1.0 - torch.exp(t * k.log_beta2))
-    m_hat_per_m = k.one_minus_beta1 / ((1.0 - torch.exp(t * k.log_beta1)) * c)
-    rho = torch.full_like(t, k.rho)
-    if k.debias:  # t - 1 >= 1 inside the correction, so that step 1 (no correction) does not divide 0 by 0
-        earlier = torch.clamp_min(t - 1.0, 1.0)
-        warm_up = torch.sqrt(1.0 - torch.exp(earlier * k.log_beta2)) / (1.0 - torch.exp(earlier * 0.5 * k.log_beta2))
-        rho = torch.where(t > 1.0, rho * warm_up, rho)
-    floor = torch.zeros_like(t)
-    if k.bound == V_FLOOR:
-        floor = m_hat_per_m
-    elif k.bound in (ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE):
-        geometric = t if k.bound == ADAM_FLOOR_RATIO_ONE else (1.0 - torch.exp(t * k.log_ratio)) / k.one_minus_ratio
-        bias1 = 1.0 - torch.exp(t * k.log_beta1)
-        worst_case = k.worst_case_scale * (1.0 - torch.exp(t * k.log_beta2)) / (bias1 * bias1) * geometric
-        floor = m_hat_per_m / torch.sqrt(worst_case)
-    return rho, k.lr_scale * m_hat_per_m, k.eps / c, floor
 
 
 def damped_pinv_pair(first: Tensor, second: Tensor, role: str, damping: float, workspace: Workspace,
@@ -213,7 +88,7 @@ def lora_pre_adam_update_(
     ``sqrt(v_t) = sqrt(1 - beta2) * hypot(g, rho * V_B V_A)`` with ``rho = sqrt(beta2 / (1 - beta2))``, so
     neither ``g^2`` nor ``(V_B V_A)^2`` is formed (they overflow float32 for |g| > 1.8e19). The constant
     factors move into the step size and epsilon. Each factor update is one in-place ``addmm_`` with the other
-    factor's damped pseudo-inverse from :func:`~lit_lowrank.optim.lowrank_factors.damped_pinvs`, e.g.
+    factor's damped pseudo-inverse from :func:`~lit_lowrank.optim.lora_pre.factors.damped_pinvs`, e.g.
     ``B <- (1 - gamma1) B + gamma1 g A_pinv^T`` with ``A_pinv^T = A^T (A A^T + lambda I)^-1``.
 
     ``debias_second_moment`` (default) rescales ``V_B V_A`` by ``sqrt(1 - beta2^(t-1)) / (1 - beta2^((t-1)/2))``
@@ -221,31 +96,27 @@ def lora_pre_adam_update_(
     floors cost one ``abs`` (or square) and one ``maximum`` per element (``m`` is formed pre-scaled by the floor
     factor, so the floor needs no multiply); ``"rms_clip"`` forms the update once more to measure its RMS first.
     ``grad_absmax`` (``max |g|``, which the optimizer knows from its finite check) lets the CPU path form ``hypot``
-    and the floor from squares where they cannot overflow (:func:`_squares_are_safe`): 7 element-wise passes
-    instead of hypot's slow one plus 6, about 10% of a step at 1024 x 2816, rank 16.
+    and the floor from squares where they cannot overflow (:func:`_squares_are_safe`; docs/design.md).
     ``debias_second_moment=False, update_bound="none"`` is the paper's formula (unbounded: see ``docs/lora-pre.md``).
 
     Under FSDP2 (``shards`` given) every tensor here is this rank's row block, except ``A`` and ``V_A`` which
     are replicated: the left factors' Gram matrices and the ``r x q`` products ``B^+ g`` and ``V_B^+ |g|`` are
     summed over ranks (two all-reduces each of r x r and r x q numbers per matrix and step); nothing p x q moves.
 
-    ``use_triton``: ``"auto"`` (the fused kernel ``lit_lowrank.kernels.lora_pre_adam`` on CUDA, this torch path on
-    CPU), ``True`` (the kernel wherever it can run, CPU included under ``TRITON_INTERPRET=1``) or ``False`` (this
-    path, the default); see :mod:`lit_lowrank.kernels.dispatch`. The kernel takes float32, bfloat16 and float16
-    parameters and gradients with float32 factors, ranks up to ``KERNEL_MAX_RANK``, and the local blocks of
-    FSDP2-sharded parameters (``shards``); anything else runs here (with one warning under ``True``). It ignores
-    ``chunk_rows``: it forms ``m_t`` and ``v_t`` a register tile at a time.
+    ``use_triton``: the fused kernel ``lit_lowrank.kernels.lora_pre_adam``, as in :mod:`lit_lowrank.kernels.dispatch`
+    (default ``False``: this path). It takes float32, bfloat16 and float16 parameters with float32 factors (not
+    float64), ranks up to ``KERNEL_MAX_RANK`` (128) and FSDP2 local blocks; anything else runs here.
 
     ``ok`` (a 0-d bool tensor) selects the device-side skip, which reads nothing on the host: ``step`` is then the
     step count as a 0-d tensor (already counting this step when ``ok`` holds; a count of 0 is read as 1), the
-    step's scalars are computed from it on the device (:func:`adam_step_tensors`; in-kernel on the kernel path),
+    step's scalars are computed from it on the device (:func:`~lit_lowrank.optim.lora_pre.adam_scalars.adam_step_tensors`; in-kernel on the kernel path),
     and where ``ok`` is False ``param`` and the factors stay bit for bit as they were, even if ``grad`` holds
     NaN: the kernel masks its stores of ``param``, and each factor update is a ``torch.where``. Off the kernel
     path this runs :func:`_masked_torch_step` (``grad_absmax`` unused), a few element-wise passes slower than the
     host path below; ``"rms_clip"`` then keeps its clip factor on the device too.
 
     Example:
-        >>> from lit_lowrank.optim.lowrank_factors import init_factor_pairs
+        >>> from lit_lowrank.optim.lora_pre.factors import init_factor_pairs
         >>> W, g = torch.zeros(8, 6), torch.ones(8, 6)
         >>> (B, A), (V_B, V_A) = init_factor_pairs((8, 6), 2, 0, 2, torch.float32, W.device)
         >>> lora_pre_adam_update_(W, g, B, A, V_B, V_A, step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -347,7 +218,7 @@ def _masked_torch_step(param: Tensor, grad: Tensor, B: Tensor, A: Tensor, V_B: T
     The step's scalars are 0-d tensors from the step count (:func:`adam_step_tensors`), so they cannot fold into
     ``addmm``'s ``alpha`` nor ``m``'s pre-scaling as on the host: ``rho`` and the floor cost a multiply pass each.
     A skipped matrix (``ok`` False) is computed with a zero gradient, so that nothing turns NaN on the way, and
-    every write is a :func:`~lit_lowrank.optim.lowrank_factors.masked_copy_` that keeps the old values.
+    every write is a :func:`~lit_lowrank.optim.lora_pre.factors.masked_copy_` that keeps the old values.
     """
     p, q = param.shape
     dtype, device = B.dtype, B.device
@@ -454,9 +325,7 @@ SQUARES_LIMIT = 2.0**62
 def _squares_are_safe(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float, rho: float,
                       floor: float, grad_absmax: float | None) -> bool:
     """Whether ``x^2 + g^2`` and ``(floor m)^2`` may be formed (``x = rho V_B V_A``, ``m = g + kappa B A``): on CPU
-    only, where ``torch.hypot`` costs about as much as the three passes that replace it (on accelerators
-    element-wise work hides behind memory traffic, so hypot stays), and only when every operand is known to be below
-    ``SQUARES_LIMIT``. ``|(B A)_ij| <= |B|_F |A|_F`` (Cauchy-Schwarz; loose, but the limit is ~1e18): four
+    only (why: docs/design.md), and only when every operand is known to be below ``SQUARES_LIMIT``. ``|(B A)_ij| <= |B|_F |A|_F`` (Cauchy-Schwarz; loose, but the limit is ~1e18): four
     contiguous reductions of ``O((p + q) r)`` and one host read, which costs nothing on a CPU. Squares that
     underflow are harmless: ``eps`` dominates there.
     """

@@ -7,21 +7,21 @@ from typing import Any, Literal
 
 import torch
 
-from lit_lowrank.optim.lora_pre_base import (
+from lit_lowrank.kernels.dispatch import validate_use_triton
+from lit_lowrank.optim.lora_pre.base import (
     LowRankOptimizerBase,
     check_betas,
     check_common_hyperparameters,
-    check_use_triton,
     split_by_matrix,
 )
-from lit_lowrank.optim.lora_pre_muon_update import (
+from lit_lowrank.optim.lora_pre.muon_update import (
     SCALE_RULES,
     dense_muon_update_,
     lora_pre_muon_update_,
     muon_update_scale,
 )
-from lit_lowrank.optim.lowrank_factors import factor_dtype
 from lit_lowrank.optim.sharding import RowShards, local
+from lit_lowrank.optim.state import compute_dtype
 
 
 class LoRAPreMuon(LowRankOptimizerBase):
@@ -31,7 +31,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
     instead of ``p q``). Each step orthogonalises ``mu B A + g`` (or its Nesterov form ``g + mu (mu B A + g)``)
     with five quintic Newton-Schulz iterations in float32, updates ``W <- W - lr (scale O + weight_decay W)``,
     then moves the factors by one damped least-squares step each towards ``g / (1 - mu)`` with
-    ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre_muon_update`). A matrix or tensor whose gradient
+    ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre.muon_update`). A matrix or tensor whose gradient
     holds NaN/inf is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`; on an
     accelerator without any host read (``docs/lora-pre.md``, "Non-finite gradients").
 
@@ -57,9 +57,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             ``"adamw_rms"``: ``0.2 sqrt(max(p, q))`` (Moonlight), update RMS ~0.2 like AdamW's so AdamW's lr and
             weight decay carry over. ``p x q`` is the weight as stored: ``out x in`` for ``nn.Linear``, ``in x out``
             for transformers' ``Conv1D``, which ``"adamw_rms"`` treats alike.
-        use_triton: ``"auto"`` | ``True`` | ``False``, accepted for symmetry with LoRAPreAdamW, but LoRA-Pre Muon has
-            no Triton kernel: Newton-Schulz runs as torch matmuls (cuBLAS on GPU), which a kernel would have to beat
-            by measurement first. So the torch path always runs; ``True`` says so in one warning.
+        use_triton: accepted for symmetry; LoRA-Pre Muon has no kernel (:mod:`lit_lowrank.kernels.dispatch`).
         full_rank: ``"error"`` (default) | ``"dense"`` (plain Muon with a dense momentum buffer for that tensor,
             logged) | ``"factored"`` (keep factors, logged), for matrices with ``rank >= min(p, q)``.
         seed: base of the per-parameter seeds of the initial ``A ~ N(0, 0.02^2)`` (``torch.initial_seed()``
@@ -99,7 +97,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
         full_rank: Literal["error", "dense", "factored"] = "error",
         seed: int | None = None,
     ) -> None:
-        check_use_triton(type(self).__name__, use_triton, kernel="lora_pre_muon", exists=False)
+        validate_use_triton(use_triton, type(self).__name__, missing_kernel="lora_pre_muon")
         self.use_triton = use_triton
         self._adamw_defaults = {
             "lr": adamw_lr,
@@ -205,6 +203,6 @@ class LoRAPreMuon(LowRankOptimizerBase):
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["step"] = 0
-                    state["momentum_buffer"] = torch.zeros_like(param, dtype=factor_dtype(param.dtype))
+                    state["momentum_buffer"] = torch.zeros_like(param, dtype=compute_dtype(param.dtype))
                 self._count_step(state, param, flag)
                 dense_muon_update_(param, grad, state["momentum_buffer"], **options)

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from lit_lowrank.optim.state import compute_dtype
+
 Scaling = float | torch.Tensor
 #: Gram eigenvalues within this many machine epsilons of the largest are rounding noise (module docstring).
 NOISE_EPS = 32
@@ -45,11 +47,6 @@ class GramSpectrum(NamedTuple):
     def q_A(self) -> torch.Tensor:
         """``(A A^T)^+`` (r x r)."""
         return (self.vecs_A * self.inv_A.unsqueeze(-2)) @ self.vecs_A.mT
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (bf16/fp16 inputs are solved in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_shapes(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:

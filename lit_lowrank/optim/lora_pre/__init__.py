@@ -4,8 +4,11 @@
 - :class:`LoRAPreMuon`: Muon with its momentum buffer factored (``(p + q) r``).
 - :func:`lowrank_param_groups`: which tensors of a model are factored (the rest get AdamW in the same optimizer).
 
-The per-matrix steps, which a fused kernel may replace, are :func:`lora_pre_adam_update_` and
-:func:`lora_pre_muon_update_`. The method as implemented: ``docs/lora-pre.md``.
+Each optimizer sits beside its per-matrix step, which a fused kernel may replace: ``adam.py`` and ``adam_update.py``
+(:func:`lora_pre_adam_update_`; its step's scalars in ``adam_scalars.py``), ``muon.py`` and ``muon_update.py``
+(:func:`lora_pre_muon_update_`). What both share: ``base.py`` (param groups, skips, state), ``factors.py`` (factor
+init, damped pseudo-inverses, row chunks) and ``groups.py`` (which tensors are factored). The method as implemented:
+``docs/lora-pre.md``.
 
 Example:
     >>> import torch
@@ -18,12 +21,12 @@ Example:
     True
 """
 
-from lit_lowrank.optim.groups import lowrank_param_groups, param_group_names
-from lit_lowrank.optim.lora_pre_adam import LoRAPreAdamW
-from lit_lowrank.optim.lora_pre_adam_update import lora_pre_adam_update_
-from lit_lowrank.optim.lora_pre_base import StateBytes
-from lit_lowrank.optim.lora_pre_muon import LoRAPreMuon
-from lit_lowrank.optim.lora_pre_muon_update import lora_pre_muon_update_, newton_schulz_orthogonalize
+from lit_lowrank.optim.lora_pre.adam import LoRAPreAdamW
+from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre.groups import lowrank_param_groups, param_group_names
+from lit_lowrank.optim.lora_pre.muon import LoRAPreMuon
+from lit_lowrank.optim.lora_pre.muon_update import lora_pre_muon_update_, newton_schulz_orthogonalize
+from lit_lowrank.optim.state import StateBytes
 
 __all__ = [
     "LoRAPreAdamW",

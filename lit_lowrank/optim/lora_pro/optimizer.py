@@ -3,135 +3,43 @@
 Adapters are found through :func:`lit_lowrank.adapters.lora_modules` and A is paired with B through
 their module, never through parameter order. Layers that share (r, shapes, dtype, device, scaling) are
 stacked and solved as one batch on their device, then the results are scattered back.
-The closed form itself lives in :mod:`lit_lowrank.optim.lora_pro_math`.
+The closed form itself lives in :mod:`lit_lowrank.optim.lora_pro.closed_form`, the stacking in
+:mod:`lit_lowrank.optim.lora_pro.pairs`.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lit_lowrank.kernels.dispatch import validate_use_triton
-from lit_lowrank.optim.lora_pre_base import StateBytes
-from lit_lowrank.optim.lora_pro_math import (
+from lit_lowrank.optim.adamw import adamw_masked_update_
+from lit_lowrank.optim.lora_pro.closed_form import (
     closed_form,
-    compute_dtype,
     equivalent_factors,
     equivalent_gradient,
     gram_spectrum,
     lora_pro_gradients,
 )
-from lit_lowrank.optim.lora_pro_update import adamw_foreach_, full_mode_update
-from lit_lowrank.optim.sharding import RowShards, all_reduce_, full, local, local_part, process_group
+from lit_lowrank.optim.lora_pro.pairs import (
+    AdapterPair,
+    adapter_pairs,
+    all_finite,
+    batches,
+    read_factors,
+    write_local,
+    write_rows,
+)
+from lit_lowrank.optim.lora_pro.update import full_mode_update
+from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, local_part, process_group
+from lit_lowrank.optim.state import StateBytes, compute_dtype, restore_saved_dtypes, tensor_bytes
 
 __all__ = ["LoRAPro", "apply_lora_pro_", "equivalent_gradient", "lora_pro_gradients"]
 
 MODES = ("efficient", "full")
-
-
-@dataclass(frozen=True, eq=False)
-class AdapterPair:
-    """One adapter's factors, paired through their module: ``W = W0 + scaling * B @ A``."""
-
-    name: str
-    A: nn.Parameter
-    B: nn.Parameter
-    scaling: float
-
-    def batch_key(self) -> tuple:
-        """Pairs with equal keys can be stacked and solved together."""
-        return (tuple(self.A.shape), tuple(self.B.shape), self.A.dtype, self.B.dtype, self.A.device, self.scaling)
-
-
-def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
-    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
-    from lit_lowrank.adapters import lora_modules
-
-    pairs = []
-    for name, module in lora_modules(model):
-        A, B = module.lora_A, module.lora_B
-        if A.requires_grad != B.requires_grad:
-            raise ValueError(
-                f"adapter {name!r} has only one trainable factor (lora_A.requires_grad={A.requires_grad}, "
-                f"lora_B.requires_grad={B.requires_grad}); LoRA-Pro updates A and B jointly. "
-                "HINT: make both trainable or freeze both."
-            )
-        if A.requires_grad:
-            pairs.append(AdapterPair(name, A, B, float(module.scaling)))
-    return pairs
-
-
-class FactorStack(NamedTuple):
-    """Stacked r-row factors ``A`` (L x r x n), ``B^T`` (L x r x m) and their gradients, in parameter dtype.
-
-    ``ok`` is False for layers with a non-finite gradient. Batched ops never mix layers (and eigh only
-    sees the finite parameter Grams), so such a layer cannot spoil the others; callers mask its results.
-    """
-
-    A: torch.Tensor
-    B_t: torch.Tensor
-    grad_A: torch.Tensor
-    grad_B_t: torch.Tensor
-    ok: torch.Tensor
-
-    def in_compute_dtype(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B^T, grad_A, grad_B^T)`` in fp32 (fp64 for fp64 parameters) for the solves."""
-        dtype = compute_dtype(self.A)
-        return self.A.to(dtype), self.B_t.to(dtype), self.grad_A.to(dtype), self.grad_B_t.to(dtype)
-
-
-def read_factors(pairs: list[AdapterPair]) -> FactorStack:
-    """The one place where adapter parameters and gradients are read as plain tensors.
-
-    Sharded training (FSDP2 / DTensor) only has to gather the small A and B factors and their
-    gradients here; results go back through :func:`write_rows` (gradient rewrite, full mode's A),
-    :func:`write_local` (full mode's B, already this rank's rows) and the in-place AdamW of efficient mode.
-    """
-    def grad_of(p: nn.Parameter) -> torch.Tensor:
-        if p.grad is None:
-            return torch.zeros_like(p)
-        if p.grad.is_sparse:
-            raise RuntimeError(f"LoRA-Pro does not support sparse gradients (parameter of shape {tuple(p.shape)})")
-        return p.grad
-
-    # Under FSDP2 each rank holds a shard of rows: gather the small factors and gradients (r x (m + n)
-    # per adapter), so every rank solves the same full problem and keeps only its rows of the result.
-    # Stacking the transposed views of B stores B^T contiguously at no extra cost.
-    A = torch.stack([full(pair.A.detach()) for pair in pairs])
-    B_t = torch.stack([full(pair.B.detach()).mT for pair in pairs])
-    grad_A = torch.stack([full(grad_of(pair.A)) for pair in pairs])
-    grad_B_t = torch.stack([full(grad_of(pair.B)).mT for pair in pairs])
-    return FactorStack(A, B_t, grad_A, grad_B_t, all_finite(grad_A) & all_finite(grad_B_t))
-
-
-def all_finite(stack: torch.Tensor) -> torch.Tensor:
-    """Per layer (dim 0): True where every entry is finite. Two read-only reductions, ``amax`` and ``amin``, not
-    ``isfinite(x).all()``: measured in docs/design.md (Finite checks)."""
-    dims = tuple(range(1, stack.dim()))
-    return torch.isfinite(stack.amax(dim=dims)) & torch.isfinite(stack.amin(dim=dims))
-
-
-def write_rows(targets: list[torch.Tensor], values: torch.Tensor) -> None:
-    """Scatter a stack back into per-layer tensors (parameters, gradients or state); a sharded target
-    receives only its own rows."""
-    torch._foreach_copy_([local(t) for t in targets], [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
-
-
-def write_local(targets: list[torch.Tensor], values: torch.Tensor) -> None:
-    """Copy a stack of per-layer values that already hold only this rank's rows into the local shards."""
-    torch._foreach_copy_([local(t) for t in targets], list(values.unbind(0)))
-
-
-def batches(pairs: Iterable[AdapterPair], extra_key: Callable[[AdapterPair], object] = lambda pair: None):
-    """Group pairs that can be stacked (same shapes, dtypes, device, scaling and ``extra_key``)."""
-    groups: dict[tuple, list[AdapterPair]] = defaultdict(list)
-    for pair in pairs:
-        groups[(extra_key(pair),) + pair.batch_key()].append(pair)
-    return groups.values()
 
 
 @torch.no_grad()
@@ -293,7 +201,7 @@ class LoRAPro(torch.optim.Optimizer):
             )
         if mode not in MODES:
             raise ValueError(f"unknown LoRAPro mode={mode!r}; choose 'efficient' (LoRA's memory) or 'full' (Adam in weight space)")
-        validate_use_triton(use_triton)
+        validate_use_triton(use_triton, type(self).__name__)
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay or not 0.0 <= damping:
             raise ValueError(f"lr, eps, weight_decay and damping must be >= 0, got {lr}, {eps}, {weight_decay}, {damping}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -350,8 +258,8 @@ class LoRAPro(torch.optim.Optimizer):
             self._apply_full(plan) if self.mode == "full" else self._apply_efficient(plan)
         for plan in others:
             states = [self._state(p, "exp_avg", "exp_avg_sq") for p in plan.params]
-            adamw_foreach_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
-                           **self._hyper(plan.group))
+            adamw_masked_update_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
+                                 **self._hyper(plan.group))
         self._count_skips(plans, others)  # after the updates, which create the states
         return loss
 
@@ -405,7 +313,7 @@ class LoRAPro(torch.optim.Optimizer):
             StateBytes(total=392, per_group=(392,), factors=0, dense=392)
         """
         per_group = tuple(
-            sum(local(value).nbytes for param in group["params"] for value in self.state.get(param, {}).values()
+            sum(tensor_bytes(value) for param in group["params"] for value in self.state.get(param, {}).values()
                 if torch.is_tensor(value))
             for group in self.param_groups
         )
@@ -454,7 +362,7 @@ class LoRAPro(torch.optim.Optimizer):
         states = [self._state(p, "exp_avg", "exp_avg_sq") for p in params]
         directions = list(plan.dA.unbind()) + [d.mT for d in plan.dB_t.unbind()]
         directions = [local_part(d, like=p) for d, p in zip(directions, params)]
-        adamw_foreach_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
+        adamw_masked_update_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
                        **self._hyper(plan.group))
 
     def _full_plan(self, batch: list[AdapterPair], group: dict) -> FullPlan:
@@ -488,11 +396,4 @@ class LoRAPro(torch.optim.Optimizer):
                 "their states differ. HINT: create the optimizer with the same mode to resume."
             )
         super().load_state_dict(state_dict)
-        # torch casts loaded state to each parameter's dtype; keep the saved dtype instead (fp32 moments
-        # of bf16 adapters) and own copies, so resuming continues bit-for-bit.
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for param, saved_id in zip(params, saved_ids):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)  # fp32 moments of bf16 adapters stay fp32

@@ -1,89 +1,22 @@
-"""Update rules of :class:`~lit_lowrank.optim.LoRAPro`: AdamW for a list of tensors, full mode for a layer stack.
+"""Full mode of :class:`~lit_lowrank.optim.LoRAPro` for a layer stack (its AdamW: :mod:`lit_lowrank.optim.adamw`).
 
-Both take an ``ok`` mask (finite gradients) and leave parameters *and* state bit-for-bit unchanged where
-it is False, with per-entry coefficients and ``torch.where`` on the device: no host sync, no NaN parameters.
+Like :func:`~lit_lowrank.optim.adamw.adamw_masked_update_` it takes an ``ok`` mask (finite gradients) and leaves
+parameters *and* state bit-for-bit unchanged where it is False, with per-entry coefficients and ``torch.where`` on
+the device: no host sync, no NaN parameters.
 In :func:`full_mode_update` the m x n part (moments and projections, :func:`torch_moments_and_projections`)
 can run as the fused Triton kernel ``lit_lowrank.kernels.lora_pro_full`` (``use_triton``); the r x r solves
 stay in torch.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from lit_lowrank.kernels.dispatch import SelfCheck, UseTriton, run_with_fallback, should_use_kernel
-from lit_lowrank.optim.lora_pro_math import GramSpectrum, closed_form, gram_spectrum
+from lit_lowrank.optim.adamw import Number, bias_corrections, per_entry
+from lit_lowrank.optim.lora_pro.closed_form import GramSpectrum, closed_form, gram_spectrum
 from lit_lowrank.optim.sharding import RowShards
-
-Number = float | torch.Tensor
-
-
-def bias_corrections(step: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam's ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` for step tensors, ``t`` counted from 1.
-
-    Computed as ``-expm1(t * log(beta))`` from the python float ``log(beta)``: rounding ``beta2 = 0.999``
-    to fp32 first would put a 1e-4 relative error into ``1 - beta2``. A layer that never stepped is
-    clamped to t = 1 so its (unused, masked) update stays finite.
-    """
-    taken = step.to(dtype).clamp_min(1)
-
-    def one_minus_power(beta: float) -> torch.Tensor:
-        return -torch.expm1(taken * math.log(beta)) if beta > 0 else torch.ones_like(taken)
-
-    return one_minus_power(beta1), one_minus_power(beta2).sqrt()
-
-
-def per_entry(ok: torch.Tensor, value: float, skipped: float, like: torch.Tensor) -> torch.Tensor:
-    """``value`` where ``ok``, else ``skipped``, filled on the device (no host-to-device copy)."""
-    return torch.full_like(like, value).masked_fill_(~ok, skipped)
-
-
-def adamw_foreach_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    states: Sequence[dict],
-    ok: torch.Tensor,
-    *,
-    lr: Number,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """AdamW (``torch.optim.AdamW``'s formula) on a list of tensors, in place; skips entries where ``ok`` is False.
-
-    All tensors share one device and one state dtype; ``states`` hold ``step`` (0-d float32), ``exp_avg``
-    and ``exp_avg_sq`` in that dtype (fp32 for bf16/fp16 parameters). ``grads`` must be zero where ``ok``
-    is False (callers zero non-finite ones). A skipped tensor then sees a zero gradient with ``beta = 1``
-    and a zero step size, so its moments and parameter stay bit-for-bit: the update is ``0 * finite``
-    because the denominator is at least ``eps`` (raised to the dtype's ``tiny`` if 0, so no ``0/0``).
-    Per-tensor coefficients are 0-d tensors, so nothing waits on the device; ``_foreach`` ops keep the
-    Python overhead per list, not per tensor.
-    """
-    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-    work = exp_avgs[0].dtype
-    live = ok.to(work)
-    step = torch.stack([s["step"] for s in states]) + ok.to(torch.float32)
-    torch._foreach_copy_([s["step"] for s in states], list(step.unbind()))
-    bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, work)
-    grads = [g.to(work) for g in grads]
-    torch._foreach_lerp_(exp_avgs, grads, list(per_entry(ok, 1 - beta1, 0.0, live).unbind()))
-    torch._foreach_mul_(exp_avg_sqs, list(per_entry(ok, beta2, 1.0, live).unbind()))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, list(bc2_sqrt.unbind()))
-    torch._foreach_add_(denoms, max(eps, torch.finfo(work).tiny))
-    updates = torch._foreach_div(exp_avgs, denoms)
-    torch._foreach_mul_(updates, list((lr * live / bc1).unbind()))
-    in_place = all(p.dtype == work for p in params)
-    values = [p.detach() if in_place else p.detach().to(work) for p in params]  # half precision via fp32
-    if weight_decay:
-        torch._foreach_mul_(values, list((1 - lr * weight_decay * live).unbind()))
-    torch._foreach_sub_(values, updates)
-    if not in_place:
-        torch._foreach_copy_(list(params), values)
 
 
 def full_mode_update(
@@ -191,7 +124,7 @@ def torch_moments_and_projections(
     direction ``G = (m / (sqrt(v) / bc2_sqrt + eps)) / bc1`` and returns ``(B^T G, (G A^T)^T)``, each
     (L, r, k). ``bc1``, ``bc2_sqrt``: (L,) bias corrections of the new step counts; ``eps`` > 0.
     """
-    # As in adamw_foreach_: a skipped layer sees g~ = 0 with beta = 1, so its moments stay bit-for-bit.
+    # As in adamw_masked_update_: a skipped layer sees g~ = 0 with beta = 1, so its moments stay bit-for-bit.
     skipped = ~ok.view(-1, 1, 1)
     U_t, V = U_t.masked_fill(skipped, 0), V.masked_fill(skipped, 0)
     weight1, decay2 = per_entry(ok, 1 - beta1, 0.0, bc1), per_entry(ok, beta2, 1.0, bc1)

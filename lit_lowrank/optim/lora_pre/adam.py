@@ -1,0 +1,163 @@
+"""LoRAPreAdamW: AdamW whose moments of each weight matrix are kept as low-rank factors (LoRA-Pre Adam)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+from lit_lowrank.kernels.dispatch import validate_use_triton
+from lit_lowrank.optim.lora_pre.adam_update import UPDATE_BOUNDS, lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre.base import (
+    LowRankOptimizerBase,
+    check_betas,
+    check_common_hyperparameters,
+)
+from lit_lowrank.optim.sharding import RowShards, local
+
+log = logging.getLogger(__name__)
+
+
+class LoRAPreAdamW(LowRankOptimizerBase):
+    r"""AdamW with each weight matrix's two moments stored as low-rank factors (LoRA-Pre Adam).
+
+    For a ``p x q`` matrix the first moment is kept as ``m ~= B A`` and the second as ``v ~= (V_B V_A)^2``: the state
+    is ``2 (p + q) r`` float32 elements instead of AdamW's ``2 p q``. Each step forms ``m_t`` and ``v_t`` transiently,
+    applies the AdamW update and moves each factor one damped least-squares step towards ``g`` or ``|g|``. By default
+    no entry moves by more than ``lr * scale`` (plus weight decay). A tensor whose gradient holds NaN/inf is skipped
+    and counted in :meth:`skipped_steps`. The math, our deviations from the paper, the defaults and the measurements
+    behind them: ``docs/lora-pre.md``.
+
+    ``params`` may be an ``nn.Module`` (grouped by :func:`~lit_lowrank.optim.lowrank_param_groups`), tensors,
+    ``(name, tensor)`` pairs or param-group dicts. In a group with ``lowrank=True`` (the default) every 2-D tensor is
+    factored and any other tensor gets plain AdamW; ``lowrank=False`` groups are plain AdamW, bitwise
+    ``torch.optim.AdamW``'s (``docs/lora-pre.md``, "Which parameters are factored").
+
+    Args:
+        params: module, tensors, named tensors or param groups (see above).
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (``weight_decay`` is decoupled).
+        rank: rank ``r`` of the factors.
+        scale: multiplier of the factored tensors' Adam update (the paper's alpha: 0.25 for pre-training, 1.0 for
+            fine-tuning); AdamW tensors are not scaled.
+        damping: ``delta`` of the damped inverses ``(M + delta (tr(M) / r + tiny) I)^-1`` in the factor updates.
+        factor_update: ``"alternating"`` (default): ``B`` from the old ``A``, then ``A`` from the new ``B``;
+            ``"jacobi"``: both from the old pair, kept for comparison only (docs/design.md).
+        debias_second_moment: bias-correct the factored second moment as it fills (default); ``False`` with
+            ``update_bound="none"`` is the paper's unbounded formula (``docs/lora-pre.md``).
+        update_bound: ``"v_floor"`` (default, ``|update| <= 1``), ``"adam_floor"``, ``"rms_clip"`` (torch path
+            only) or ``"none"`` (``docs/lora-pre.md``).
+        use_triton: the fused kernel ``lit_lowrank.kernels.lora_pre_adam``, as in
+            :mod:`lit_lowrank.kernels.dispatch`; it does not take float64 or rank > 128 (the torch path runs).
+        full_rank: a matrix with ``rank >= min(p, q)``: ``"error"`` (default) raises naming it, ``"dense"`` gives it
+            plain AdamW state, ``"factored"`` keeps factors (both log a warning).
+        chunk_rows: rows of the transient ``m_t, v_t`` formed at a time; None: automatic (docs/design.md).
+        seed: base of the per-parameter seeds of the random initial factors (``None``: ``torch.initial_seed()``);
+            each parameter's seed is kept in its state, so a resumed run continues exactly.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> optimizer = LoRAPreAdamW(model.parameters(), lr=1e-3, rank=4)
+        >>> model(torch.randn(16, 32)).pow(2).mean().backward()
+        >>> optimizer.step()
+        >>> optimizer.state_bytes().factors == 4 * 2 * ((64 + 32) * 4 + (8 + 64) * 4)  # float32 factors
+        True
+    """
+
+    _factor_names = ("B", "A", "V_B", "V_A")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 16,
+        scale: float = 1.0,
+        damping: float = 1e-6,
+        factor_update: Literal["alternating", "jacobi"] = "alternating",
+        use_triton: bool | Literal["auto"] = "auto",
+        full_rank: Literal["error", "dense", "factored"] = "error",
+        chunk_rows: int | None = None,
+        seed: int | None = None,
+        debias_second_moment: bool = True,
+        update_bound: Literal["v_floor", "adam_floor", "rms_clip", "none"] = "v_floor",
+    ) -> None:
+        validate_use_triton(use_triton, type(self).__name__)
+        self.use_triton = use_triton
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "scale": scale,
+            "damping": damping,
+            "factor_update": factor_update,
+            "full_rank": full_rank,
+            "chunk_rows": chunk_rows,
+            "lowrank": True,
+            "debias_second_moment": debias_second_moment,
+            "update_bound": update_bound,
+        }
+        super().__init__(params, defaults, seed=seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        check_common_hyperparameters(owner, group, lowrank_keys=True)
+        check_betas(owner, "betas", group["betas"])
+        if not 0.0 <= group["eps"] < math.inf:
+            raise ValueError(f"{owner}: invalid eps {group['eps']!r}; expected a finite float >= 0.")
+        if not 0.0 < group["scale"] < math.inf:
+            raise ValueError(f"{owner}: invalid scale {group['scale']!r}; expected a finite float > 0.")
+        if not isinstance(group["lowrank"], bool):
+            raise TypeError(f"{owner}: invalid lowrank {group['lowrank']!r}; expected True or False.")
+        if group["update_bound"] not in UPDATE_BOUNDS:
+            raise ValueError(f"{owner}: invalid update_bound {group['update_bound']!r}; expected one of {UPDATE_BOUNDS}.")
+        if not isinstance(group["debias_second_moment"], bool):
+            raise TypeError(f"{owner}: invalid debias_second_moment {group['debias_second_moment']!r}; expected a bool.")
+        if group["update_bound"] == "none" and not group["debias_second_moment"]:
+            log.warning(
+                "%s: debias_second_moment=False with update_bound='none' is the paper's literal formula, whose steps "
+                "are not bounded: one zero or tiny gradient can move a weight by orders of magnitude more than lr "
+                "(docs/lora-pre.md). HINT: keep the defaults unless you are reproducing the paper.", owner)
+
+    def _step_group(self, group: dict[str, Any], params: list, ok: dict | None) -> None:
+        beta1, beta2 = group["betas"]
+        dense = []
+        for param in params:
+            grad = self._grad_of(param)
+            if not self._uses_factors(param, group):
+                dense.append(param)
+                continue
+            state = self._factors(param, group)
+            flag = None if ok is None else ok[param]
+            step = self._count_step(state, param, flag)
+            lora_pre_adam_update_(
+                local(param),
+                local(grad),
+                local(state["B"]),
+                state["A"],
+                local(state["V_B"]),
+                state["V_A"],
+                step=step,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                scale=group["scale"],
+                damping=group["damping"],
+                factor_update=group["factor_update"],
+                chunk_rows=self._chunk_rows(param, group),
+                workspace=self._workspace,
+                shards=RowShards.of(param),
+                debias_second_moment=group["debias_second_moment"],
+                update_bound=group["update_bound"],
+                use_triton=self.use_triton,
+                grad_absmax=self._grad_absmax.get(param),
+                ok=flag,
+            )
+        if dense:
+            self._adamw_step(group, dense, ok)

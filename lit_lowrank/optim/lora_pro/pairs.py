@@ -1,0 +1,115 @@
+"""LoRA-Pro's adapter pairs as stacks: ``lora_A`` paired with ``lora_B`` through their module, layers of one shape
+stacked for batched solves, and the results written back (the only place that reads adapters as plain tensors)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lit_lowrank.optim.sharding import full, local, local_part
+from lit_lowrank.optim.state import compute_dtype
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterPair:
+    """One adapter's factors, paired through their module: ``W = W0 + scaling * B @ A``."""
+
+    name: str
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+    def batch_key(self) -> tuple:
+        """Pairs with equal keys can be stacked and solved together."""
+        return (tuple(self.A.shape), tuple(self.B.shape), self.A.dtype, self.B.dtype, self.A.device, self.scaling)
+
+
+def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
+    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
+    from lit_lowrank.adapters import lora_modules
+
+    pairs = []
+    for name, module in lora_modules(model):
+        A, B = module.lora_A, module.lora_B
+        if A.requires_grad != B.requires_grad:
+            raise ValueError(
+                f"adapter {name!r} has only one trainable factor (lora_A.requires_grad={A.requires_grad}, "
+                f"lora_B.requires_grad={B.requires_grad}); LoRA-Pro updates A and B jointly. "
+                "HINT: make both trainable or freeze both."
+            )
+        if A.requires_grad:
+            pairs.append(AdapterPair(name, A, B, float(module.scaling)))
+    return pairs
+
+
+class FactorStack(NamedTuple):
+    """Stacked r-row factors ``A`` (L x r x n), ``B^T`` (L x r x m) and their gradients, in parameter dtype.
+
+    ``ok`` is False for layers with a non-finite gradient. Batched ops never mix layers (and eigh only
+    sees the finite parameter Grams), so such a layer cannot spoil the others; callers mask its results.
+    """
+
+    A: torch.Tensor
+    B_t: torch.Tensor
+    grad_A: torch.Tensor
+    grad_B_t: torch.Tensor
+    ok: torch.Tensor
+
+    def in_compute_dtype(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B^T, grad_A, grad_B^T)`` in fp32 (fp64 for fp64 parameters) for the solves."""
+        dtype = compute_dtype(self.A)
+        return self.A.to(dtype), self.B_t.to(dtype), self.grad_A.to(dtype), self.grad_B_t.to(dtype)
+
+
+def read_factors(pairs: list[AdapterPair]) -> FactorStack:
+    """The one place where adapter parameters and gradients are read as plain tensors.
+
+    Sharded training (FSDP2 / DTensor) only has to gather the small A and B factors and their
+    gradients here; results go back through :func:`write_rows` (gradient rewrite, full mode's A),
+    :func:`write_local` (full mode's B, already this rank's rows) and the in-place AdamW of efficient mode.
+    """
+    def grad_of(p: nn.Parameter) -> torch.Tensor:
+        if p.grad is None:
+            return torch.zeros_like(p)
+        if p.grad.is_sparse:
+            raise RuntimeError(f"LoRA-Pro does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        return p.grad
+
+    # Under FSDP2 each rank holds a shard of rows: gather the small factors and gradients (r x (m + n)
+    # per adapter), so every rank solves the same full problem and keeps only its rows of the result.
+    # Stacking the transposed views of B stores B^T contiguously at no extra cost.
+    A = torch.stack([full(pair.A.detach()) for pair in pairs])
+    B_t = torch.stack([full(pair.B.detach()).mT for pair in pairs])
+    grad_A = torch.stack([full(grad_of(pair.A)) for pair in pairs])
+    grad_B_t = torch.stack([full(grad_of(pair.B)).mT for pair in pairs])
+    return FactorStack(A, B_t, grad_A, grad_B_t, all_finite(grad_A) & all_finite(grad_B_t))
+
+
+def all_finite(stack: torch.Tensor) -> torch.Tensor:
+    """Per layer (dim 0): True where every entry is finite. Two read-only reductions, ``amax`` and ``amin``, not
+    ``isfinite(x).all()``: measured in docs/design.md (Finite checks)."""
+    dims = tuple(range(1, stack.dim()))
+    return torch.isfinite(stack.amax(dim=dims)) & torch.isfinite(stack.amin(dim=dims))
+
+
+def write_rows(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """Scatter a stack back into per-layer tensors (parameters, gradients or state); a sharded target
+    receives only its own rows."""
+    torch._foreach_copy_([local(t) for t in targets], [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
+
+
+def write_local(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """Copy a stack of per-layer values that already hold only this rank's rows into the local shards."""
+    torch._foreach_copy_([local(t) for t in targets], list(values.unbind(0)))
+
+
+def batches(pairs: Iterable[AdapterPair], extra_key: Callable[[AdapterPair], object] = lambda pair: None):
+    """Group pairs that can be stacked (same shapes, dtypes, device, scaling and ``extra_key``)."""
+    groups: dict[tuple, list[AdapterPair]] = defaultdict(list)
+    for pair in pairs:
+        groups[(extra_key(pair),) + pair.batch_key()].append(pair)
+    return groups.values()
