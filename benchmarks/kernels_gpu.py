@@ -52,9 +52,9 @@ import csv
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 # A GPU benchmark of the interpreter would be meaningless; Triton reads this when kernels are imported.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -80,7 +80,7 @@ DEVICE = "cuda"
 class Row:
     kernel: str
     shape: str
-    rank: Optional[int]
+    rank: int | None
     dtype: str
     layers: int
     ms: float
@@ -113,11 +113,11 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(m), int(n)
 
 
-def gpu_name() -> Optional[str]:
+def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def peak_gbps(name: str) -> Optional[float]:
+def peak_gbps(name: str) -> float | None:
     return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
 
 
@@ -326,7 +326,7 @@ def self_check_verdicts() -> tuple[list[str], list[str]]:
     return verdicts
 
 
-def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: Optional[float],
+def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: float | None,
                   checks: tuple[list[str], list[str]]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["kernel", "shape", "rank", "dtype", "layers", "ms", "ratio", "gbps", "pct_peak", "max_rel_err", "config"]

@@ -67,11 +67,11 @@ def measure_one(spec: dict) -> dict:
     """Build data, model and optimizer as the quality benchmark does, take a few steps, read the memory."""
     import warnings
 
+    import finetune_quality
+    import pretrain_quality
     import torch
     import transformers
 
-    import finetune_quality
-    import pretrain_quality
     from lit_lowrank import data, optim, tasks  # noqa: F401 - every import before the baseline reading
 
     with warnings.catch_warnings():
@@ -168,9 +168,9 @@ def measure_runs(args) -> list[dict]:
 # ------------------------------------------------------------------------------------------ 2. Llama shapes
 def lora_rows(model_name: str, adamw_bytes: tuple[int, int]) -> list[dict]:
     """LoRA r=8 on every linear layer of the blocks (meta device): state after one real ``step()``."""
+    import lora_pre_memory
     import torch
 
-    import lora_pre_memory
     from lit_lowrank import LoRAConfig, inject_lora
     from lit_lowrank.adapters import lora_modules
     from lit_lowrank.optim import LoRAPro

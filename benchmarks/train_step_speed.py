@@ -63,10 +63,9 @@ def set_galore_step(optimizer, value: int) -> None:
 
 def steppers_for(setting: str, args) -> tuple[dict, dict, str, dict]:
     """name -> one timed training step; name -> list of optimizer-step times; baseline name; labels."""
-    import torch
-
     import finetune_quality
     import pretrain_quality
+    import torch
 
     device = torch.device(args.device)
     lr = 1e-5  # the steps repeat one batch; a small lr keeps the weights (and so the work) unchanged

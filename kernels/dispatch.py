@@ -49,8 +49,9 @@ import importlib
 import os
 import threading
 import warnings
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Sequence, TypeVar, Union
+from typing import TypeVar
 
 import torch
 
@@ -73,7 +74,7 @@ __all__ = [
     "validate_use_triton",
 ]
 
-UseTriton = Union[str, bool]
+UseTriton = str | bool
 T = TypeVar("T")
 
 #: (kernel, cause) pairs already warned about in this process.
@@ -85,7 +86,7 @@ _verified: set[str] = set()
 #: Self-checked keys: True passed (the kernel runs), False failed (torch runs for that key).
 _checked: dict[Hashable, bool] = {}
 #: set_kernel_check's override of CHECK_ENV (None: the variable decides).
-_check_override: Optional[UseTriton] = None
+_check_override: UseTriton | None = None
 
 #: fp32 ``tl.dot`` precision of every kernel on NVIDIA GPUs. Triton's default there is ``tf32`` (inputs rounded to
 #: 10 mantissa bits, ~5e-4 relative), which the interpreter does not model: it multiplies in fp32 whatever is asked,
@@ -112,7 +113,7 @@ class KernelFallbackWarning(UserWarning):
     """A Triton kernel was asked for but the torch reference runs instead (same results, slower)."""
 
 
-def validate_use_triton(value: object, owner: Optional[str] = None, *, missing_kernel: Optional[str] = None) -> UseTriton:
+def validate_use_triton(value: object, owner: str | None = None, *, missing_kernel: str | None = None) -> UseTriton:
     """``value`` if it is ``"auto"``, ``True`` or ``False``, else a ValueError naming the choices (and ``owner``).
 
     ``missing_kernel`` is for an optimizer that accepts ``use_triton`` for symmetry but has no kernel (LoRA-Pre Muon
@@ -186,7 +187,7 @@ def built_by_interpreter(fn: object, uses_triton_helpers: bool = False) -> bool:
 
 
 def should_use_kernel(use_triton: UseTriton, *tensors: torch.Tensor, kernel: str,
-                      dtypes: Optional[Sequence[torch.dtype]] = (torch.float32,)) -> bool:
+                      dtypes: Sequence[torch.dtype] | None = (torch.float32,)) -> bool:
     """Whether ``kernel`` should run on ``tensors`` (all on one device) under ``use_triton``.
 
     ``dtypes`` are the dtypes the kernel accepts (None: any). Returns False, warning once, where the
@@ -241,7 +242,7 @@ class SelfCheck:
     names: Sequence[str] = ()
 
 
-def set_kernel_check(value: Optional[UseTriton]) -> None:
+def set_kernel_check(value: UseTriton | None) -> None:
     """Self-check on (``True``, also in the interpreter), off (``False``), ``"auto"``, or None: as :data:`CHECK_ENV` says."""
     global _check_override
     if value is not None:
@@ -261,7 +262,7 @@ def _check_enabled(interpreted: bool) -> bool:
     return not interpreted
 
 
-def output_error(got: torch.Tensor, want: torch.Tensor, scale: Optional[torch.Tensor] = None,
+def output_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | None = None,
                  rtol: float = CHECK_RTOL["ieee"]) -> tuple[float, float, str]:
     """``(error, tolerance, unit)`` of one kernel output against the reference's; it passes if error <= tolerance.
 
@@ -367,7 +368,7 @@ def _restore(state: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> N
 
 
 def run_with_fallback(kernel: str, launch: Callable[[object], T],
-                      undo: Sequence[torch.Tensor] = (), check: Optional[SelfCheck] = None) -> Optional[T]:
+                      undo: Sequence[torch.Tensor] = (), check: SelfCheck | None = None) -> T | None:
     """``launch(module)`` for the kernel module, or None (one warning) if it cannot be loaded or its first launch fails.
 
     Compilation happens inside the first launch, so a broken toolchain (no C compiler, ptxas errors)

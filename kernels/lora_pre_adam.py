@@ -42,7 +42,7 @@ The kernels call only Triton builtins (no ``triton.language.standard`` helpers s
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import triton
@@ -329,8 +329,8 @@ class DeviceStep(NamedTuple):
 
 
 def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: float = 0.0, step_size: float = 0.0,
-               eps_hat: float = 0.0, decay: Optional[float], workspace: Workspace, precision: Optional[str] = None,
-               floor: float = 0.0, device_step: Optional[DeviceStep] = None):
+               eps_hat: float = 0.0, decay: float | None, workspace: Workspace, precision: str | None = None,
+               floor: float = 0.0, device_step: DeviceStep | None = None):
     """Update ``param`` in place and return ``(g A_pinv^T, |g| V_A_pinv^T)`` stacked, ``(2, p, r)`` fp32.
 
     ``right_pinvs``: ``(2, r, q)`` fp32, ``A_pinv`` and ``V_A_pinv``; ``decay``: ``1 - lr * weight_decay``, or
@@ -372,7 +372,7 @@ def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: f
     return torch.sum(partials, dim=0, out=workspace.get("kernel_left_sums", (2, p, r), torch.float32, param.device))
 
 
-def second_pass(grad, left_pinvs, *, workspace: Workspace, precision: Optional[str] = None):
+def second_pass(grad, left_pinvs, *, workspace: Workspace, precision: str | None = None):
     """``(B_pinv g, V_B_pinv |g|)`` stacked, ``(2, r, q)`` fp32, from ``left_pinvs`` ``(2, r, p)`` fp32.
 
     The result is a view of a workspace buffer (valid until the next call).
@@ -405,7 +405,7 @@ def lora_pre_adam_update_(
     V_B: torch.Tensor,
     V_A: torch.Tensor,
     *,
-    step: Union[int, torch.Tensor],
+    step: int | torch.Tensor,
     lr: float,
     beta1: float,
     beta2: float,
@@ -415,11 +415,11 @@ def lora_pre_adam_update_(
     damping: float,
     factor_update: str,
     workspace: Workspace,
-    shards: Optional[RowShards] = None,
+    shards: RowShards | None = None,
     debias_second_moment: bool = True,
     update_bound: str = "v_floor",
-    precision: Optional[str] = None,
-    ok: Optional[torch.Tensor] = None,
+    precision: str | None = None,
+    ok: torch.Tensor | None = None,
 ) -> None:
     """The reference's step (same arguments, ``chunk_rows`` aside) with the p x q work in the two passes.
 
@@ -463,7 +463,7 @@ def lora_pre_adam_update_(
     _blend_(V_A, 1.0 - gamma2, right_sums[1], 1.0, ok)
 
 
-def _blend_(factor: torch.Tensor, keep: float, sums: torch.Tensor, rate: float, ok: Optional[torch.Tensor]) -> None:
+def _blend_(factor: torch.Tensor, keep: float, sums: torch.Tensor, rate: float, ok: torch.Tensor | None) -> None:
     """``factor <- keep * factor + rate * sums`` in place; with ``ok`` only where it holds (a skipped step's sums
     may be NaN), by the same two roundings."""
     if ok is None:

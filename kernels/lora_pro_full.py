@@ -30,7 +30,7 @@ interpreter; so the variable need only be set before this module is imported.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -199,7 +199,7 @@ def moments_and_projections(
     beta1: float,
     beta2: float,
     eps: float,
-    precision: Optional[str] = None,
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Update the moments of L layers in place and return ``(B^T G, A G^T transposed)``, each (L, r, k).
 

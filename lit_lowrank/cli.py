@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import Literal
 
 import lightning as L
 import torch
@@ -14,8 +14,14 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lit_lowrank.callbacks import AdapterExport, MetricsPlot
 from lit_lowrank.cli_errors import CLIConfigError, explain, report
-from lit_lowrank.cli_resume import (RESUMABLE, RescaleResumedLR, describe, differences, flat_model_config,
-                                   mismatch_message)
+from lit_lowrank.cli_resume import (
+    RESUMABLE,
+    RescaleResumedLR,
+    describe,
+    differences,
+    flat_model_config,
+    mismatch_message,
+)
 from lit_lowrank.cli_rundir import VersionedRunDir
 from lit_lowrank.tasks import LowRankTask
 
@@ -30,7 +36,7 @@ class LowRankCLI(LightningCLI):
     ``<default_root_dir>/version_<n>`` folder.
     """
 
-    def __init__(self, args: Optional[list] = None, run: bool = True, **kwargs) -> None:
+    def __init__(self, args: list | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self._resume_callbacks: list = []
         super().__init__(LowRankTask, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -40,7 +46,7 @@ class LowRankCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run the test split with the best checkpoint and report its metrics.")
         names = Literal[tuple(RESUMABLE)]
-        parser.add_argument("--resume_with_changed", type=Union[names, List[names]], default=[],
+        parser.add_argument("--resume_with_changed", type=names | list[names], default=[],
                             help="fit --ckpt_path only: model settings that may differ from the checkpoint's; 'lr' "
                                  "resumes with the command's learning rate (the restored optimizer and scheduler "
                                  "rates are rescaled to it). Any other difference stops fit with a list of them.")
@@ -102,7 +108,7 @@ class LowRankCLI(LightningCLI):
 
 
 @rank_zero_only
-def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict) -> None:
+def print_summary(trainer: L.Trainer, log_dir: str | None, test_metrics: dict) -> None:
     """Where each artefact of the run is, and the held-out metrics."""
     lines = ["", "=" * 72, "Run finished. Artefacts:"]
     if log_dir:
@@ -133,7 +139,7 @@ def print_summary(trainer: L.Trainer, log_dir: Optional[str], test_metrics: dict
     print("\n".join(lines), flush=True)
 
 
-def main(args: Optional[list] = None) -> None:
+def main(args: list | None = None) -> None:
     """Console entry point (``lit-lowrank`` and ``python cli.py``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["memory"]:  # not a LightningCLI subcommand: per-GPU memory tables (lit_lowrank/memory_cli.py)

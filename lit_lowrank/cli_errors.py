@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
 
 import jsonargparse
 
@@ -29,7 +28,7 @@ def _raised_by_jsonargparse(error: BaseException) -> bool:
     return bool(frames) and _in_jsonargparse(frames[-1].filename)
 
 
-def _keys_being_built(error: BaseException) -> List[str]:
+def _keys_being_built(error: BaseException) -> list[str]:
     """The config keys jsonargparse was instantiating along this error's traceback (outermost first)."""
     keys, tb = [], error.__traceback__
     while tb is not None:
@@ -41,7 +40,7 @@ def _keys_being_built(error: BaseException) -> List[str]:
     return keys
 
 
-def explain(error: BaseException) -> Optional[CLIConfigError]:
+def explain(error: BaseException) -> CLIConfigError | None:
     """A :class:`CLIConfigError` naming the key and the innermost message, or None if ``error`` is not wrapped."""
     keys, current = [], error
     # follow jsonargparse's own wrappers only: a constructor's error keeps its cause (e.g. the OSError behind an

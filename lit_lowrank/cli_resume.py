@@ -6,7 +6,7 @@ difference stops ``fit`` (or, for a learning rate, is resumed on request) and is
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -17,21 +17,21 @@ RESUMABLE = {"lr": "model.init_args.optimizer.init_args.lr"}
 _ABSENT = "(not set)"
 
 
-def flat_model_config(model: Dict[str, Any]) -> Dict[str, Any]:
+def flat_model_config(model: dict[str, Any]) -> dict[str, Any]:
     """The command's dumped ``model`` config in the layout LightningCLI stores as a checkpoint's hyper-parameters."""
     if "class_path" not in model:
         return dict(model)
     return {"_class_path": model["class_path"], **(model.get("init_args") or {}), **(model.get("dict_kwargs") or {})}
 
 
-def differences(command: Any, checkpoint: Any, key: str = "model") -> Dict[str, Tuple[Any, Any]]:
+def differences(command: Any, checkpoint: Any, key: str = "model") -> dict[str, tuple[Any, Any]]:
     """Dotted config keys whose values differ, as ``{key: (command value, checkpoint value)}``."""
     if not (isinstance(command, dict) and isinstance(checkpoint, dict)):
         return {} if command == checkpoint else {key: (command, checkpoint)}
     for class_key in ("_class_path", "class_path"):
         if command.get(class_key) != checkpoint.get(class_key):  # other classes: their arguments do not compare
             return {f"{key}.class_path": (command.get(class_key, _ABSENT), checkpoint.get(class_key, _ABSENT))}
-    found: Dict[str, Tuple[Any, Any]] = {}
+    found: dict[str, tuple[Any, Any]] = {}
     # A key the checkpoint lacks (an argument added after it was saved) keeps the command's value when Lightning
     # loads the checkpoint's hyper-parameters over the config, so it cannot be silently overridden: not a difference.
     for name in sorted(set(checkpoint) - {"_class_path", "_instantiator"}):
@@ -41,11 +41,11 @@ def differences(command: Any, checkpoint: Any, key: str = "model") -> Dict[str, 
     return found
 
 
-def describe(found: Dict[str, Tuple[Any, Any]]) -> str:
+def describe(found: dict[str, tuple[Any, Any]]) -> str:
     return "\n".join(f"  {key}: command {new!r}, checkpoint {old!r}" for key, (new, old) in found.items())
 
 
-def mismatch_message(ckpt_path: str, found: Dict[str, Tuple[Any, Any]]) -> str:
+def mismatch_message(ckpt_path: str, found: dict[str, tuple[Any, Any]]) -> str:
     names = {key: name for name, key in RESUMABLE.items()}
     opt_in = sorted(names[key] for key in found if key in names)
     others = [key for key in found if key not in names]
@@ -71,7 +71,7 @@ class RescaleResumedLR(Callback):
                              f"and command {new_lr!r}. HINT: set optimizer.init_args.lr to a positive number.")
         self.ratio = float(new_lr) / float(old_lr)
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 for name in ("lr", "initial_lr"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +29,7 @@ from lit_lowrank.adapters.peft_io import find_injection_root
 MODEL_FILE = "model.safetensors"
 
 
-def export_merged(model: nn.Module, directory: Union[str, Path], tokenizer: Optional[Any] = None) -> Path:
+def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any | None = None) -> Path:
     """Write ``model`` with its adapters merged as a plain model of its own library; ``model`` stays as it was.
 
     ``model`` is the adapted model, or a lit_lowrank task (its ``model`` is exported). A model without adapters is
@@ -144,7 +144,7 @@ def _delta(adapter: LoRAAdapter) -> torch.Tensor:
     return (_full(adapter.lora_B).float() @ _full(adapter.lora_A).float()) * adapter.scaling
 
 
-def _dequantized(name: str, module: nn.Module, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _dequantized(name: str, module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     """The dense weight of a bitsandbytes 4/8-bit layer in ``dtype``; None for layers that are not quantized."""
     weight = module._parameters.get("weight")
     if weight is None or weight.is_floating_point():

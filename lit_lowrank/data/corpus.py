@@ -18,9 +18,9 @@ import hashlib
 import re
 import sysconfig
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 #: Fraction of :func:`python_text_corpus` documents held out for validation (by stable hash of their id).
 CORPUS_VALIDATION_FRACTION = 0.05
@@ -28,7 +28,7 @@ CORPUS_VALIDATION_FRACTION = 0.05
 #: Standard-library packages of :func:`docstring_classification`: the ones with at least ~145 distinct docstring
 #: paragraphs of >= 8 words on every CPython 3.10-3.13 (tkinter and idlelib have more, but are packaged
 #: separately on Debian/Ubuntu, so they are left out of the default).
-DEFAULT_PACKAGES: Tuple[str, ...] = (
+DEFAULT_PACKAGES: tuple[str, ...] = (
     "asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "urllib", "xml",
 )
 
@@ -79,7 +79,7 @@ def _split_of(source: str, validation_fraction: float = CORPUS_VALIDATION_FRACTI
     return "validation" if stable_fraction(source) < validation_fraction else "train"
 
 
-def _pydoc_topics(root: Path) -> Dict[str, str]:
+def _pydoc_topics(root: Path) -> dict[str, str]:
     # Parsed rather than imported, like everything else here (and topics.py is a single dict literal).
     path = root / PYDOC_TOPICS_FILE
     for node in ast.parse(path.read_bytes()).body:
@@ -88,7 +88,7 @@ def _pydoc_topics(root: Path) -> Dict[str, str]:
     raise RuntimeError(f"no `topics = {{...}}` dict found in {path}; this Python's pydoc_data has a new layout")
 
 
-def _docstrings(node: ast.AST, prefix: str = "") -> Iterator[Tuple[str, str]]:
+def _docstrings(node: ast.AST, prefix: str = "") -> Iterator[tuple[str, str]]:
     """(qualified name, docstring) of a module and its classes/functions, depth first in source order."""
     doc = ast.get_docstring(node) if isinstance(node, _DOCUMENTED) else None
     if doc:
@@ -100,8 +100,8 @@ def _docstrings(node: ast.AST, prefix: str = "") -> Iterator[Tuple[str, str]]:
             yield from _docstrings(child, prefix)
 
 
-@functools.lru_cache(maxsize=None)
-def _file_docstrings(path: str) -> Tuple[Tuple[str, str], ...]:
+@functools.cache
+def _file_docstrings(path: str) -> tuple[tuple[str, str], ...]:
     try:
         tree = ast.parse(Path(path).read_bytes())
     except (SyntaxError, ValueError, UnicodeDecodeError):
@@ -109,7 +109,7 @@ def _file_docstrings(path: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(_docstrings(tree))
 
 
-def _stdlib_files(package: Optional[str] = None, root: Optional[Path] = None) -> List[Tuple[str, Path]]:
+def _stdlib_files(package: str | None = None, root: Path | None = None) -> list[tuple[str, Path]]:
     """(posix path relative to the stdlib folder, path) of its .py files, sorted, test folders left out."""
     root = root or stdlib_dir()
     base = root / package if package else root
@@ -121,7 +121,7 @@ def _stdlib_files(package: Optional[str] = None, root: Optional[Path] = None) ->
     return sorted(files)
 
 
-def python_text_corpus() -> Tuple[Document, ...]:
+def python_text_corpus() -> tuple[Document, ...]:
     """The pydoc topics (sorted by name) then one document per standard-library file (sorted by path).
 
     About 2.3 MB of English (with code snippets) on CPython 3.11; about 5 s to build the first time, cached
@@ -135,8 +135,8 @@ def python_text_corpus() -> Tuple[Document, ...]:
     return _python_text_corpus(str(stdlib_dir()))
 
 
-@functools.lru_cache(maxsize=None)
-def _python_text_corpus(root: str) -> Tuple[Document, ...]:
+@functools.cache
+def _python_text_corpus(root: str) -> tuple[Document, ...]:
     # Cached per folder (not once per process), so a test pointing stdlib_dir() elsewhere gets its own corpus.
     documents = [Document(f"pydoc:{name}", text.strip(), _split_of(f"pydoc:{name}"))
                  for name, text in sorted(_pydoc_topics(Path(root)).items()) if text.strip()]
@@ -162,7 +162,7 @@ def source_split_key(doc_id: str) -> str:
     return rest if kind in ("source", "stdlib") else doc_id
 
 
-def python_source_corpus() -> Tuple[Document, ...]:
+def python_source_corpus() -> tuple[Document, ...]:
     """The standard library's own Python source, one document per ``.py`` file (id ``source:<path>``, sorted by
     path), then the documents of :func:`python_text_corpus` (pydoc topics and docstrings, as English prose).
 
@@ -185,8 +185,8 @@ def python_source_corpus() -> Tuple[Document, ...]:
     return _python_source_corpus(str(stdlib_dir()))
 
 
-@functools.lru_cache(maxsize=None)
-def _python_source_corpus(root: str) -> Tuple[Document, ...]:
+@functools.cache
+def _python_source_corpus(root: str) -> tuple[Document, ...]:
     documents = []
     for rel, path in _stdlib_files(root=Path(root)):
         text = path.read_bytes().decode("utf-8", errors="replace")
@@ -224,28 +224,28 @@ class TextClassificationSplits:
         train, validation, test: the examples of each split.
     """
 
-    class_names: Tuple[str, ...]
-    train: Tuple[LabelledText, ...]
-    validation: Tuple[LabelledText, ...]
-    test: Tuple[LabelledText, ...]
+    class_names: tuple[str, ...]
+    train: tuple[LabelledText, ...]
+    validation: tuple[LabelledText, ...]
+    test: tuple[LabelledText, ...]
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def splits(self) -> Dict[str, Tuple[LabelledText, ...]]:
+    def splits(self) -> dict[str, tuple[LabelledText, ...]]:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
     def fingerprint(self) -> str:
         """SHA-256 (hex, 16 characters) over class names and every split's labels and texts, in order."""
         sha = hashlib.sha256("\0".join(self.class_names).encode("utf-8"))
         for name, examples in self.splits().items():
-            sha.update(f"\1{name}\1".encode("utf-8"))
+            sha.update(f"\1{name}\1".encode())
             for ex in examples:
-                sha.update(f"{ex.label}\0{ex.text}\0".encode("utf-8"))
+                sha.update(f"{ex.label}\0{ex.text}\0".encode())
         return sha.hexdigest()[:16]
 
-    def stats(self) -> Dict[str, object]:
+    def stats(self) -> dict[str, object]:
         """Examples per class in each split, the chance level ``1/num_classes`` and each split's majority-class rate."""
         counts = {name: [Counter(ex.label for ex in examples)[i] for i in range(self.num_classes)]
                   for name, examples in self.splits().items()}
@@ -258,7 +258,7 @@ class TextClassificationSplits:
         }
 
 
-def paragraphs(docstring: str, min_words: int = 8) -> List[str]:
+def paragraphs(docstring: str, min_words: int = 8) -> list[str]:
     """Paragraphs (split on blank lines) with whitespace collapsed, keeping those of ``>= min_words`` words and
     no doctest prompt (``>>>``: code rather than prose).
 
@@ -278,7 +278,7 @@ def docstring_classification(
     packages: Sequence[str] = DEFAULT_PACKAGES,
     cap_per_class: int = 100,
     min_words: int = 8,
-    fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> TextClassificationSplits:
     """Which standard-library package does this docstring paragraph come from?
 
@@ -314,18 +314,18 @@ def docstring_classification(
 
 @functools.lru_cache(maxsize=16)
 def _docstring_classification(
-    packages: Tuple[str, ...], cap_per_class: int, min_words: int, fractions: Tuple[float, ...]
+    packages: tuple[str, ...], cap_per_class: int, min_words: int, fractions: tuple[float, ...]
 ) -> TextClassificationSplits:
     if len(packages) < 2 or len(set(packages)) != len(packages):
         raise ValueError(f"docstring_classification needs two or more distinct packages, got {list(packages)}")
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"fractions are (train, validation, test) shares summing to 1, got {fractions}")
-    found: Dict[str, Dict[str, str]] = {}  # package -> paragraph -> source
+    found: dict[str, dict[str, str]] = {}  # package -> paragraph -> source
     for package in packages:
         if not (stdlib_dir() / package).is_dir():
             raise ValueError(f"{package!r} is not a package folder of this Python's standard library "
                              f"({stdlib_dir()}). HINT: choose from e.g. {list(DEFAULT_PACKAGES)}")
-        kept: Dict[str, str] = {}
+        kept: dict[str, str] = {}
         for rel, path in _stdlib_files(package):
             for qualname, doc in _file_docstrings(str(path)):
                 for text in paragraphs(doc, min_words):
@@ -338,9 +338,9 @@ def _docstring_classification(
     cut_test = fractions[0] + fractions[1]
     caps = {"validation": round(cap_per_class * fractions[1]), "test": round(cap_per_class * fractions[2])}
     caps["train"] = cap_per_class - caps["validation"] - caps["test"]
-    splits: Dict[str, List[Tuple[float, LabelledText]]] = {"train": [], "validation": [], "test": []}
+    splits: dict[str, list[tuple[float, LabelledText]]] = {"train": [], "validation": [], "test": []}
     for label, package in enumerate(packages):
-        buckets: Dict[str, List[Tuple[float, LabelledText]]] = {"train": [], "validation": [], "test": []}
+        buckets: dict[str, list[tuple[float, LabelledText]]] = {"train": [], "validation": [], "test": []}
         for text, source in found[package].items():
             if owners[text] > 1:
                 continue

@@ -1,8 +1,9 @@
 """Image classification and image-text data: scikit-learn digits, ImageFolder trees, CSVs of image + caption."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-Triple = Tuple[float, float, float]
+Triple = tuple[float, float, float]
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
@@ -43,13 +44,13 @@ def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
 class _Samples(Dataset):
     """(path, label) pairs as ``{"images", "labels"}`` items, images loaded as RGB and transformed."""
 
-    def __init__(self, samples: List[Tuple[str, int]], transform: Any) -> None:
+    def __init__(self, samples: list[tuple[str, int]], transform: Any) -> None:
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
         return {"images": self.transform(default_loader(path)), "labels": label}
 
@@ -64,7 +65,7 @@ class GreyToNormalisedRGB:
         self.image_size = image_size
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
-    def __call__(self, items: List[Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         images = torch.stack([image for image, _ in items])
         images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return {"images": (images.expand(-1, 3, -1, -1) - self.mean) / self.std,
@@ -74,7 +75,7 @@ class GreyToNormalisedRGB:
 class _ClassificationLoaders(SeededDataModule):
     """train/val/test/predict loaders over ``self.datasets`` (filled by ``setup``)."""
 
-    datasets: Dict[str, Dataset]
+    datasets: dict[str, Dataset]
     collate: Any = None  # the loaders' collate_fn (None: PyTorch's default)
 
     @property
@@ -107,7 +108,7 @@ class _ClassificationLoaders(SeededDataModule):
         prediction file can show them next to the predictions; ``predict_step`` does not use them."""
         return self._split_loader("test")
 
-    def predict_inputs(self) -> List[str]:
+    def predict_inputs(self) -> list[str]:
         """What each predict example is, in loader order: its image path, or its position when it has none."""
         dataset = self._split("test")
         if isinstance(dataset, _Samples):
@@ -150,7 +151,7 @@ class DigitsDataModule(_ClassificationLoaders):
     def __init__(
         self,
         image_size: int = 32,
-        train_per_class: Optional[int] = None,
+        train_per_class: int | None = None,
         mean: Triple = IMAGENET_MEAN,
         std: Triple = IMAGENET_STD,
         batch_size: int = 64,
@@ -165,16 +166,16 @@ class DigitsDataModule(_ClassificationLoaders):
         self.image_size, self.train_per_class = image_size, train_per_class
         self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = list(DIGIT_NAMES)
-        self.datasets: Dict[str, Dataset] = {}
-        self.indices: Dict[str, torch.Tensor] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.indices: dict[str, torch.Tensor] = {}
         self.collate = GreyToNormalisedRGB(image_size, self.mean, self.std)
 
     @staticmethod
     def split_indices(
         labels: Sequence[int], val_fraction: float = 0.15, test_fraction: float = 0.15
-    ) -> Dict[str, List[int]]:
+    ) -> dict[str, list[int]]:
         """The fixed stratified split described in the class docstring (indices into the 1,797 images)."""
-        splits: Dict[str, List[int]] = {"train": [], "validation": [], "test": []}
+        splits: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
         for label in sorted(set(labels)):
             members = sorted((i for i, y in enumerate(labels) if y == label), key=lambda i: stable_fraction(f"digits:{i}"))
             n_test, n_val = round(test_fraction * len(members)), round(val_fraction * len(members))
@@ -183,7 +184,7 @@ class DigitsDataModule(_ClassificationLoaders):
             splits["train"] += members[n_test + n_val:]
         return {split: sorted(indices) for split, indices in splits.items()}
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         from sklearn.datasets import load_digits
@@ -205,7 +206,7 @@ class DigitsDataModule(_ClassificationLoaders):
         self.indices = indices
         self.datasets = {split: torch.utils.data.TensorDataset(images[idx], labels[idx]) for split, idx in indices.items()}
 
-    def predict_inputs(self) -> List[str]:
+    def predict_inputs(self) -> list[str]:
         """Each predict (test) image as ``digits[<i>]``, its index in scikit-learn's ``load_digits()``."""
         self._split("test")  # says what is missing
         return [f"digits[{i}]" for i in self.indices["test"].tolist()]
@@ -253,8 +254,8 @@ class ImageFolderDataModule(_ClassificationLoaders):
     def __init__(
         self,
         train_dir: str,
-        val_dir: Optional[str] = None,
-        test_dir: Optional[str] = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
         image_size: int = 224,
         mean: Triple = IMAGENET_MEAN,
         std: Triple = IMAGENET_STD,
@@ -272,11 +273,11 @@ class ImageFolderDataModule(_ClassificationLoaders):
         self.dirs = {"train": train_dir, "validation": val_dir, "test": test_dir}
         self.image_size, self.augment, self.val_fraction = image_size, augment, val_fraction
         self.mean, self.std = tuple(mean), tuple(std)
-        self._class_names: Optional[List[str]] = None
-        self.datasets: Dict[str, Dataset] = {}
+        self._class_names: list[str] | None = None
+        self.datasets: dict[str, Dataset] = {}
 
     @property
-    def class_names(self) -> List[str]:
+    def class_names(self) -> list[str]:
         """Sub-folder names of ``train_dir``, sorted; label id = position."""
         if self._class_names is None:
             root = Path(self.dirs["train"])
@@ -285,7 +286,7 @@ class ImageFolderDataModule(_ClassificationLoaders):
             self._class_names = find_classes(str(root))[0]
         return self._class_names
 
-    def _samples(self, split: str) -> List[Tuple[str, int]]:
+    def _samples(self, split: str) -> list[tuple[str, int]]:
         root = Path(self.dirs[split])
         if not root.is_dir():
             raise FileNotFoundError(f"{split} folder {str(root)!r} does not exist (working directory: {Path.cwd()})")
@@ -296,7 +297,7 @@ class ImageFolderDataModule(_ClassificationLoaders):
         mapping = {name: i for i, name in enumerate(self.class_names)}
         return make_dataset(str(root), mapping, extensions=IMG_EXTENSIONS, allow_empty=split != "train")
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         evaluate = eval_transform(self.image_size, self.mean, self.std)
@@ -323,13 +324,13 @@ class ImageFolderDataModule(_ClassificationLoaders):
 
 
 class _ImageText(Dataset):
-    def __init__(self, paths: List[str], tokens: torch.Tensor, labels: Optional[List[int]], transform: Any) -> None:
+    def __init__(self, paths: list[str], tokens: torch.Tensor, labels: list[int] | None, transform: Any) -> None:
         self.paths, self.tokens, self.labels, self.transform = paths, tokens, labels, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"images": self.transform(default_loader(self.paths[index])), "texts": self.tokens[index]}
         if self.labels is not None:
             item["labels"] = self.labels[index]
@@ -382,14 +383,14 @@ class ImageTextDataModule(_ClassificationLoaders):
     def __init__(
         self,
         train_file: str,
-        val_file: Optional[str] = None,
-        test_file: Optional[str] = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
         image_field: str = "image",
         text_field: str = "caption",
         label_field: str = "label",
-        class_names: Optional[List[str]] = None,
-        tokenizer: Optional[str] = None,
-        context_length: Optional[int] = None,
+        class_names: list[str] | None = None,
+        tokenizer: str | None = None,
+        context_length: int | None = None,
         image_size: int = 224,
         mean: Triple = CLIP_MEAN,
         std: Triple = CLIP_STD,
@@ -405,11 +406,11 @@ class ImageTextDataModule(_ClassificationLoaders):
         self.tokenizer_name, self.context_length = tokenizer, context_length
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self._class_names = list(class_names) if class_names else None
-        self._tables: Dict[str, Tuple[List[Dict[str, Any]], List[str]]] = {}
+        self._tables: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
         self._tokenizer: Any = None
-        self.datasets: Dict[str, Dataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
-    def _table(self, split: str) -> Tuple[List[Dict[str, Any]], List[str]]:
+    def _table(self, split: str) -> tuple[list[dict[str, Any]], list[str]]:
         if split not in self._tables:
             self._tables[split] = read_table(self.files[split])
         return self._tables[split]
@@ -420,10 +421,10 @@ class ImageTextDataModule(_ClassificationLoaders):
         return self.label_field in self._table("train")[1]
 
     @property
-    def class_names(self) -> List[str]:
+    def class_names(self) -> list[str]:
         """Class name of each label id; empty when the files have no label column."""
         if self._class_names is None:
-            values: List[Any] = []
+            values: list[Any] = []
             for split, path in self.files.items():
                 if path and self.has_labels:
                     rows, columns = self._table(split)
@@ -472,7 +473,7 @@ class ImageTextDataModule(_ClassificationLoaders):
         tokens = self.tokenizer(captions) if captions else torch.empty(0, self.context_length or 77, dtype=torch.long)
         return _ImageText(paths, tokens.long(), labels, eval_transform(self.image_size, self.mean, self.std))
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         if stage in (None, "fit") and not self.files["validation"]:

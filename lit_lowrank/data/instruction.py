@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_lowrank.data.chat_format import (ChatFormatter, EncodedExample, end_of_turn_token_ids, truncation_note,
-                                          uses_chat_template)
+from lit_lowrank.data.chat_format import (
+    ChatFormatter,
+    EncodedExample,
+    end_of_turn_token_ids,
+    truncation_note,
+    uses_chat_template,
+)
 from lit_lowrank.data.codec import TokenCodec, load_kept_token_ids
 from lit_lowrank.data.common import DEFAULT_TOKENIZER, LazyTokenizer, ListDataset, SeededDataModule
 from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
 from lit_lowrank.data.instruction_batches import EvaluationCollator, PackedCollator, SupervisedCollator, pack
-from lit_lowrank.data.instruction_rows import (BadRow, Fields, InstructionExample, Message, check_fields_exist,
-                                               read_rows, split_bad_rows)
+from lit_lowrank.data.instruction_rows import (
+    BadRow,
+    Fields,
+    InstructionExample,
+    Message,
+    check_fields_exist,
+    read_rows,
+    split_bad_rows,
+)
 from lit_lowrank.data.prompts import Prompt, PromptCollator
 from lit_lowrank.data.text import DatasetUnavailableError
 
@@ -94,10 +107,10 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
 
     def __init__(
         self,
-        train_file: Optional[str] = None,
-        val_file: Optional[str] = None,
-        test_file: Optional[str] = None,
-        predict_file: Optional[str] = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
         prompt_field: str = "prompt",
         response_field: str = "response",
         messages_field: str = "messages",
@@ -105,12 +118,12 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         # markdown heading) is a comment, i.e. None.
         system_prompt: str = "",
         template: Literal["auto", "chat", "plain"] = "auto",
-        hf_dataset: Optional[str] = None,
-        hf_config: Optional[str] = None,
-        hf_splits: Optional[Dict[str, str]] = None,
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        hf_splits: dict[str, str] | None = None,
         val_fraction: float = 0.1,
         tokenizer: str = DEFAULT_TOKENIZER,
-        vocabulary: Optional[str] = None,
+        vocabulary: str | None = None,
         max_length: int = 512,
         packing: bool = False,
         bad_rows: Literal["warn", "error"] = "warn",
@@ -136,10 +149,10 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         self.val_fraction, self.tokenizer_name = val_fraction, tokenizer
         self.max_length, self.packing, self.bad_rows_policy = max_length, packing, bad_rows
         self._tokenizer: Any = None
-        self._codec: Optional[TokenCodec] = None
-        self.examples: Dict[str, List[EncodedExample]] = {}
-        self.predict_prompts: Optional[List[Prompt]] = None
-        self.bad_rows: List[BadRow] = []
+        self._codec: TokenCodec | None = None
+        self.examples: dict[str, list[EncodedExample]] = {}
+        self.predict_prompts: list[Prompt] | None = None
+        self.bad_rows: list[BadRow] = []
 
     @property
     def codec(self) -> TokenCodec:
@@ -160,7 +173,7 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         if self.hf_dataset:
             self._load_hf()  # download once, on one process
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.examples or self.predict_prompts is not None:
             return
         raw = self.read_examples()
@@ -185,14 +198,14 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         if self.predict_prompts is None and "test" in self.examples:
             self.predict_prompts = [e.prompt for e in self.examples["test"]]
 
-    def read_examples(self) -> Dict[str, List[InstructionExample]]:
+    def read_examples(self) -> dict[str, list[InstructionExample]]:
         """The examples of each split given (bad rows reported, see the class docstring)."""
         sources = self._load_hf() if self.hf_dataset else {
             split: (path, list(read_rows(path))) for split, path in self.files.items() if path}
         if not sources:
             raise ValueError("InstructionDataModule has no data: no train_file, val_file, test_file, predict_file or "
                              "hf_dataset. HINT: set data.init_args.train_file (a .jsonl or .csv file)")
-        examples: Dict[str, List[InstructionExample]] = {}
+        examples: dict[str, list[InstructionExample]] = {}
         for split, (name, rows) in sources.items():
             check_fields_exist(rows, self.fields, name)
             fields = self.fields if split != "predict" else dataclasses.replace(self.fields, require_response=False)
@@ -215,7 +228,7 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         rank_zero_warn(message + f"They are skipped ({total - len(bad)} examples kept). HINT: fix or remove them, "
                                  "or set bad_rows='error' to stop at them")
 
-    def _load_hf(self) -> Dict[str, tuple]:
+    def _load_hf(self) -> dict[str, tuple]:
         try:
             import datasets
         except ImportError as error:
@@ -236,7 +249,7 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
                        [(f"{self.hf_dataset}/{theirs} row {i}", dict(row)) for i, row in enumerate(loaded[theirs])])
                 for ours, theirs in wanted.items()}
 
-    def _split(self, split: str) -> List[EncodedExample]:
+    def _split(self, split: str) -> list[EncodedExample]:
         if not self.examples and self.predict_prompts is None:
             self._require(None, f"{split} split")
         if split not in self.examples:
@@ -304,7 +317,7 @@ class DocstringInstructionDataModule(InstructionDataModule):
         cap_per_class: int = 100,
         min_words: int = 8,
         tokenizer: str = DEFAULT_TOKENIZER,
-        vocabulary: Optional[str] = None,
+        vocabulary: str | None = None,
         max_length: int = 128,
         template: Literal["auto", "chat", "plain"] = "auto",
         system_prompt: str = "",  # not Optional[str]: see InstructionDataModule
@@ -320,7 +333,7 @@ class DocstringInstructionDataModule(InstructionDataModule):
         self.packages = tuple(packages)
         self.cap_per_class, self.min_words = cap_per_class, min_words
 
-    def read_examples(self) -> Dict[str, List[InstructionExample]]:
+    def read_examples(self) -> dict[str, list[InstructionExample]]:
         task = docstring_classification(self.packages, self.cap_per_class, self.min_words)
         system = [Message("system", self.fields.system_prompt)] if self.fields.system_prompt else []
         return {split: [InstructionExample(

@@ -1,7 +1,8 @@
 """Batches of instruction examples: dynamic padding, evaluation batches that also carry the prompts, and packing."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -9,7 +10,7 @@ from lit_lowrank.data.chat_format import IGNORE_INDEX, EncodedExample
 from lit_lowrank.data.prompts import prompt_fields
 
 
-def right_pad(examples: Sequence[EncodedExample], pad_id: int) -> Dict[str, torch.Tensor]:
+def right_pad(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` padded to the longest example (labels -100 on padding)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -37,7 +38,7 @@ class SupervisedCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, examples: List[EncodedExample]) -> Dict[str, Any]:
+    def __call__(self, examples: list[EncodedExample]) -> dict[str, Any]:
         return right_pad(examples, self.pad_id)
 
 
@@ -45,11 +46,11 @@ class EvaluationCollator(SupervisedCollator):
     """Validation/test batches: the padded sequences (for the loss on supervised tokens) plus the left-padded
     prompts and the references (for generating and scoring answers)."""
 
-    def __call__(self, examples: List[EncodedExample]) -> Dict[str, Any]:
+    def __call__(self, examples: list[EncodedExample]) -> dict[str, Any]:
         return {**right_pad(examples, self.pad_id), **prompt_fields([e.prompt for e in examples], self.pad_id)}
 
 
-def pack(examples: Sequence[EncodedExample], max_length: int) -> List[List[EncodedExample]]:
+def pack(examples: Sequence[EncodedExample], max_length: int) -> list[list[EncodedExample]]:
     """Group examples, in order, into packs of at most ``max_length`` tokens (a new pack starts when the next
     example does not fit).
 
@@ -59,7 +60,7 @@ def pack(examples: Sequence[EncodedExample], max_length: int) -> List[List[Encod
         >>> [[len(e.input_ids) for e in group] for group in pack(items, max_length=8)]
         [[3, 4], [2, 5]]
     """
-    packs: List[List[EncodedExample]] = []
+    packs: list[list[EncodedExample]] = []
     used = max_length + 1
     for example in examples:
         if used + len(example.input_ids) > max_length:
@@ -87,7 +88,7 @@ class PackedCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, packs: List[List[EncodedExample]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, packs: list[list[EncodedExample]]) -> dict[str, torch.Tensor]:
         rows = [self._row(group) for group in packs]
         width = max(len(ids) for ids, _, _ in rows)
         batch = len(rows)
@@ -109,7 +110,7 @@ class PackedCollator:
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
 
     @staticmethod
-    def _row(group: Sequence[EncodedExample]) -> Tuple[List[int], List[int], List[int]]:
+    def _row(group: Sequence[EncodedExample]) -> tuple[list[int], list[int], list[int]]:
         ids, labels, segments = [], [], []
         for index, example in enumerate(group):
             ids += example.input_ids

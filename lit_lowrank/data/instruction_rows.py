@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -23,7 +24,7 @@ class Message:
     role: str
     content: str
 
-    def as_dict(self) -> Dict[str, str]:
+    def as_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
 
 
@@ -40,11 +41,11 @@ class InstructionExample:
         ('#### 4', '2+2?')
     """
 
-    messages: Tuple[Message, ...]
+    messages: tuple[Message, ...]
     location: str
 
     @property
-    def response(self) -> Optional[str]:
+    def response(self) -> str | None:
         return self.messages[-1].content if self.messages[-1].role == "assistant" else None
 
     @property
@@ -71,11 +72,11 @@ class Fields:
     prompt: str = "prompt"
     response: str = "response"
     messages: str = "messages"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     require_response: bool = True
 
 
-def read_rows(path: Union[str, Path]) -> Iterator[Tuple[str, Union[Dict[str, Any], BadRow]]]:
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
     """``(location, row)`` of every non-blank row of a ``.jsonl``/``.csv``/``.tsv`` file; a row that cannot be
     parsed comes as a :class:`BadRow`. Locations are ``file:line`` (the first line of a multi-line CSV row)."""
     path = Path(path)
@@ -113,7 +114,7 @@ def read_rows(path: Union[str, Path]) -> Iterator[Tuple[str, Union[Dict[str, Any
         raise ValueError(f"cannot read {str(path)!r}: expected a .jsonl, .csv or .tsv file")
 
 
-def to_example(row: Dict[str, Any], where: str, fields: Fields) -> Union[InstructionExample, BadRow]:
+def to_example(row: dict[str, Any], where: str, fields: Fields) -> InstructionExample | BadRow:
     """The example a row holds, or why it holds none.
 
     Example:
@@ -133,7 +134,7 @@ def to_example(row: Dict[str, Any], where: str, fields: Fields) -> Union[Instruc
     return InstructionExample(tuple(messages), where)
 
 
-def _text(value: Any, name: str, may_be_empty: bool = True) -> Union[str, None]:
+def _text(value: Any, name: str, may_be_empty: bool = True) -> str | None:
     """None when ``value`` is usable text, else the reason it is not."""
     if not isinstance(value, str):
         return f"{name} is {_kind(value)}, expected text"
@@ -146,7 +147,7 @@ def _kind(value: Any) -> str:
     return "missing (null)" if value is None else f"{repr(value)[:40]} ({type(value).__name__})"
 
 
-def _pair_messages(row: Dict[str, Any], fields: Fields) -> Union[List[Message], str]:
+def _pair_messages(row: dict[str, Any], fields: Fields) -> list[Message] | str:
     if fields.prompt not in row:
         return f"no {fields.prompt!r} field (its fields: {sorted(row)[:10]})"
     problem = _text(row[fields.prompt], repr(fields.prompt))
@@ -159,7 +160,7 @@ def _pair_messages(row: Dict[str, Any], fields: Fields) -> Union[List[Message], 
     return problem or [*messages, Message("assistant", row[fields.response])]
 
 
-def _chat_messages(value: Any, fields: Fields) -> Union[List[Message], str]:
+def _chat_messages(value: Any, fields: Fields) -> list[Message] | str:
     name = repr(fields.messages)
     if isinstance(value, str):  # a CSV cell
         try:
@@ -184,8 +185,8 @@ def _chat_messages(value: Any, fields: Fields) -> Union[List[Message], str]:
     return messages
 
 
-def split_bad_rows(rows: Sequence[Tuple[str, Union[Dict[str, Any], BadRow]]], fields: Fields
-                   ) -> Tuple[List[InstructionExample], List[BadRow]]:
+def split_bad_rows(rows: Sequence[tuple[str, dict[str, Any] | BadRow]], fields: Fields
+                   ) -> tuple[list[InstructionExample], list[BadRow]]:
     """Examples and bad rows of parsed rows."""
     examples, bad = [], []
     for where, row in rows:
@@ -194,7 +195,7 @@ def split_bad_rows(rows: Sequence[Tuple[str, Union[Dict[str, Any], BadRow]]], fi
     return examples, bad
 
 
-def check_fields_exist(rows: Sequence[Tuple[str, Any]], fields: Fields, source: str) -> None:
+def check_fields_exist(rows: Sequence[tuple[str, Any]], fields: Fields, source: str) -> None:
     """Raise when no row of ``source`` has the prompt or the messages field: the field names are wrong, not the
     rows (better one clear error than every row reported bad)."""
     parsed = [row for _, row in rows if isinstance(row, dict)]

@@ -1,23 +1,24 @@
 """Sequence classification data: CSV/JSONL files, or the embedded docstring task, tokenised per batch."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from lit_lowrank.data.common import (
     DEFAULT_TOKENIZER,
+    LazyTokenizer,
     ListDataset,
     SeededDataModule,
     column,
     label_ids,
     label_vocabulary,
-    LazyTokenizer,
     read_table,
 )
 from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
 
-Example = Tuple[str, int]
+Example = tuple[str, int]
 
 #: The cap that :class:`DocstringClassificationDataModule` passes for ``cap_per_class=None``: far above the
 #: largest package's paragraph count (~750, tkinter).
@@ -30,7 +31,7 @@ class TokenizeCollator:
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
 
-    def __call__(self, examples: List[Example]) -> Dict[str, torch.Tensor]:
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         texts, labels = zip(*examples)
         batch = dict(self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
                                     return_tensors="pt"))
@@ -47,7 +48,7 @@ class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
         self.tokenizer_name, self.max_length = tokenizer, max_length
         self._tokenizer: Any = None
-        self.splits: Dict[str, List[Example]] = {}
+        self.splits: dict[str, list[Example]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +62,7 @@ class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
     def _split_loader(self, split: str, shuffle: bool = False):
         return self._loader(ListDataset(self._split(split)), shuffle, TokenizeCollator(self.tokenizer, self.max_length))
 
-    def _split(self, split: str) -> List[Example]:
+    def _split(self, split: str) -> list[Example]:
         if not self.splits:
             self._require(None, f"{split} split")
         if split not in self.splits:
@@ -83,7 +84,7 @@ class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
         can show them next to the predictions; ``predict_step`` does not use them."""
         return self._split_loader("test")
 
-    def predict_inputs(self) -> List[str]:
+    def predict_inputs(self) -> list[str]:
         """The text of each predict example, in loader order (for :class:`~lit_lowrank.callbacks.PredictionWriter`)."""
         return [text for text, _ in self._split("test")]
 
@@ -130,11 +131,11 @@ class TextClassificationDataModule(_ClassificationDataModule):
     def __init__(
         self,
         train_file: str,
-        val_file: Optional[str] = None,
-        test_file: Optional[str] = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
         text_field: str = "text",
         label_field: str = "label",
-        class_names: Optional[List[str]] = None,
+        class_names: list[str] | None = None,
         val_fraction: float = 0.1,
         tokenizer: str = DEFAULT_TOKENIZER,
         max_length: int = 128,
@@ -151,21 +152,21 @@ class TextClassificationDataModule(_ClassificationDataModule):
         self.val_fraction = val_fraction
         self._class_names = list(class_names) if class_names else None
 
-    def _read(self, split: str) -> Tuple[List[str], List[Any]]:
+    def _read(self, split: str) -> tuple[list[str], list[Any]]:
         path = self.files[split]
         rows, columns = read_table(path)
         texts = [str(t) for t in column(rows, columns, self.text_field, path, "text_field")]
         return texts, column(rows, columns, self.label_field, path, "label_field")
 
     @property
-    def class_names(self) -> List[str]:
+    def class_names(self) -> list[str]:
         """Class name of each label id (read from the files' label column when not given)."""
         if self._class_names is None:
             values = [v for split, path in self.files.items() if path for v in self._read(split)[1]]
             self._class_names = label_vocabulary(values)
         return self._class_names
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         for split, path in self.files.items():
@@ -222,7 +223,7 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
     def __init__(
         self,
         packages: Sequence[str] = DEFAULT_PACKAGES,
-        cap_per_class: Optional[int] = 100,
+        cap_per_class: int | None = 100,
         min_words: int = 8,
         tokenizer: str = DEFAULT_TOKENIZER,
         max_length: int = 128,
@@ -237,11 +238,11 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
         self.save_hyperparameters()
         self.packages: Sequence[str] = tuple(packages)
         self.cap_per_class, self.min_words = cap_per_class, min_words
-        self.fractions: Tuple[float, ...] = tuple(float(f) for f in fractions)
-        self.fingerprint: Optional[str] = None
+        self.fractions: tuple[float, ...] = tuple(float(f) for f in fractions)
+        self.fingerprint: str | None = None
 
     @property
-    def class_names(self) -> List[str]:
+    def class_names(self) -> list[str]:
         """The package names, in label-id order."""
         return list(self.packages)
 
@@ -250,7 +251,7 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
         # them all, and a fixed one keeps the builder's cache key the same for every "no cap" module.
         return UNCAPPED if self.cap_per_class is None else self.cap_per_class
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         task = docstring_classification(self.packages, self._cap(), self.min_words, self.fractions)

@@ -1,8 +1,9 @@
 """Batches of prompts to generate from: left-padded ids plus the texts a prediction file shows next to them."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -21,11 +22,11 @@ class Prompt:
 
     ids: Sequence[int]
     text: str
-    reference: Optional[str] = None
-    reference_decoded: Optional[str] = None
+    reference: str | None = None
+    reference_decoded: str | None = None
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> Dict[str, torch.Tensor]:
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` padded on the left, so every prompt ends at the last column and the
     generated tokens of all rows start together.
 
@@ -57,11 +58,11 @@ class PromptCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, prompts: List[Prompt]) -> Dict[str, Any]:
+    def __call__(self, prompts: list[Prompt]) -> dict[str, Any]:
         return prompt_fields(prompts, self.pad_id)
 
 
-def prompt_fields(prompts: Sequence[Prompt], pad_id: int) -> Dict[str, Any]:
+def prompt_fields(prompts: Sequence[Prompt], pad_id: int) -> dict[str, Any]:
     """The prompt part of a batch (see :class:`PromptCollator`)."""
     padded = left_pad([p.ids for p in prompts], pad_id)
     return {"prompt_input_ids": padded["input_ids"], "prompt_attention_mask": padded["attention_mask"],

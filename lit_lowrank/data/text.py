@@ -6,8 +6,9 @@ import glob
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -48,18 +49,18 @@ class TokenBlocks(Dataset):
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
-def read_text_documents(source: Union[str, Sequence[str]]) -> List[Tuple[str, str]]:
+def read_text_documents(source: str | Sequence[str]) -> list[tuple[str, str]]:
     """(id, text) of every file named by ``source``: files, folders (``*.txt`` and ``*.md``, recursively) or globs.
 
     Ids are paths relative to the folder given (a file's own name when given directly), so the split they
     decide does not depend on where the data lives. Files are read as UTF-8, in sorted order per entry.
     """
     entries = [source] if isinstance(source, (str, Path)) else list(source)
-    documents: List[Tuple[str, str]] = []
+    documents: list[tuple[str, str]] = []
     for entry in map(str, entries):
         path = Path(entry).expanduser()
         if path.is_dir():
@@ -78,7 +79,7 @@ def read_text_documents(source: Union[str, Sequence[str]]) -> List[Tuple[str, st
     return documents
 
 
-def read_hf_documents(name: str, config: Optional[str], text_field: str) -> Dict[str, List[Tuple[str, str]]]:
+def read_hf_documents(name: str, config: str | None, text_field: str) -> dict[str, list[tuple[str, str]]]:
     """(id, text) rows of each split of a Hugging Face dataset, via the ``datasets`` library."""
     hint = ("use local files instead: source='path/to/folder_or_file.txt' (plain text; a folder is searched for "
             f"*.txt and *.md), or source={EMBEDDED!r} for the embedded corpus")
@@ -180,21 +181,21 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
 
     def __init__(
         self,
-        source: Union[str, List[str]] = EMBEDDED,
-        val_source: Optional[Union[str, List[str]]] = None,
+        source: str | list[str] = EMBEDDED,
+        val_source: str | list[str] | None = None,
         tokenizer: str = DEFAULT_TOKENIZER,
         block_size: int = 128,
         batch_size: int = 16,
         val_fraction: float = CORPUS_VALIDATION_FRACTION,
-        max_train_blocks: Optional[int] = None,
-        max_val_blocks: Optional[int] = None,
-        hf_dataset: Optional[str] = None,
-        hf_config: Optional[str] = None,
+        max_train_blocks: int | None = None,
+        max_val_blocks: int | None = None,
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
         text_field: str = "text",
-        max_vocab: Optional[int] = None,
-        exclude: Optional[List[str]] = None,
-        test_source: Optional[Union[str, List[str]]] = None,
-        predict_prompts: Optional[List[str]] = None,
+        max_vocab: int | None = None,
+        exclude: list[str] | None = None,
+        test_source: str | list[str] | None = None,
+        predict_prompts: list[str] | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -214,12 +215,12 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         self.max_vocab = max_vocab
         self.exclude = list(exclude or [])
         self.test_source, self.predict_prompts = test_source, predict_prompts
-        self.kept_token_ids: Optional[torch.Tensor] = None
+        self.kept_token_ids: torch.Tensor | None = None
         self._tokenizer: Any = None
-        self._codec: Optional[TokenCodec] = None
-        self.train_blocks: Optional[torch.Tensor] = None
-        self.val_blocks: Optional[torch.Tensor] = None
-        self.test_blocks: Optional[torch.Tensor] = None
+        self._codec: TokenCodec | None = None
+        self.train_blocks: torch.Tensor | None = None
+        self.val_blocks: torch.Tensor | None = None
+        self.test_blocks: torch.Tensor | None = None
 
     @property
     def tokenizer(self):
@@ -243,7 +244,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
             self._codec = TokenCodec(self.tokenizer, None if self.kept_token_ids is None else self.kept_token_ids.tolist())
         return self._codec
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Saved with every checkpoint: the compacted vocabulary, which the model's ids refer to."""
         return {} if self.kept_token_ids is None else {"kept_token_ids": self.kept_token_ids.tolist()}
 
@@ -251,7 +252,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         if self.hf_dataset:
             read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)  # download once, on one process
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is not None:
             return
         train_docs, val_docs, val_given = self._documents()
@@ -274,7 +275,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
             val = val[: self.max_val_blocks]
         self.train_blocks, self.val_blocks = train, val
 
-    def _documents(self) -> Tuple[List[str], List[str], bool]:
+    def _documents(self) -> tuple[list[str], list[str], bool]:
         """Training texts, validation texts, and whether the validation texts were given (not a share of training)."""
         if self.hf_dataset:
             splits = read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)
@@ -299,7 +300,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         return ([t for (_, t), out in zip(documents, held_out) if not out],
                 [t for (_, t), out in zip(documents, held_out) if out], False)
 
-    def _without_excluded(self, documents: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    def _without_excluded(self, documents: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not self.exclude:
             return documents
         for pattern in self.exclude:
@@ -310,7 +311,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         return [(doc_id, text) for doc_id, text in documents
                 if not any(fnmatch.fnmatchcase(doc_id, pattern) for pattern in self.exclude)]
 
-    def _tokens(self, texts: List[str]) -> torch.Tensor:
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
         if not texts:
             return torch.empty(0, dtype=torch.long)
         tok = self.tokenizer

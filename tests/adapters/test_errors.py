@@ -1,10 +1,10 @@
 """Every documented bad input raises a clear error, and leaves the model as it was."""
 import pytest
+from tiny_models import tiny_llama
 from torch import nn
 
 from lit_lowrank import LoRAConfig, inject_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from lit_lowrank.adapters import lora_modules
-from tiny_models import tiny_llama
 
 
 def test_no_module_matched_lists_candidates():

@@ -7,10 +7,11 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from tiny_models import tiny_bert, tiny_clip, tiny_llama, tiny_vit  # noqa: E402
+
 from lit_lowrank import LoRAConfig, inject_lora, save_adapter  # noqa: E402
 from lit_lowrank.adapters import is_peft_loadable, peft_task_type  # noqa: E402
 from lit_lowrank.backbones import minilm_path, transformers_backbone  # noqa: E402
-from tiny_models import tiny_bert, tiny_clip, tiny_llama, tiny_vit  # noqa: E402
 
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M"  # what configs/llama_finetune_lora_pro.yaml names
 

@@ -1,11 +1,11 @@
 """inject_lora on every supported model family: what is adapted, what trains, what the output does."""
 import pytest
 import torch
+from tiny_models import DEFAULT_TARGETS, FAMILIES
 from torch import nn
 
 from lit_lowrank import LoRAConfig, inject_lora, merge_lora, unmerge_lora
 from lit_lowrank.adapters import LoRAAdapter, LoRALinear, LoRAMultiheadAttention, lora_modules
-from tiny_models import DEFAULT_TARGETS, FAMILIES
 
 # Adapter pairs each family gets with its default targets (2 blocks each).
 # gpt2: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; bert: query, key, value and three "dense" per block + the pooler

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_bert, tiny_llama
 from torch import nn
 
 from lit_lowrank import LoRAConfig, inject_lora, load_adapter, save_adapter
 from lit_lowrank.adapters import lora_modules
-from tiny_models import tiny_bert, tiny_llama
 
 
 def _snapshot(model):

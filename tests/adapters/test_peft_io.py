@@ -7,9 +7,10 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from tiny_models import FAMILIES  # noqa: E402
+
 from lit_lowrank import LoRAConfig, inject_lora, load_adapter, save_adapter  # noqa: E402
 from lit_lowrank.adapters import lora_modules  # noqa: E402
-from tiny_models import FAMILIES  # noqa: E402
 
 CASES = {
     "llama": dict(target_modules="all-linear"),

@@ -7,17 +7,17 @@ import functools
 import lightning as L
 import pytest
 import torch
+from bnb_support import require_bnb
+from tiny_models import _tokens, tiny_llama
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from bnb_support import require_bnb
 from lit_lowrank import LoRAConfig
 from lit_lowrank.backbones import transformers_backbone
 from lit_lowrank.callbacks import AdapterExport
 from lit_lowrank.optim import LoRAPro
 from lit_lowrank.tasks import CausalLMTask, SequenceClassificationTask
 from lit_lowrank.tasks.frozen_base import FROZEN_BASE_KEY
-from tiny_models import _tokens, tiny_llama
 
 QUANTIZED = {4: {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"},
              8: {"load_in_8bit": True}}

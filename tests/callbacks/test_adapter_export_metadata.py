@@ -4,12 +4,12 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+from tiny_models import tiny_clip, tiny_llama
 
 from lit_lowrank import LoRAConfig, inject_lora
 from lit_lowrank.backbones import transformers_backbone
 from lit_lowrank.callbacks import AdapterExport
 from lit_lowrank.cli import print_summary
-from tiny_models import tiny_clip, tiny_llama
 
 TRAINER = SimpleNamespace(is_global_zero=True, loggers=[], checkpoint_callback=None, callback_metrics={})
 

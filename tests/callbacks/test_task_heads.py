@@ -5,13 +5,13 @@ import logging
 import lightning as L
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_vit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_lowrank import LoRAConfig, inject_lora
 from lit_lowrank.adapters import TASK_HEAD_NAMES, lora_modules
 from lit_lowrank.callbacks import LoRAAdapters
-from tiny_models import tiny_bert, tiny_vit
 
 
 class Classifier(L.LightningModule):

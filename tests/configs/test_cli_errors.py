@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import ROOT, SHORT, override, tiny_quickstart
 
 from lit_lowrank.cli import LowRankCLI
 from lit_lowrank.cli_errors import CLIConfigError
-
-from cli_runs import ROOT, SHORT, override, tiny_quickstart
 
 CASES = {
     "lora rank, command line": (["--model.init_args.lora.init_args.r=0"], "model.init_args.lora",

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import SHORT, tiny_quickstart
 
 from lit_lowrank.cli import LowRankCLI
 from lit_lowrank.cli_errors import CLIConfigError
-
-from cli_runs import SHORT, tiny_quickstart
 
 OPTIMIZER = "--model.init_args.optimizer.init_args"
 MORE_STEPS = ["--trainer.max_steps=4", "--trainer.max_epochs=3", "--test_after_fit=false"]

@@ -3,18 +3,16 @@ strategy and precision files compose with it as a second --config."""
 import subprocess
 import sys
 from pathlib import Path
-from typing import Union
 
 import pytest
 import yaml
+from cli_runs import CONFIGS, ROOT, SHORT, TINY_BERT
+from cli_runs import hf as _hf
+from cli_runs import override as _override
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from lit_lowrank.cli import LowRankCLI
-
-from cli_runs import CONFIGS, ROOT, SHORT, TINY_BERT
-from cli_runs import hf as _hf
-from cli_runs import override as _override
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 512,
@@ -116,7 +114,7 @@ def test_fsdp1_file_builds_lightnings_fsdp_strategy(capsys):
 
     printed = _print_config(capsys, CONFIGS / "quickstart.yaml", CONFIGS / "strategy" / "fsdp1.yaml")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--strategy", type=Union[str, Strategy])
+    parser.add_argument("--strategy", type=str | Strategy)
     strategy = parser.instantiate_classes(parser.parse_object({"strategy": printed["trainer"]["strategy"]})).strategy
     assert type(strategy) is FSDPStrategy and printed["trainer"]["accelerator"] == "gpu"
     assert strategy.kwargs["use_orig_params"] is True and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD

@@ -1,8 +1,8 @@
 """Without a logger each run still gets its own folder: ``<default_root_dir>/version_<n>`` holds its config.yaml,
 adapter export and checkpoints, and the next run does not overwrite them."""
-from lit_lowrank.cli import LowRankCLI
-
 from cli_runs import SHORT, override, tiny_quickstart
+
+from lit_lowrank.cli import LowRankCLI
 
 NO_LOGGER = ["--trainer.logger=false", "--test_after_fit=false"]
 # the quickstart's callbacks without MetricsPlot, which reads the CSV log

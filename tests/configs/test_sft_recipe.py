@@ -4,11 +4,11 @@ it, reports test exact match before and after, and its checkpoint serves `cli.py
 pre-training recipe's checkpoint serves them too."""
 import json
 
-from lit_lowrank.cli import LowRankCLI
-
 from cli_runs import CONFIGS, SHORT
 from cli_runs import hf as _hf
 from cli_runs import override as _override
+
+from lit_lowrank.cli import LowRankCLI
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 8192, "max_position_embeddings": 128,

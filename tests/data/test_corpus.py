@@ -17,7 +17,6 @@ from lit_lowrank.data.corpus import (
     stable_fraction,
 )
 
-
 PINNED = 0.1285597106643376
 
 

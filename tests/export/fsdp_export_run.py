@@ -10,8 +10,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
-from lit_lowrank import LoRAConfig, export_merged, inject_lora  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
+
+from lit_lowrank import LoRAConfig, export_merged, inject_lora  # noqa: E402
 
 
 def main(out: Path) -> None:

@@ -2,6 +2,7 @@
 trained model, next to the PEFT-format adapter."""
 import lightning as L
 import torch
+from tiny_models import _tokens, tiny_llama
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -9,7 +10,6 @@ from lit_lowrank import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.callbacks import AdapterExport
 from lit_lowrank.tasks import CausalLMTask
-from tiny_models import _tokens, tiny_llama
 
 
 def test_merged_export_at_the_end_of_fit(tmp_path):

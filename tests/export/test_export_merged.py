@@ -7,15 +7,15 @@ import open_clip
 import pytest
 import timm
 import torch
+from bnb_support import quantized_llama, require_bnb
 from safetensors.torch import load_file
+from tiny_models import _tokens, tiny_bert, tiny_clip, tiny_llama, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from bnb_support import quantized_llama, require_bnb
 from lit_lowrank import LoRAConfig, export_merged, inject_lora, merge_lora
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.export import MODEL_FILE
 from lit_lowrank.tasks import SequenceClassificationTask
-from tiny_models import _tokens, tiny_bert, tiny_clip, tiny_llama, tiny_vit
 
 
 def adapted(model, targets="all-linear"):

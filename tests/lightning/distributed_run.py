@@ -14,8 +14,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import save_file
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_lowrank import LoRAConfig

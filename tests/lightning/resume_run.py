@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import lightning as L
+from distributed_run import full_parameters, methods
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
-from distributed_run import full_parameters, methods
 from lit_lowrank.backbones import transformers_backbone
 from lit_lowrank.data import TextBlocksDataModule
 from lit_lowrank.tasks import CausalLMTask

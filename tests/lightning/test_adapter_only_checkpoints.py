@@ -11,17 +11,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import SHORT, tiny_quickstart
 from safetensors.torch import load_file
+from tiny_models import _tokens, tiny_bert
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cli_runs import SHORT, tiny_quickstart
 from lit_lowrank import LoRAConfig
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.cli import LowRankCLI
 from lit_lowrank.tasks import SequenceClassificationTask
 from lit_lowrank.tasks.frozen_base import FROZEN_BASE_KEY, check_frozen_base, drop_frozen_base
-from tiny_models import _tokens, tiny_bert
 
 LORA = LoRAConfig(r=4, alpha=8, target_modules="default")
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-2)

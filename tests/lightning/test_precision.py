@@ -7,8 +7,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
-from lit_lowrank import LoRAConfig
-from lit_lowrank import optim
+from lit_lowrank import LoRAConfig, optim
 from lit_lowrank.backbones import transformers_backbone
 from lit_lowrank.tasks import CausalLMTask
 

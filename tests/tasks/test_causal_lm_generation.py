@@ -13,8 +13,15 @@ from lit_lowrank.data import InstructionDataModule
 from lit_lowrank.data.codec import TokenCodec
 from lit_lowrank.data.common import DEFAULT_TOKENIZER, load_tokenizer
 from lit_lowrank.tasks import CausalLMTask
-from lit_lowrank.tasks.generation import (GSM8K_ANSWER, GSM8K_ANSWER_SPACED, GenerationOptions, StopOnStrings,
-                                          extract_answer, generate_texts, is_exact_match)
+from lit_lowrank.tasks.generation import (
+    GSM8K_ANSWER,
+    GSM8K_ANSWER_SPACED,
+    GenerationOptions,
+    StopOnStrings,
+    extract_answer,
+    generate_texts,
+    is_exact_match,
+)
 
 TOKENIZER = load_tokenizer(DEFAULT_TOKENIZER)
 WORDS = ["[UNK]", "[SEP]", "[PAD]"] + "the a cat dog sat ran on in mat hat big small red blue one two three four five six seven eight nine ten # instruction response :".split()

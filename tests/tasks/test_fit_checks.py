@@ -14,7 +14,6 @@ from lit_lowrank.data import ImageFolderDataModule, TextBlocksDataModule, TextCl
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, WarmupCosineLR
 from lit_lowrank.tasks import CausalLMTask, ImageClassificationTask, SequenceClassificationTask
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 

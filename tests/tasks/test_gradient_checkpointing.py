@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import _tokens, tiny_bert, tiny_clip, tiny_llama, tiny_vit
 from torch import nn
 
 from lit_lowrank import LoRAConfig, inject_lora
@@ -11,7 +12,6 @@ from lit_lowrank.adapters import LoRALinear
 from lit_lowrank.backbones import Backbone
 from lit_lowrank.backbones.checkpointing import enable_gradient_checkpointing
 from lit_lowrank.tasks import ImageClassificationTask, SequenceClassificationTask
-from tiny_models import _tokens, tiny_bert, tiny_clip, tiny_llama, tiny_vit
 
 
 def count_calls(model) -> list:

@@ -12,7 +12,6 @@ from lit_lowrank.data import DigitsDataModule, ImageFolderDataModule, TextClassi
 from lit_lowrank.data.images import DIGIT_NAMES
 from lit_lowrank.tasks import CLIPTask, ImageClassificationTask, SequenceClassificationTask
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
