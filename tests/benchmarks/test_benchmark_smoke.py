@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "train_step_speed", "lora_pre_step", "lora_pro_step",
            "lora_pre_memory"]
 
@@ -21,11 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = load_benchmark
 
 
 def galore() -> bool:

@@ -1,22 +1,16 @@
 """benchmarks/common.py's bootstrap intervals against independent computations: exact distributions on tiny
 cases and the normal approximation on large samples."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def common():
-    spec = importlib.util.spec_from_file_location("benchmark_common_for_bootstrap", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("common")
 
 
 def pattern(n: int, accuracy: float, offset: int = 0) -> list[int]:

@@ -1,21 +1,16 @@
 """The LoRA-Pro step benchmark runs end to end in --smoke mode and writes its CSV and markdown table."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lora_pro_step.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
 def benchmark_module():
     pytest.importorskip("scipy")
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("lora_pro_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("lora_pro_step")
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)

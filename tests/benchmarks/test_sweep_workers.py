@@ -1,13 +1,11 @@
 """benchmarks/common.py's sweep driver: the protocol's order with one worker, its dependencies with several."""
 
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
 GRIDS = {"a": [1e-3, 3e-3, 1e-2], "b": [1e-4, 3e-4, 1e-3], "c": [1e-2, 3e-2, 1e-1]}
 # Validation error by (method, lr): a's best is inside its grid, b's at the high edge (one extension, 3e-3,
 # is worse), c's at the low edge twice (two extensions, then the best is inside).
@@ -17,10 +15,7 @@ ERRORS = {"a": {1e-3: 0.5, 3e-3: 0.2, 1e-2: 0.4}, "b": {1e-4: 0.6, 3e-4: 0.5, 1e
 
 @pytest.fixture(scope="module")
 def common():
-    spec = importlib.util.spec_from_file_location("benchmark_common_for_sweep", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("common")
 
 
 class Recorder:

@@ -1,18 +1,16 @@
 """LoRA-Pre Adam's bounded, finite steps (the 2026-11-30 amendment): the debiased second moment and the update
 bound are the defaults, each checked against torch.optim.Adam or against the bound itself, never against the
 optimizer's own output."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from lit_lowrank.optim import LoRAPreAdamW
 from lit_lowrank.optim.lora_pre.adam_scalars import adam_worst_case
 
 PAPER = {"debias_second_moment": False, "update_bound": "none"}  # the paper's formula, unsafe
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 BETAS = (0.9, 0.999)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,10 +85,7 @@ def test_paper_formula_warns_that_it_is_unbounded(caplog):
 def _largest_moves(options, zero_at):
     """The issue's probe, as ``benchmarks/lora_pre_bound_probe.py`` runs it: a 16-32-32-4 MLP, cross-entropy, lr 1e-2,
     rank 2, six steps, one all-zero gradient at step ``zero_at``; the largest change of any weight per step."""
-    spec = importlib.util.spec_from_file_location("lora_pre_bound_probe", BENCHMARKS / "lora_pre_bound_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe.probe(options, zero_at)[0]
+    return load_benchmark("lora_pre_bound_probe").probe(options, zero_at)[0]
 
 
 def _slack(weight_size=4.0):
