@@ -16,17 +16,23 @@ raises except for an invalid ``use_triton`` value.
 A kernel module is a file next to this one that imports triton at its top and defines
 ``INTERPRETED = built_by_interpreter(its_kernel)`` (CPU tensors are sent to it only when True).
 Tests set ``TRITON_INTERPRET=1`` before importing it (``tests/kernels/conftest.py``); see
-:func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers. Adding one (``lora_pre_adam.py``
-is wired this way from ``lit_lowrank.optim.lora_pre.adam_update``, with ``undo=`` as its step is two launches)::
+:func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers.
 
-    from lit_lowrank.kernels.dispatch import run_with_fallback, should_use_kernel
+Both optimizers wire their kernel the same way: one private function beside the torch path in their update
+module (``_kernel_step`` in ``lit_lowrank.optim.lora_pre.adam_update``, ``_kernel_projections`` in
+``lit_lowrank.optim.lora_pro.update``) that checks eligibility with :func:`should_use_kernel`, defines the
+``launch`` and its torch ``reference``, keys a :class:`SelfCheck` and calls :func:`run_with_fallback`; it returns None
+(``_kernel_step``: False) when the torch path must run. Its shape::
 
-    def my_update(x, state, use_triton=False):
-        if should_use_kernel(use_triton, x, kernel="lora_pre_adam"):
-            done = run_with_fallback("lora_pre_adam", lambda mod: mod.fused_update(x, state))
-            if done is not None:
-                return done
-        return torch_update(x, state)  # the reference
+    def _kernel_update(use_triton, x, state):
+        if not should_use_kernel(use_triton, x, state, kernel=KERNEL):
+            return None
+        check = SelfCheck(key=(f"x {tuple(x.shape)}",), state=[state],
+                          reference=lambda copies: torch_update(x, copies[0]), names=["state"])
+        return run_with_fallback(KERNEL, lambda kernel: kernel.fused_update(x, state), check=check)
+
+A kernel of more than one launch that writes its inputs passes ``undo=`` (the tensors to restore if a later
+launch fails to compile), as ``lora_pre_adam``'s two-pass step does.
 
 Launches must stay free of host syncs (no ``.item()``, grid sizes from shapes only) so a step can be
 captured in a CUDA graph once the kernel has been compiled and autotuned by a first, uncaptured call.

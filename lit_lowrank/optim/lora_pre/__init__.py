@@ -6,9 +6,9 @@
 
 Each optimizer sits beside its per-matrix step, which a fused kernel may replace: ``adam.py`` and ``adam_update.py``
 (:func:`lora_pre_adam_update_`; its step's scalars in ``adam_scalars.py``), ``muon.py`` and ``muon_update.py``
-(:func:`lora_pre_muon_update_`). What both share: ``base.py`` (param groups, skips, state), ``factors.py`` (factor
-init, damped pseudo-inverses, row chunks) and ``groups.py`` (which tensors are factored). The method as implemented:
-``docs/lora-pre.md``.
+(:func:`lora_pre_muon_update_`). What both share: ``base.py`` (param groups, skips, state), ``hyperparameters.py``
+(their checks), ``factors.py`` (factor init, damped pseudo-inverses, row chunks) and ``groups.py`` (which tensors
+are factored). The method as implemented: ``docs/lora-pre.md``.
 
 Example:
     >>> import torch

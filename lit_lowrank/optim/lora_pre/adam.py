@@ -8,11 +8,8 @@ from typing import Any, Literal
 
 from lit_lowrank.kernels.dispatch import validate_use_triton
 from lit_lowrank.optim.lora_pre.adam_update import UPDATE_BOUNDS, lora_pre_adam_update_
-from lit_lowrank.optim.lora_pre.base import (
-    LowRankOptimizerBase,
-    check_betas,
-    check_common_hyperparameters,
-)
+from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase
+from lit_lowrank.optim.lora_pre.hyperparameters import check_betas, check_common_hyperparameters
 from lit_lowrank.optim.sharding import RowShards, local
 
 log = logging.getLogger(__name__)

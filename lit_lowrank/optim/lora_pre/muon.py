@@ -8,12 +8,8 @@ from typing import Any, Literal
 import torch
 
 from lit_lowrank.kernels.dispatch import validate_use_triton
-from lit_lowrank.optim.lora_pre.base import (
-    LowRankOptimizerBase,
-    check_betas,
-    check_common_hyperparameters,
-    split_by_matrix,
-)
+from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase, split_by_matrix
+from lit_lowrank.optim.lora_pre.hyperparameters import check_betas, check_common_hyperparameters
 from lit_lowrank.optim.lora_pre.muon_update import (
     SCALE_RULES,
     dense_muon_update_,

@@ -18,6 +18,9 @@ from lit_lowrank.optim.adamw import Number, bias_corrections, per_entry
 from lit_lowrank.optim.lora_pro.closed_form import GramSpectrum, closed_form, gram_spectrum
 from lit_lowrank.optim.sharding import RowShards
 
+KERNEL = "lora_pro_full"
+"""The fused Triton step, ``lit_lowrank.kernels.lora_pro_full`` (loaded by the dispatcher, never imported here)."""
+
 
 def full_mode_update(
     A: torch.Tensor,
@@ -77,19 +80,7 @@ def full_mode_update(
     bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, A.dtype)
     moments = (A, B_t, U_t, V, exp_avg, exp_avg_sq, ok, bc1, bc2_sqrt)
     hyper = dict(beta1=beta1, beta2=beta2, eps=max(eps, torch.finfo(A.dtype).tiny))
-    projections = None
-    if should_use_kernel(use_triton, A, B_t, U_t, V, *exp_avg, *exp_avg_sq, kernel="lora_pro_full"):
-        # Its first call per shape is also run by torch and compared (kernels/dispatch.py: self-check).
-        L = len(exp_avg)
-        check = SelfCheck(
-            key=(f"A {tuple(A.shape)}", f"B_t {tuple(B_t.shape)}",
-                 f"moment strides {sorted({t.stride() for t in (*exp_avg, *exp_avg_sq)})}"),
-            state=[*exp_avg, *exp_avg_sq],
-            reference=lambda copies: torch_moments_and_projections(*moments[:4], copies[:L], copies[L:], *moments[6:],
-                                                                   **hyper),
-            names=[*(f"exp_avg[{i}]" for i in range(L)), *(f"exp_avg_sq[{i}]" for i in range(L)), "B^T G", "A G^T"])
-        projections = run_with_fallback("lora_pro_full", lambda kernel: kernel.moments_and_projections(*moments, **hyper),
-                                        check=check)
+    projections = _kernel_projections(use_triton, moments, hyper)
     if projections is None:
         projections = torch_moments_and_projections(*moments, **hyper)
     proj_A, proj_B_t = projections
@@ -101,6 +92,30 @@ def full_mode_update(
     decay = (1 - lr * weight_decay) ** 0.5
     keep = ok.view(-1, 1, 1)
     return torch.where(keep, A * decay - lr * dA, A), torch.where(keep, B_t * decay - lr * dB_t, B_t), step
+
+
+def _kernel_projections(use_triton: UseTriton, moments: tuple, hyper: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The moments' update and the projections as the fused kernel if ``use_triton`` asks for it and it can run;
+    None: run the torch path. Its first call per shape is also run by :func:`torch_moments_and_projections` on copies
+    of the moments and compared (``kernels/dispatch.py``: self-check).
+    """
+    A, B_t, U_t, V, exp_avg, exp_avg_sq = moments[:6]
+    if not should_use_kernel(use_triton, A, B_t, U_t, V, *exp_avg, *exp_avg_sq, kernel=KERNEL):
+        return None
+    L = len(exp_avg)
+
+    def launch(kernel) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel.moments_and_projections(*moments, **hyper)
+
+    def reference(copies: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_moments_and_projections(A, B_t, U_t, V, copies[:L], copies[L:], *moments[6:], **hyper)
+
+    key = (f"A {tuple(A.shape)}", f"B_t {tuple(B_t.shape)}",
+           f"moment strides {sorted({t.stride() for t in (*exp_avg, *exp_avg_sq)})}")
+    check = SelfCheck(key=key, state=[*exp_avg, *exp_avg_sq], reference=reference,
+                      names=[*(f"exp_avg[{i}]" for i in range(L)), *(f"exp_avg_sq[{i}]" for i in range(L)),
+                             "B^T G", "A G^T"])
+    return run_with_fallback(KERNEL, launch, check=check)
 
 
 def torch_moments_and_projections(
