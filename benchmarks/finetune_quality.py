@@ -32,7 +32,7 @@ choice, other methods' runs go on. One process per run; per-run JSON in ``--runs
 sweep resumes and ``--report-only`` rebuilds the outputs.
 
 Statistics: 95% intervals of test accuracy by bootstrap over test examples and seeds, and paired bootstrap
-intervals of the differences between methods (same test examples); see ``common.bootstrap_accuracies``.
+intervals of the differences between methods (same test examples); see ``stats.bootstrap_accuracies``.
 
 Cost (``--threads 1``, measured 2026-11-30 on the 2-core AMD EPYC dev machine under a load average of 3-4.6, CPU
 seconds of one run): LoRA, rsLoRA, LoRA+ and LoRA-Pro efficient 163-167 s, LoRA-Pro full 169 s, full fine-tuning
@@ -59,7 +59,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+import stats  # noqa: E402
+import sweep  # noqa: E402
 
 NAME = "finetune_quality"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -119,7 +122,7 @@ def label(method: str, rank: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_sweep_arguments(parser, NAME, GRIDS, workers=2, threads=1)
+    sweep.add_sweep_arguments(parser, NAME, GRIDS, workers=2, threads=1)
     parser.set_defaults(methods=DEFAULT_METHODS)
     parser.add_argument("--steps", type=int, default=64, help="optimizer steps of 32 paragraphs (30 = one epoch)")
     parser.add_argument("--warmup", type=int, default=6, help="linear warm-up steps")
@@ -297,7 +300,7 @@ def train(model, optimizer, scheduler, dm, total: int, eval_every: int) -> tuple
                 return curve, step_times, True
             if step % eval_every == 0 or step == total:
                 val = evaluate(model, validation)
-                curve.append(dict(step=step, train_loss=common.mean(window), val_loss=val["loss"], val_acc=val["acc"]))
+                curve.append(dict(step=step, train_loss=stats.mean(window), val_loss=val["loss"], val_acc=val["acc"]))
                 window = []
             if step == total:
                 return curve, step_times, False
@@ -323,14 +326,14 @@ def run_one(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    started, cpu_started = time.perf_counter(), common.cpu_seconds()
+    started, cpu_started = time.perf_counter(), environment.cpu_seconds()
     dm = data_module(spec["smoke"], spec["seed"])
     dm.setup("fit")
     task, optimizer, scheduler = build_task(spec["method"], spec["lr"], spec["seed"], spec["rank"], spec["steps"],
                                             spec["warmup"], spec["smoke"])
     model = task.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rss_before = common.peak_rss_mib()
+    rss_before = environment.peak_rss_mib()
     curve, step_times, diverged = train(model, optimizer, scheduler, dm, spec["steps"], spec["eval_every"])
     diverged = diverged or not curve or not math.isfinite(curve[-1]["val_loss"])
     test = test_outcome(model, dm, diverged)
@@ -354,11 +357,11 @@ def run_one(spec: dict) -> dict:
         "test_labels": test["labels"],
         "trainable_params": trainable,
         "state_bytes": optimizer_state_bytes(optimizer),
-        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_mib": environment.peak_rss_mib(),
         "rss_before_training_mib": rss_before,
         "step_ms_median": 1e3 * statistics.median(step_times),
         "wall_s": time.perf_counter() - started,
-        "cpu_s": common.cpu_seconds() - cpu_started,
+        "cpu_s": environment.cpu_seconds() - cpu_started,
         "sizes": {split: len(examples) for split, examples in dm.splits.items()},
         "class_counts": class_counts(dm),
     }
@@ -383,8 +386,8 @@ def describe(result: dict) -> str:
 def runner(args):
     base = dict(steps=args.steps, warmup=args.warmup, eval_every=args.eval_every, rank=args.rank,
                 threads=args.threads, smoke=args.smoke)
-    return common.make_runner(Path(__file__).resolve(), args.runs, base, run_one, describe, args.in_process,
-                              args.wait_load)
+    return sweep.make_runner(Path(__file__).resolve(), args.runs, base, run_one, describe, args.in_process,
+                             args.wait_load)
 
 
 def correctness(run: dict) -> list[int]:
@@ -401,7 +404,7 @@ def final_runs(args, runs: list[dict], method: str, lr: float) -> list[dict]:
 def summary_row(args, runs: list[dict], method: str, lr: float) -> dict:
     final = final_runs(args, runs, method, lr)
     test_acc = [r["final_test_acc"] for r in final]
-    accuracy, low, high = common.accuracy_interval([correctness(r) for r in final]) if final else (None,) * 3
+    accuracy, low, high = stats.accuracy_interval([correctness(r) for r in final]) if final else (None,) * 3
     grid = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
                   if r["method"] == method and r["seed"] == args.seeds[0])
     return {
@@ -414,22 +417,22 @@ def summary_row(args, runs: list[dict], method: str, lr: float) -> dict:
         "test_acc_ci_low": 100 * low if final else None,
         "test_acc_ci_high": 100 * high if final else None,
         "test_acc_ci": f"[{100 * low:.1f}, {100 * high:.1f}]" if final else "",
-        "test_acc_std": common.std(test_acc, factor=100),
+        "test_acc_std": stats.std(test_acc, factor=100),
         "test_acc_per_seed": " / ".join(f"{100 * a:.1f}" for a in test_acc),
-        "test_loss_mean": common.mean([r["final_test_loss"] for r in final]),
-        "val_acc_mean": 100 * common.mean([r["final_val_acc"] for r in final]),
+        "test_loss_mean": stats.mean([r["final_test_loss"] for r in final]),
+        "val_acc_mean": 100 * stats.mean([r["final_val_acc"] for r in final]),
         "lr_grid": ", ".join(f"{g:g}: {100 * v:.1f}" for g, v in grid),
         "trainable_M": final[0]["trainable_params"] / 1e6 if final else None,
         "state_MiB": final[0]["state_bytes"] / 2**20 if final else None,
-        "peak_rss_MiB": common.mean([r["peak_rss_mib"] for r in final]),
-        "step_ms": common.mean([r["step_ms_median"] for r in final]),
-        "run_wall_s": common.mean([r["wall_s"] for r in final]),
-        "run_cpu_s": common.mean([r["cpu_s"] for r in final]),
+        "peak_rss_MiB": stats.mean([r["peak_rss_mib"] for r in final]),
+        "step_ms": stats.mean([r["step_ms_median"] for r in final]),
+        "run_wall_s": stats.mean([r["wall_s"] for r in final]),
+        "run_cpu_s": stats.mean([r["cpu_s"] for r in final]),
     }
 
 
 def summarise(args, runs: list[dict]) -> tuple[list[dict], dict]:
-    chosen = common.choose(runs, score, args.seeds[0])
+    chosen = sweep.choose(runs, score, args.seeds[0])
     return [summary_row(args, runs, method, chosen[method]) for method in args.methods if method in chosen], chosen
 
 
@@ -442,12 +445,12 @@ def compare(args, runs: list[dict], chosen: dict, a: str, b: str, bonferroni: in
     runs_a, runs_b = final_runs(args, runs, a, chosen[a]), final_runs(args, runs, b, chosen[b])
     if not runs_a or not runs_b or runs_a[0]["test_labels"] != runs_b[0]["test_labels"]:
         return None
-    replicates = common.bootstrap_accuracies([[correctness(r) for r in runs_a], [correctness(r) for r in runs_b]])
+    replicates = stats.bootstrap_accuracies([[correctness(r) for r in runs_a], [correctness(r) for r in runs_b]])
     differences = 100 * (replicates[:, 0] - replicates[:, 1])
-    low, high = common.percentile_interval(differences, 0.95)
-    strict = common.percentile_interval(differences, 1 - 0.05 / max(bonferroni, 1))
-    estimate = 100 * (common.mean([r["final_test_acc"] for r in runs_a])
-                      - common.mean([r["final_test_acc"] for r in runs_b]))
+    low, high = stats.percentile_interval(differences, 0.95)
+    strict = stats.percentile_interval(differences, 1 - 0.05 / max(bonferroni, 1))
+    estimate = 100 * (stats.mean([r["final_test_acc"] for r in runs_a])
+                      - stats.mean([r["final_test_acc"] for r in runs_b]))
     return {
         "comparison": f"{label(a, args.rank)} - {label(b, args.rank)}",
         "a": a, "b": b, "seeds_a": len(runs_a), "seeds_b": len(runs_b),
@@ -492,7 +495,7 @@ def plot(args, runs: list[dict], chosen: dict, summary: list[dict], path: Path) 
                         alpha=0.25, linewidth=1)
         if picked and len({len(r["curve"]) for r in picked}) == 1:
             steps = [p["step"] for p in picked[0]["curve"]]
-            values = [100 * common.mean([r["curve"][i]["val_acc"] for r in picked]) for i in range(len(steps))]
+            values = [100 * stats.mean([r["curve"][i]["val_acc"] for r in picked]) for i in range(len(steps))]
             acc_ax.plot(steps, values, color=color, linewidth=2, label=f"{name} (lr {chosen[method]:g})")
         grid = sorted((r["lr"], r.get("final_val_acc", 0.0)) for r in runs
                       if r["method"] == method and r["seed"] == args.seeds[0])
@@ -576,8 +579,8 @@ def setup_lines(args, runs: list[dict]) -> list[str]:
         "with the final model.",
         "",
         "Statistics: the test accuracy of a method is the mean over its seeds and the test paragraphs. Its 95% "
-        f"interval is a percentile bootstrap ({common.BOOTSTRAP_RESAMPLES} resamples, RNG seed "
-        f"{common.BOOTSTRAP_SEED}): each resample draws the test paragraphs with replacement (one draw shared by "
+        f"interval is a percentile bootstrap ({stats.BOOTSTRAP_RESAMPLES} resamples, RNG seed "
+        f"{stats.BOOTSTRAP_SEED}): each resample draws the test paragraphs with replacement (one draw shared by "
         "every seed and method: they all saw the same paragraphs) and, per method, its seeds with replacement. "
         "A difference between two methods is bootstrapped the same way, paired on the paragraphs; it is "
         "**resolved** when its 95% interval excludes 0. The last column applies a Bonferroni correction over the "
@@ -590,7 +593,7 @@ def results_lines(summary: list[dict], pairs: list[dict]) -> list[str]:
     return [
         "## Results",
         "",
-        *common.markdown_table(summary, [
+        *report.markdown_table(summary, [
             ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"), ("test_examples", "test examples"),
             ("test_acc_mean", "test acc %"), ("test_acc_ci", "95% CI"), ("test_acc_per_seed", "per seed"),
             ("test_loss_mean", "test loss"), ("trainable_M", "trainable M params"),
@@ -600,7 +603,7 @@ def results_lines(summary: list[dict], pairs: list[dict]) -> list[str]:
         "",
         "### Differences (points of test accuracy, paired bootstrap)",
         "",
-        *common.markdown_table(pairs, [
+        *report.markdown_table(pairs, [
             ("comparison", "comparison (first - second)"), ("difference_text", "difference"), ("ci", "95% CI"),
             ("resolved", "resolved (95% CI excludes 0)"), ("resolved_bonferroni", "resolved, Bonferroni")], digits=3),
         "",
@@ -623,30 +626,19 @@ RUN_COLUMNS = ["method", "label", "lr", "seed", "rank", "steps", "test_examples"
 def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> list[dict]:
     summary, chosen = summarise(args, runs)
     of_interest, every_pair = comparisons(args, runs, chosen)
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(args.out / f"{NAME}.csv", runs, RUN_COLUMNS)
-    common.write_csv(args.out / f"{NAME}_summary.csv", summary)
-    common.write_csv(args.out / f"{NAME}_pairs.csv", every_pair)
-    common.write_csv(args.out / f"{NAME}_curves.csv",
-                     [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **p} for r in runs
-                      for p in r.get("curve", [])])
+    csvs = {f"{NAME}.csv": runs, f"{NAME}_summary.csv": summary, f"{NAME}_pairs.csv": every_pair,
+            f"{NAME}_curves.csv": [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **p} for r in runs
+                                   for p in r.get("curve", [])]}
+    report.write_result(args.out, NAME, "Fine-tuning quality: all-MiniLM-L6-v2 on the docstring task", env,
+                        [*setup_lines(args, runs), *results_lines(summary, of_interest)], csvs,
+                        {f"{NAME}.csv": RUN_COLUMNS}, header=[timing_line(runs, seconds)], smoke=args.smoke)
     plot(args, runs, chosen, summary, args.out / f"{NAME}.png")
-    lines = [
-        "# Fine-tuning quality: all-MiniLM-L6-v2 on the docstring task",
-        "",
-        *common.environment_lines(env),
-        timing_line(runs, seconds),
-        "",
-        *setup_lines(args, runs),
-        *results_lines(summary, of_interest),
-    ]
-    common.write_markdown(args.out, NAME, lines, args.smoke)
     return summary
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report, summary_line)
+    return sweep.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report, summary_line)
 
 
 def summary_line(row: dict) -> str:

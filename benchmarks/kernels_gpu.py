@@ -48,7 +48,6 @@ present" and exits 0 without writing anything.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -60,6 +59,10 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
+import report  # noqa: E402
 
 #: HBM bandwidth in GB/s by device-name substring, first match wins (NVIDIA datasheets: H200 "4.8TB/s";
 #: H100 SXM "3.35TB/s", H100 NVL "3.9TB/s", H100 PCIe "2TB/s"; A100 80GB SXM "2,039GB/s", A100 40GB "1,555GB/s").
@@ -104,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="timed calls (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (compile, autotune)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM bandwidth; default from the device name")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for CSV and markdown")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for CSV and markdown")
     return parser.parse_args(argv)
 
 
@@ -327,31 +330,30 @@ def self_check_verdicts() -> tuple[list[str], list[str]]:
 
 
 def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: float | None,
-                  checks: tuple[list[str], list[str]]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+                  checks: tuple[list[str], list[str]], env: dict) -> None:
     fields = ["kernel", "shape", "rank", "dtype", "layers", "ms", "ratio", "gbps", "pct_peak", "max_rel_err", "config"]
-    with open(args.out / "kernels_gpu.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields + ["device"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: v for k, v in asdict(row).items() if k in fields}, "device": device})
-    lines = [
-        "# Triton optimizer kernels vs fused AdamW",
-        "",
-        f"`python {' '.join(sys.argv)}` on {device} (peak {peak or 'unknown'} GB/s), torch {torch.__version__}, "
-        f"{args.layers} layers per shape, median of {args.repeats} calls after {args.warmup} warm-up calls.",
+    csv_rows = [{**{k: v for k, v in asdict(row).items() if k in fields}, "device": device} for row in rows]
+    table = [{"kernel": row.kernel, "shape": row.shape, "rank": f"{row.rank or ''}", "dtype": row.dtype,
+              "ms": f"{row.ms:.3f}", "ratio": f"{row.ratio:.2f}", "gbps": f"{row.gbps:.0f}",
+              "pct_peak": f"{row.pct_peak:.0f}",
+              "max_rel_err": "" if row.max_rel_err != row.max_rel_err else f"{row.max_rel_err:.1e}",
+              "config": row.config} for row in rows]
+    body = [
+        f"On {device} (peak {peak or 'unknown'} GB/s), {args.layers} layers per shape, median of {args.repeats} "
+        f"calls after {args.warmup} warm-up calls.",
         "GB/s: bytes an ideal implementation moves / time (see the script's docstring); ratio: ms / fused AdamW ms, same shape.",
         "",
-        "| kernel | shape | rank | dtype | ms | ratio vs fused AdamW | GB/s | % of peak | max rel err | config |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *report.markdown_table(table, [
+            ("kernel", "kernel"), ("shape", "shape"), ("rank", "rank"), ("dtype", "dtype"), ("ms", "ms"),
+            ("ratio", "ratio vs fused AdamW"), ("gbps", "GB/s"), ("pct_peak", "% of peak"),
+            ("max_rel_err", "max rel err"), ("config", "config")]),
+        "",
+        f"Self-check (kernel vs torch on the first call per key): {len(checks[0])} passed, {len(checks[1])} failed.",
+        *[f"- FAILED: {key}" for key in checks[1]],
+        "",
     ]
-    for row in rows:
-        lines.append(f"| {row.kernel} | {row.shape} | {row.rank or ''} | {row.dtype} | {row.ms:.3f} | {row.ratio:.2f} | "
-                     f"{row.gbps:.0f} | {row.pct_peak:.0f} | {'' if row.max_rel_err != row.max_rel_err else f'{row.max_rel_err:.1e}'} "
-                     f"| {row.config} |")
-    lines += ["", f"Self-check (kernel vs torch on the first call per key): {len(checks[0])} passed, {len(checks[1])} failed."]
-    lines += [f"- FAILED: {key}" for key in checks[1]]
-    (args.out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
+    report.write_result(args.out, "kernels_gpu", "Triton optimizer kernels vs fused AdamW", env, body,
+                        {"kernels_gpu.csv": csv_rows}, {"kernels_gpu.csv": [*fields, "device"]})
 
 
 def main(argv=None) -> int:
@@ -361,6 +363,7 @@ def main(argv=None) -> int:
         print("no GPU present: these benchmarks time CUDA kernels; nothing measured, nothing written.")
         return 0
     peak = args.peak_gbps or peak_gbps(device)
+    env = environment.environment(environment.command_line(__file__, argv))
     rows: list[Row] = []
     for text in args.shapes:
         shape = parse_shape(text)
@@ -388,7 +391,7 @@ def main(argv=None) -> int:
               f"{row.gbps:6.0f} {row.pct_peak:5.0f}  {row.max_rel_err:.1e}")
     checks = self_check_verdicts()
     print(f"self-check: {len(checks[0])} keys passed, {len(checks[1])} failed" + "".join(f"\n  FAILED: {k}" for k in checks[1]))
-    write_results(rows, args, device, peak, checks)
+    write_results(rows, args, device, peak, checks, env)
     print(f"wrote {args.out / 'kernels_gpu.csv'} and {args.out / 'kernels_gpu.md'}")
     return 1 if checks[1] else 0
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
 
 VARIANTS = {  # LoRAPreAdamW options; None: torch.optim.AdamW
     "AdamW": None,
@@ -57,7 +58,7 @@ def probe(options, zero_at, steps=6, lr=1e-2):
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder for the markdown and CSV")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for the markdown and CSV")
     args = parser.parse_args(argv)
     import logging
 
@@ -76,12 +77,11 @@ def main(argv=None) -> list[dict]:
                          "largest move per step (x lr)": " / ".join(f"{m / 1e-2:.3g}" for m in moves),
                          "largest move (x lr)": round(max(moves) / 1e-2, 3), "final loss": round(loss, 3)})
     columns = [(key, key) for key in rows[0]]
-    env = common.environment(common.command_line(__file__, argv))
-    lines = [f"# {__doc__.splitlines()[0]}", "", *common.environment_lines(env), "",
-             __doc__.split("\n\n")[1].replace("\n", " "), "", *common.markdown_table(rows, columns, digits=3), ""]
-    common.write_csv(args.out / "lora_pre_bound_probe.csv", rows)
-    common.write_markdown(args.out, "lora_pre_bound_probe", lines, smoke=False)
-    print("\n".join(common.markdown_table(rows, columns, digits=3)))
+    env = environment.environment(environment.command_line(__file__, argv))
+    body = [__doc__.split("\n\n")[1].replace("\n", " "), "", *report.markdown_table(rows, columns, digits=3), ""]
+    report.write_result(args.out, "lora_pre_bound_probe", __doc__.splitlines()[0], env, body,
+                        {"lora_pre_bound_probe.csv": rows})
+    print("\n".join(report.markdown_table(rows, columns, digits=3)))
     return rows
 
 

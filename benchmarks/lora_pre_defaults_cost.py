@@ -12,14 +12,24 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lit_lowrank.optim import LoRAPreAdamW
 from lit_lowrank.optim.lora_pre import base
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from timing import paired_ratio  # noqa: E402
+
 SHAPES = [(1024, 1024), (1024, 2816)]
+#: (key, header) of the printed markdown table
+COLUMNS = [("shape", "shape"), ("adamw", "AdamW ms"), ("paper", "paper ms"), ("default", "default ms"),
+           ("paper_vs_adamw", "paper / AdamW"), ("default_vs_adamw", "default / AdamW"),
+           ("check_cost", "paper + check / paper"), ("default_vs_paper", "default / paper")]
 
 
 def paper_step_without_check(optimizer: LoRAPreAdamW) -> None:
@@ -38,9 +48,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     logging.getLogger("lit_lowrank").setLevel(logging.ERROR)  # the paper formula's warning
-    print("| shape | AdamW ms | paper ms | default ms | paper / AdamW | default / AdamW | paper + check / paper "
-          "| default / paper |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(report.markdown_table([], COLUMNS)))  # the header; a row per shape as it is measured
     for p, q in SHAPES:
         grad = torch.randn(p, q)
         weights = {name: torch.nn.Parameter(torch.randn(p, q)) for name in ("adamw", "paper", "checked", "default")}
@@ -64,11 +72,14 @@ def main(argv=None) -> None:
                 times[name].append(time.perf_counter() - start)
 
         def ratio(a: str, b: str) -> float:
-            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+            return paired_ratio(times[a], times[b])
 
         ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-        print(f"| {p}x{q} | {ms['adamw']:.2f} | {ms['paper']:.2f} | {ms['default']:.2f} | {ratio('paper', 'adamw'):.2f} "
-              f"| {ratio('default', 'adamw'):.2f} | {ratio('checked', 'paper'):.3f} | {ratio('default', 'paper'):.3f} |")
+        row = {"shape": f"{p}x{q}", "adamw": f"{ms['adamw']:.2f}", "paper": f"{ms['paper']:.2f}",
+               "default": f"{ms['default']:.2f}", "paper_vs_adamw": f"{ratio('paper', 'adamw'):.2f}",
+               "default_vs_adamw": f"{ratio('default', 'adamw'):.2f}",
+               "check_cost": f"{ratio('checked', 'paper'):.3f}", "default_vs_paper": f"{ratio('default', 'paper'):.3f}"}
+        print(report.markdown_table([row], COLUMNS)[-1], flush=True)
 
 
 if __name__ == "__main__":

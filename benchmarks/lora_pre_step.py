@@ -22,11 +22,7 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import functools
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +35,10 @@ import torch
 from lit_lowrank.optim import LoRAPreAdamW
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name, galore_available, time_interleaved, version  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+from sweep import galore_available  # noqa: E402
+from timing import time_interleaved  # noqa: E402
 
 PROFILE_CATEGORIES = {
     "p x q x r products (addmm)": ("aten::addmm", "aten::addmm_"),
@@ -82,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="also profile LoRA-Pre's step")
     parser.add_argument("--smoke", action="store_true", help="one small shape, two repeats: checks that it runs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for CSV + md")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for CSV + md")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shapes, args.ranks, args.repeats, args.warmup, args.wait_idle = ["64x96"], [4], 2, 0.0, 0.0
@@ -194,63 +193,46 @@ def profile_lora_pre(shape: tuple[int, int], rank: int, steps: int = 10) -> list
     ]
 
 
-def write_results(args, rows, profile_rows, seconds, load) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+def write_results(args, env: dict, rows: list[dict], profile_rows: list[dict]) -> None:
     fields = ["shape", "method", "median_ms", "min_ms", "median_ratio_to_adamw", "repeats", "disturbed_repeats", "note"]
-    with open(args.out / "lora_pre_step.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    command = (
-        "python benchmarks/lora_pre_step.py"
-        + (" --profile" if args.profile else "")
-        + (" --smoke" if args.smoke else "")
-    )
-    lines = [
-        "# LoRA-Pre Adam optimizer step on CPU",
-        "",
+    # cells as the values print (str), not rounded again by the table
+    table = [{**{k: str(v) for k, v in row.items()}, "used": f"{row['repeats']} ({row['disturbed_repeats']})"}
+             for row in rows]
+    body = [
         (
-            f"`{command}`; {datetime.date.today().isoformat()}, {cpu_name()}, {args.threads} threads, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, galore-torch {version('galore-torch')}; "
-            f"{args.repeats} repeats, methods interleaved, warm-up {args.warmup:.0f} s; {seconds:.0f} s; "
-            f"load average before / after: {load[0]} / {load[1]}. A shared machine: each repeat first waits (up to "
-            f"{args.wait_idle:.0f} s) for the CPUs to be >= 90% idle, and a repeat during which other processes "
-            "took more than 5% of the CPU time is 'disturbed' and left out (unless fewer than 10 are clean)."
+            f"{args.repeats} repeats, methods interleaved, warm-up {args.warmup:.0f} s. A shared machine: each repeat "
+            f"first waits (up to {args.wait_idle:.0f} s) for the CPUs to be >= 90% idle, and a repeat during which "
+            "other processes took more than 5% of the CPU time is 'disturbed' and left out (unless fewer than 10 are "
+            "clean)."
         ),
         "",
         f"GaLore is amortised over its {args.period}-step projection period, SVD step included.",
         "",
-        "| shape | method | median ms | min ms | median ratio to AdamW (foreach) | repeats used (disturbed) | note |",
-        "|---|---|---|---|---|---|---|",
+        *report.markdown_table(table, [
+            ("shape", "shape"), ("method", "method"), ("median_ms", "median ms"), ("min_ms", "min ms"),
+            ("median_ratio_to_adamw", "median ratio to AdamW (foreach)"), ("used", "repeats used (disturbed)"),
+            ("note", "note")]),
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['shape']} | {row['method']} | {row['median_ms']} | {row['min_ms']} | "
-            f"{row['median_ratio_to_adamw']} | {row['repeats']} ({row['disturbed_repeats']}) | {row.get('note', '')} |"
-        )
+    csvs = {"lora_pre_step.csv": rows}
     if profile_rows:
-        with open(args.out / "lora_pre_step_profile.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(profile_rows[0]))
-            writer.writeheader()
-            writer.writerows(profile_rows)
-        lines += [
+        csvs["lora_pre_step_profile.csv"] = profile_rows
+        shares = [{**{k: str(v) for k, v in r.items()}, "share": f"{r['share']:.0%}"} for r in profile_rows]
+        body += [
             "",
             "## Where a LoRA-Pre step's time goes (torch.profiler, self CPU time per step)",
             "",
-            "| shape | rank | category | ms / step | share of wall time |",
-            "|---|---|---|---|---|",
+            *report.markdown_table(shares, [
+                ("shape", "shape"), ("rank", "rank"), ("category", "category"), ("ms_per_step", "ms / step"),
+                ("share", "share of wall time")]),
         ]
-        lines += [
-            f"| {r['shape']} | {r['rank']} | {r['category']} | {r['ms_per_step']} | {r['share']:.0%} |"
-            for r in profile_rows
-        ]
-    (args.out / "lora_pre_step.md").write_text("\n".join(lines) + "\n")
+    report.write_result(args.out, "lora_pre_step", "LoRA-Pre Adam optimizer step on CPU", env, [*body, ""], csvs,
+                        {"lora_pre_step.csv": fields}, smoke=args.smoke)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = tuple(round(x, 2) for x in os.getloadavg())
+    env = environment.environment(environment.command_line(__file__, argv), args.threads)
     start = time.perf_counter()
     rows, profile_rows = [], []
     for shape in args.shapes:
@@ -260,8 +242,9 @@ def main(argv=None) -> list[dict]:
             rows.append({**row, "disturbed_repeats": args.repeats - sum(clean)})
         if args.profile:
             profile_rows += [row for rank in args.ranks for row in profile_lora_pre(shape, rank)]
-    load_after = tuple(round(x, 2) for x in os.getloadavg())
-    write_results(args, rows, profile_rows, time.perf_counter() - start, (load_before, load_after))
+    env["load average at end"] = environment.load_average()
+    env["duration"] = f"{time.perf_counter() - start:.0f} s"
+    write_results(args, env, rows, profile_rows)
     for row in rows + profile_rows:
         print(row)
     return rows

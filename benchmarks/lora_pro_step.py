@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +33,9 @@ from lit_lowrank.adapters import lora_modules
 from lit_lowrank.optim import LoRAPro, apply_lora_pro_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import paired_ratio  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+from timing import paired_ratio  # noqa: E402
 
 STEP_METHODS = ("lora_adamw", "lora_pro_efficient", "lora_pro_full")
 
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the CSV and markdown")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for the CSV and markdown")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.heads, args.vocab = 2, 32, 64, 4, 128
@@ -179,51 +178,49 @@ def bench_solver(args: argparse.Namespace, r: int, n_layers: int) -> list[dict]:
     ]
 
 
-def write_results(args: argparse.Namespace, rows: list[dict], seconds: float) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+def write_results(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
     fields = ["section", "r", "layers", "method", "median_ms", "min_ms", "optimizer_ms", "ratio"]
-    with open(args.out / "lora_pro_step.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",)
-    lines = [
-        "# LoRA-Pro step benchmark",
-        "",
-        f"`python benchmarks/lora_pro_step.py{' --smoke' if args.smoke else ''}` on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (median), methods interleaved; "
-        f"{seconds:.0f} s; load average at the end {tuple(round(x, 2) for x in load)}.",
+    # the CSV keeps 4 significant digits; the tables format each column themselves
+    csv_rows = [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+    steps = [{**row, "median_ms": f"{row['median_ms']:.1f}", "min_ms": f"{row['min_ms']:.1f}",
+              "optimizer_ms": f"{row['optimizer_ms']:.1f}", "ratio": f"{row['ratio']:.3f}"}
+             for row in rows if row["section"] == "step"]
+    solver = [{**row, "median_ms": f"{row['median_ms']:.2f}", "min_ms": f"{row['min_ms']:.2f}",
+               "ratio": f"{row['ratio']:.2f}"} for row in rows if row["section"] == "solver"]
+    body = [
+        f"{args.repeats} repeats (median), methods interleaved.",
         "",
         f"## Training step: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
         f"batch {args.batch} x {args.seq} tokens, LoRA on all linear layers",
         "",
-        "| r | method | step ms (median) | step ms (min) | optimizer ms (median) | step / plain LoRA (median of paired ratios) |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {row['r']} | {row['method']} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['optimizer_ms']:.1f} | {row['ratio']:.3f} |"
-              for row in rows if row["section"] == "step"]
-    lines += [
+        *report.markdown_table(steps, [
+            ("r", "r"), ("method", "method"), ("median_ms", "step ms (median)"), ("min_ms", "step ms (min)"),
+            ("optimizer_ms", "optimizer ms (median)"), ("ratio", "step / plain LoRA (median of paired ratios)")]),
         "",
         f"## Gradient rewrite of L adapted {args.hidden} x {args.hidden} layers (optimizer-side work only)",
         "",
-        "| r | layers | method | ms (median) | ms (min) | time / batched (median of paired ratios) |",
-        "|---|---|---|---|---|---|",
+        *report.markdown_table(solver, [
+            ("r", "r"), ("layers", "layers"), ("method", "method"), ("median_ms", "ms (median)"),
+            ("min_ms", "ms (min)"), ("ratio", "time / batched (median of paired ratios)")]),
+        "",
     ]
-    lines += [f"| {row['r']} | {row['layers']} | {row['method']} | {row['median_ms']:.2f} | {row['min_ms']:.2f} | {row['ratio']:.2f} |"
-              for row in rows if row["section"] == "solver"]
-    (args.out / "lora_pro_step.md").write_text("\n".join(lines) + "\n")
+    report.write_result(args.out, "lora_pro_step", "LoRA-Pro step benchmark", env, body,
+                        {"lora_pro_step.csv": csv_rows}, {"lora_pro_step.csv": fields}, smoke=args.smoke)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = environment.environment(environment.command_line(__file__, argv), args.threads)
     start = time.perf_counter()
     rows = []
     for r in args.ranks:
         rows += bench_steps(args, r)
         for n_layers in args.solver_layers:
             rows += bench_solver(args, r, n_layers)
-    write_results(args, rows, time.perf_counter() - start)
+    env["load average at end"] = environment.load_average()
+    env["duration"] = f"{time.perf_counter() - start:.0f} s"
+    write_results(args, env, rows)
     for row in rows:
         print(f"{row['section']:6s} r={row['r']:<3d} L={row['layers']:<3d} {row['method']:20s} "
               f"{row['median_ms']:9.2f} ms  optimizer {row['optimizer_ms']:8.2f} ms  ratio {row['ratio']:.3f}")

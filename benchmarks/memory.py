@@ -8,15 +8,33 @@ for Llama-60M..1B shapes.
    those steps, GaLore's and APOLLO's projection matrices included), parameter and gradient bytes, and peak memory:
    ``ru_maxrss`` on CPU (the whole process: interpreter, libraries, data, model, activations, state), also shown
    above the process's resident size right after the imports; on CUDA ``torch.cuda.max_memory_allocated``.
-2. ``llama``: the optimizer-state table of ``lora_pre_memory.py`` (AdamW, GaLore, LoRA-Pre Adam / Muon on GaLore's
-   Llama-60M / 130M / 350M / 1B, meta device, exact bytes checked against the formulas), extended with LoRA r=8 on
-   all linear layers of the blocks: plain LoRA + AdamW, LoRA-Pro efficient (both 2 (m + n) r per adapted layer)
-   and LoRA-Pro full (2 m n per adapted layer: fp32 Adam moments of the m x n equivalent gradient, i.e. the
-   same as full fine-tuning's AdamW for those matrices).
+2. ``llama``: optimizer state of GaLore's Llama configurations (60M / 130M / 350M / 1B: hidden 512 / 768 / 1024 /
+   2048, MLP 1376 / 2048 / 2736 / 5461, 8 / 12 / 24 / 24 layers, 8 / 12 / 16 / 32 heads, vocabulary 32000, untied
+   head), built on the meta device: parameters have shapes but no storage. AdamW, GaLore (its paper's ranks 128 /
+   256 / 256 / 512), LoRA-Pre Adam and LoRA-Pre Muon (``--ranks``, default 16 and 128) are built on the same split
+   (``lowrank_param_groups``: the 7 projection matrices of each block low-rank, embeddings / head / norms AdamW),
+   every parameter gets a meta gradient, and one real ``optimizer.step()`` runs on the meta device. The bytes are
+   then read from the optimizer's own state (``nbytes`` of the state tensors; GaLore keeps its projection matrix
+   inside a projector object in the state, which is counted too; torch.optim.AdamW's 4-byte ``step`` scalars are
+   left out) and compared with the formulas, per p x q matrix of the low-rank group:
 
-    python benchmarks/memory.py                 # a few minutes on 2 CPU cores
-    python benchmarks/memory.py --sections llama
+       AdamW 2 p q    GaLore r min(p, q) + 2 r max(p, q)    LoRA-Pre Adam 2 (p + q) r    LoRA-Pre Muon (p + q) r
+
+   (float32 elements), plus 2 p q for every other tensor (AdamW moments in all four). Then LoRA r=8 on all linear
+   layers of the blocks: plain LoRA + AdamW, LoRA-Pro efficient (both 2 (m + n) r per adapted layer) and LoRA-Pro
+   full (2 m n per adapted layer: fp32 Adam moments of the m x n equivalent gradient, i.e. the same as full
+   fine-tuning's AdamW for those matrices). The script exits 1 when a measured state differs from its formula.
+
+Results, under ``--out`` (default ``benchmarks/results/``), all from one invocation:
+
+    python benchmarks/memory.py                 # memory.md (both sections), memory_runs.csv, memory.png and
+                                                # memory_llama.csv: about 12 min on 2 CPU cores
+    python benchmarks/memory.py --sections llama --out /tmp/llama   # the Llama table alone (a minute or two)
     python benchmarks/memory.py --smoke --out /tmp/bench
+
+``--sections`` writes the sections named only, and ``memory.md`` with only them: rebuild the results folder with
+both. The Llama table's AdamW, GaLore and LoRA-Pre rows were ``lora_pre_memory.py``'s table
+(``lora_pre_memory.csv`` / ``.md``) before that script became this section.
 """
 
 from __future__ import annotations
@@ -29,12 +47,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+import sweep  # noqa: E402
 
 NAME = "memory"
 MiB = 2**20
 LORA_RANK = 8
 LORA_METHODS = ("LoRA + AdamW", "LoRA-Pro efficient", "LoRA-Pro full")
+# GaLore's configs/llama_*.json: hidden, intermediate, layers, heads; vocabulary 32000.
+LLAMA_CONFIGS = {
+    "60M": (512, 1376, 8, 8),
+    "130M": (768, 2048, 12, 12),
+    "350M": (1024, 2736, 24, 16),
+    "1B": (2048, 5461, 24, 32),
+}
+GALORE_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512}  # GaLore paper, pre-training table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,14 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="training steps per measured run")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak = torch.cuda.max_memory_allocated)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each run")
-    parser.add_argument("--models", nargs="+", default=["60M", "130M", "350M", "1B"], help="Llama shapes")
-    parser.add_argument("--smoke", action="store_true", help="smoke sizes, one step, in-process, 60M only")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder for CSV, markdown and PNG")
+    parser.add_argument("--models", nargs="+", default=list(LLAMA_CONFIGS), choices=list(LLAMA_CONFIGS),
+                        help="Llama shapes")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 128], help="LoRA-Pre ranks of the Llama table")
+    parser.add_argument("--smoke", action="store_true",
+                        help="smoke sizes, one step, in-process; Llama 60M only, LoRA-Pre rank 16")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for CSV, markdown and PNG")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.models = 1, ["60M"]
+        args.steps, args.models, args.ranks = 1, ["60M"], [16]
     return args
 
 
@@ -82,7 +113,7 @@ def measure_one(spec: dict) -> dict:
             except ImportError:
                 pass
     transformers.LlamaForCausalLM, transformers.BertForSequenceClassification  # noqa: B018 - resolve lazy imports
-    rss_imports = common.peak_rss_mib()
+    rss_imports = environment.peak_rss_mib()
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     smoke, method = spec["smoke"], spec["method"]
@@ -110,7 +141,7 @@ def measure_one(spec: dict) -> dict:
             return model(**batch).loss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_built = common.peak_rss_mib()
+    rss_built = environment.peak_rss_mib()
     loader = iter(dm.train_dataloader())
     for _ in range(spec["steps"]):
         batch = {k: v.to(device) for k, v in next(loader).items()}
@@ -127,10 +158,10 @@ def measure_one(spec: dict) -> dict:
         "trainable_MiB": sum(p.nbytes for p in trainable) / MiB,
         "state_MiB": state_bytes(optimizer) / MiB,
         "state_vs_trainable": state_bytes(optimizer) / max(1, sum(p.nbytes for p in trainable)),
-        "peak_rss_MiB": common.peak_rss_mib(),
+        "peak_rss_MiB": environment.peak_rss_mib(),
         "rss_after_imports_MiB": rss_imports,
         "rss_after_build_MiB": rss_built,
-        "peak_above_imports_MiB": common.peak_rss_mib() - rss_imports,
+        "peak_above_imports_MiB": environment.peak_rss_mib() - rss_imports,
         "cuda_peak_MiB": torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else None,
         "steps": spec["steps"],
         "device": spec["device"],
@@ -148,7 +179,7 @@ def measure_runs(args) -> list[dict]:
                 row = measure_one(spec)
             else:
                 scratch = args.out / f".{NAME}_{setting}_{method}.json"
-                row = common.run_worker(script, spec, scratch)
+                row = sweep.run_worker(script, spec, scratch)
                 scratch.unlink(missing_ok=True)
                 if "error" in row:
                     raise RuntimeError(f"{setting} {method}: {row['error']}")
@@ -166,16 +197,123 @@ def measure_runs(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ 2. Llama shapes
+def meta_llama(name: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, intermediate, layers, heads = LLAMA_CONFIGS[name]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    for param in model.parameters():
+        param.grad = torch.empty_like(param)
+    return model
+
+
+def formula_bytes(method: str, groups: list[dict], rank: int) -> tuple[int, int]:
+    """(low-rank group, other tensors) state bytes by the formulas, float32."""
+    lowrank = sum(
+        {
+            "AdamW": lambda p, q: 2 * p * q,
+            "GaLore": lambda p, q: rank * min(p, q) + 2 * rank * max(p, q),
+            "LoRA-Pre Adam": lambda p, q: 2 * (p + q) * rank,
+            "LoRA-Pre Muon": lambda p, q: (p + q) * rank,
+        }[method](*param.shape)
+        for param in groups[0]["params"]
+    )
+    others = sum(2 * param.numel() for param in groups[1]["params"])
+    return 4 * lowrank, 4 * others
+
+
+def measured_bytes(optimizer, groups: list[dict]) -> tuple[int, int]:
+    """(low-rank group, other tensors) bytes of the optimizer's state tensors after its step."""
+    import torch
+
+    def state_tensors(param):
+        for key, value in optimizer.state[param].items():
+            if key == "projector":  # GaLore's projection matrix lives in this object
+                yield value.ortho_matrix
+            elif isinstance(value, torch.Tensor) and key != "step":
+                yield value
+
+    return tuple(sum(t.nbytes for p in group["params"] for t in state_tensors(p)) for group in groups)
+
+
+def llama_optimizer(method: str, model, rank: int, galore_rank: int):
+    """The optimizer of ``method`` on ``lowrank_param_groups(model)``, and those groups."""
+    import torch
+
+    from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups
+
+    groups = lowrank_param_groups(model, rank=rank)
+    if method == "AdamW":
+        return torch.optim.AdamW([{"params": g["params"]} for g in groups], foreach=False), groups
+    if method == "GaLore":
+        from galore_torch import GaLoreAdamW
+
+        galore_groups = [
+            {
+                "params": groups[0]["params"],
+                "rank": galore_rank,
+                "update_proj_gap": 200,
+                "scale": 0.25,
+                "proj_type": "std",
+            },
+            {"params": groups[1]["params"]},
+        ]
+        return GaLoreAdamW(galore_groups, no_deprecation_warning=True), groups
+    optimizer_class = LoRAPreAdamW if method == "LoRA-Pre Adam" else LoRAPreMuon
+    return optimizer_class(groups, rank=rank), groups
+
+
+def optimizer_rows(model_name: str, ranks: list[int]) -> list[dict]:
+    """AdamW, GaLore (where installed) and LoRA-Pre Adam / Muon at each of ``ranks`` on one Llama shape."""
+    model = meta_llama(model_name)
+    methods = [("AdamW", None)] + ([("GaLore", None)] if sweep.galore_available() else [])
+    methods += [(name, rank) for rank in ranks for name in ("LoRA-Pre Adam", "LoRA-Pre Muon")]
+    rows, adamw = [], None
+    for method, rank in methods:
+        rank = GALORE_RANKS[model_name] if method == "GaLore" else rank
+        optimizer, groups = llama_optimizer(method, model, rank or 16, GALORE_RANKS[model_name])
+        optimizer.step()
+        measured, expected = measured_bytes(optimizer, groups), formula_bytes(method, groups, rank or 0)
+        adamw = adamw or measured
+        rows.append(
+            {
+                "model": model_name,
+                "method": method,
+                "rank": rank or "",
+                "lowrank_matrices": len(groups[0]["params"]),
+                "lowrank_state_MiB": round(measured[0] / MiB, 2),
+                "other_state_MiB": round(measured[1] / MiB, 2),
+                "total_MiB": round(sum(measured) / MiB, 2),
+                "formula_total_MiB": round(sum(expected) / MiB, 2),
+                "matches_formula": measured == expected,
+                "total_vs_AdamW": round(sum(measured) / sum(adamw), 3),
+                "lowrank_vs_AdamW": round(measured[0] / adamw[0], 4),
+            }
+        )
+    return rows
+
+
 def lora_rows(model_name: str, adamw_bytes: tuple[int, int]) -> list[dict]:
     """LoRA r=8 on every linear layer of the blocks (meta device): state after one real ``step()``."""
-    import lora_pre_memory
     import torch
 
     from lit_lowrank import LoRAConfig, inject_lora
     from lit_lowrank.adapters import lora_modules
     from lit_lowrank.optim import LoRAPro
 
-    model = lora_pre_memory.meta_llama(model_name)
+    model = meta_llama(model_name)
     for param in model.parameters():
         param.grad = None
     with torch.device("meta"):
@@ -214,15 +352,12 @@ def lora_rows(model_name: str, adamw_bytes: tuple[int, int]) -> list[dict]:
 
 
 def llama_table(args) -> list[dict]:
-    import lora_pre_memory
-
-    base = lora_pre_memory.parse_args(["--models", *args.models] + (["--smoke"] if args.smoke else []))
-    rows = lora_pre_memory.run(base)
+    rows = []
     for model_name in args.models:
+        rows += optimizer_rows(model_name, args.ranks)
         adamw = next(r for r in rows if r["model"] == model_name and r["method"] == "AdamW")
         adamw_bytes = (round(adamw["lowrank_state_MiB"] * MiB), round(adamw["other_state_MiB"] * MiB))
-        position = max(i for i, r in enumerate(rows) if r["model"] == model_name) + 1
-        rows[position:position] = lora_rows(model_name, adamw_bytes)
+        rows += lora_rows(model_name, adamw_bytes)
     return rows
 
 
@@ -258,13 +393,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_report(args, env: dict, run_rows: list[dict], llama_rows: list[dict]) -> None:
     import pretrain_quality
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    if run_rows:
-        common.write_csv(args.out / f"{NAME}_runs.csv", run_rows)
-        plot(run_rows, args.out / f"{NAME}.png")
-    if llama_rows:
-        common.write_csv(args.out / f"{NAME}_llama.csv", llama_rows)
-    lines = ["# Memory: optimizer state and peak memory per method", "", *common.environment_lines(env), ""]
+    lines = []
     if run_rows:
         columns = [("label", "method"), ("trainable_MiB", "trainable params MiB"), ("state_MiB", "optimizer state MiB"),
                    ("state_vs_baseline", "state / baseline's"), ("peak_rss_MiB", "peak RSS MiB"),
@@ -286,11 +415,11 @@ def write_report(args, env: dict, run_rows: list[dict], llama_rows: list[dict]) 
             f"### Pre-training ({pretrain_quality.model_name()}, batch {pretrain_quality.BATCH} x "
             f"{pretrain_quality.BLOCK} bytes)",
             "",
-            *common.markdown_table([r for r in run_rows if r["setting"] == "pretrain"], columns, digits=4),
+            *report.markdown_table([r for r in run_rows if r["setting"] == "pretrain"], columns, digits=4),
             "",
             "### Fine-tuning (all-MiniLM-L6-v2, batch 32 x <= 64)",
             "",
-            *common.markdown_table([r for r in run_rows if r["setting"] == "finetune"], columns, digits=4),
+            *report.markdown_table([r for r in run_rows if r["setting"] == "finetune"], columns, digits=4),
             "",
             f"![memory per method]({NAME}.png)",
             "",
@@ -308,22 +437,27 @@ def write_report(args, env: dict, run_rows: list[dict], llama_rows: list[dict]) 
             "Adam moments of the m x n equivalent gradient), exactly AdamW's state for those matrices. 'low-rank state "
             "/ AdamW's' compares the state of the block matrices only, the like-for-like column across both settings.",
             "",
-            *common.markdown_table(llama_rows, [
+            *report.markdown_table(llama_rows, [
                 ("model", "model"), ("method", "method"), ("rank", "rank"), ("lowrank_matrices", "matrices"),
                 ("lowrank_state_MiB", "low-rank state MiB"), ("other_state_MiB", "other state MiB"),
                 ("total_MiB", "total MiB"), ("formula_total_MiB", "formula MiB"), ("matches_formula", "matches"),
                 ("total_vs_AdamW", "total / AdamW"), ("lowrank_vs_AdamW", "low-rank state / AdamW's")], digits=6),
             "",
         ]
-    common.write_markdown(args.out, NAME, lines, args.smoke)
+    csvs = {f"{NAME}_runs.csv": run_rows} if run_rows else {}
+    csvs.update({f"{NAME}_llama.csv": llama_rows} if llama_rows else {})
+    report.write_result(args.out, NAME, "Memory: optimizer state and peak memory per method", env, lines, csvs,
+                        smoke=args.smoke)
+    if run_rows:
+        plot(run_rows, args.out / f"{NAME}.png")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        common.write_json(args.result, measure_one(json.loads(args.worker)))
+        sweep.write_json(args.result, measure_one(json.loads(args.worker)))
         return {}
-    env = common.environment(common.command_line(__file__, argv), args.threads)
+    env = environment.environment(environment.command_line(__file__, argv), args.threads)
     started = time.perf_counter()
     run_rows = measure_runs(args) if "runs" in args.sections else []
     llama_rows = llama_table(args) if "llama" in args.sections else []

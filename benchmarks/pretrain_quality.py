@@ -53,7 +53,7 @@ time about 65-75 min (longer on a loaded machine).
     python benchmarks/pretrain_quality.py --report-only   # report from benchmarks/results/pretrain_quality_runs
     python benchmarks/pretrain_quality.py --smoke --out /tmp/bench   # seconds: tiny model, in-process
 
-Where the sweep driver (common.py) has no ``--workers``, two invocations with disjoint method lists (balanced by
+Where the sweep driver (sweep.py) has no ``--workers``, two invocations with disjoint method lists (balanced by
 run time) use the two cores, then one report covers all their runs:
 
     R=benchmarks/results/pretrain_quality_runs
@@ -80,7 +80,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+import stats  # noqa: E402
+import sweep  # noqa: E402
 
 NAME = "pretrain_quality"
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -178,7 +181,7 @@ def label(method: str, rank: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_sweep_arguments(parser, NAME, GRIDS)
+    sweep.add_sweep_arguments(parser, NAME, GRIDS)
     # Packages that are missing leave their rows out. One thread per run and two runs at once use two cores
     # without oversubscribing them (``workers`` is read by sweep drivers that have a --workers option).
     parser.set_defaults(methods=default_methods(), threads=1, workers=2)
@@ -429,19 +432,19 @@ def train(spec: dict, dm, model, optimizer) -> tuple[list[dict], list[float], bo
         if not math.isfinite(window[-1]):
             return curve, step_times, True
         if step % spec["eval_every"] == 0 or step == spec["steps"]:
-            curve.append({"step": step, "val_loss": evaluate(model, val), "train_loss": common.mean(window)})
+            curve.append({"step": step, "val_loss": evaluate(model, val), "train_loss": stats.mean(window)})
             window = []
     return curve, step_times, not math.isfinite(curve[-1]["val_loss"])
 
 
 def run_one(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    started_at, started, cpu_started = time.time(), time.perf_counter(), common.cpu_seconds()
+    started_at, started, cpu_started = time.time(), time.perf_counter(), environment.cpu_seconds()
     dm = data_module(spec["smoke"], spec["seed"])
     dm.setup("fit")
     model = build_model(spec["smoke"], spec["seed"])
     optimizer = make_optimizer(spec["method"], model, spec["lr"], spec["rank"], spec["scale"], spec["galore_gap"])
-    rss_before = common.peak_rss_mib()
+    rss_before = environment.peak_rss_mib()
     curve, step_times, diverged = train(spec, dm, model, optimizer)
     final = float("inf") if diverged else curve[-1]["val_loss"]
     return {
@@ -453,15 +456,15 @@ def run_one(spec: dict) -> dict:
         "diverged": diverged,
         "curve": curve,
         "state_bytes": optimizer_state_bytes(optimizer),
-        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_mib": environment.peak_rss_mib(),
         "rss_before_training_mib": rss_before,
         "step_ms_median": 1e3 * statistics.median(step_times),
         "wall_s": time.perf_counter() - started,
-        "cpu_s": common.cpu_seconds() - cpu_started,
+        "cpu_s": environment.cpu_seconds() - cpu_started,
         "started_at": started_at,
         "finished_at": time.time(),
         "threads": spec["threads"],
-        "versions": {name: common.version(name) for name in ("torch", "galore-torch", "apollo-torch", "adam-mini")},
+        "versions": {name: environment.version(name) for name in ("torch", "galore-torch", "apollo-torch", "adam-mini")},
         "train_blocks": int(dm.train_blocks.shape[0]),
         "val_blocks": int(dm.val_blocks.shape[0]),
         "val_blocks_evaluated": int(validation_blocks(dm.val_blocks).shape[0]),
@@ -485,12 +488,12 @@ def describe(result: dict) -> str:
 def runner(args):
     base = dict(steps=args.steps, warmup=args.warmup, eval_every=args.eval_every, rank=args.rank, scale=args.scale,
                 galore_gap=args.galore_gap, threads=args.threads, smoke=args.smoke)
-    return common.make_runner(Path(__file__).resolve(), args.runs, base, run_one, describe, args.in_process,
-                              args.wait_load)
+    return sweep.make_runner(Path(__file__).resolve(), args.runs, base, run_one, describe, args.in_process,
+                             args.wait_load)
 
 
 def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
-    chosen = common.choose(runs, score, args.seeds[0])
+    chosen = sweep.choose(runs, score, args.seeds[0])
     summary = []
     for method in [m for m in args.methods if m in chosen]:
         lr = chosen[method]
@@ -503,16 +506,16 @@ def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
             "key": method,
             "lr": lr,
             "seeds": len(final),
-            "val_loss_mean": common.mean(losses),
-            "val_loss_std": common.std(losses),
-            "val_bpb_mean": common.mean(losses) / math.log(2),
-            "val_ppl_mean": common.mean([math.exp(min(x, 50)) for x in losses]),
+            "val_loss_mean": stats.mean(losses),
+            "val_loss_std": stats.std(losses),
+            "val_bpb_mean": stats.mean(losses) / math.log(2),
+            "val_ppl_mean": stats.mean([math.exp(min(x, 50)) for x in losses]),
             "val_bpb_per_seed": " / ".join(f"{x / math.log(2):.4f}" for x in losses),
             "lr_grid": ", ".join(f"{g:g}: {v:.3f}" for g, v in grid),
             "state_MiB": final[0].get("state_bytes", 0) / 2**20 if final else None,
-            "peak_rss_MiB": common.mean([r["peak_rss_mib"] for r in final if "peak_rss_mib" in r]),
-            "step_ms": common.mean([r["step_ms_median"] for r in final if "step_ms_median" in r]),
-            "run_s": common.mean([r["wall_s"] for r in final if "wall_s" in r]),
+            "peak_rss_MiB": stats.mean([r["peak_rss_mib"] for r in final if "peak_rss_mib" in r]),
+            "step_ms": stats.mean([r["step_ms_median"] for r in final if "step_ms_median" in r]),
+            "run_s": stats.mean([r["wall_s"] for r in final if "wall_s" in r]),
         })
     rows = [{k: v for k, v in run.items() if k != "curve"} for run in runs]
     return summary, rows, chosen
@@ -535,7 +538,7 @@ def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
         lengths = {len(r["curve"]) for r in chosen_runs}
         if chosen_runs and len(lengths) == 1:
             steps = [p["step"] for p in chosen_runs[0]["curve"]]
-            mean_loss = [common.mean([r["curve"][i]["val_loss"] for r in chosen_runs]) for i in range(len(steps))]
+            mean_loss = [stats.mean([r["curve"][i]["val_loss"] for r in chosen_runs]) for i in range(len(steps))]
             curves.plot(steps, [v / math.log(2) for v in mean_loss], color=color, linewidth=2,
                         label=f"{label(method, args.rank)} (lr {chosen[method]:g}, {len(chosen_runs)} seeds)")
         sweep_runs = sorted((r["lr"], r["final_val_loss"]) for r in runs if r["method"] == method and r["seed"] == args.seeds[0])
@@ -653,22 +656,8 @@ def missing_lines(args, runs: list[dict]) -> list[str]:
 
 def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> list[dict]:
     summary, rows, chosen = summarise(args, runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(args.out / f"{NAME}.csv", rows,
-                     ["method", "label", "lr", "seed", "steps", "warmup", "rank", "final_val_loss", "final_val_bpb",
-                      "final_val_ppl", "diverged", "state_bytes", "peak_rss_mib", "rss_before_training_mib",
-                      "step_ms_median", "wall_s", "cpu_s", "threads", "load_average_at_start", "error"])
-    common.write_csv(args.out / f"{NAME}_curves.csv",
-                     [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **point}
-                      for r in runs for point in r.get("curve", [])])
-    plot(args, runs, chosen, args.out / f"{NAME}.png")
     first = next((r for r in runs if "train_blocks" in r), {})
-    lines = [
-        "# Pre-training quality: byte-level Llama on the Python standard library's source",
-        "",
-        *common.environment_lines(env),
-        timing_line(runs, seconds),
-        "",
+    body = [
         "## Setup",
         "",
         *model_and_data_lines(args, first),
@@ -679,7 +668,7 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
         "",
         "## Results",
         "",
-        *common.markdown_table(summary, [
+        *report.markdown_table(summary, [
             ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"), ("val_loss_mean", "val loss (mean)"),
             ("val_loss_std", "std"), ("val_bpb_mean", "bits/byte (mean)"),
             ("val_bpb_per_seed", "bits/byte per seed"), ("val_ppl_mean", "val ppl (mean)"),
@@ -694,15 +683,24 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
         "`train_step_speed.md` has the controlled timing.",
         "",
     ]
-    common.write_markdown(args.out, NAME, lines, args.smoke)
+    csvs = {f"{NAME}.csv": rows,
+            f"{NAME}_curves.csv": [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **point}
+                                   for r in runs for point in r.get("curve", [])]}
+    columns = {f"{NAME}.csv": ["method", "label", "lr", "seed", "steps", "warmup", "rank", "final_val_loss",
+                               "final_val_bpb", "final_val_ppl", "diverged", "state_bytes", "peak_rss_mib",
+                               "rss_before_training_mib", "step_ms_median", "wall_s", "cpu_s", "threads",
+                               "load_average_at_start", "error"]}
+    report.write_result(args.out, NAME, "Pre-training quality: byte-level Llama on the Python standard library's "
+                        "source", env, body, csvs, columns, header=[timing_line(runs, seconds)], smoke=args.smoke)
+    plot(args, runs, chosen, args.out / f"{NAME}.png")
     return summary
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    return common.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
-                             lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val loss {row['val_loss_mean']:.4f} "
-                                         f"({row['val_bpb_mean']:.3f} bits/byte)")
+    return sweep.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
+                            lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val loss {row['val_loss_mean']:.4f} "
+                                        f"({row['val_bpb_mean']:.3f} bits/byte)")
 
 
 if __name__ == "__main__":

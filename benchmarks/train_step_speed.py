@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import environment  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
 
 NAME = "train_step_speed"
 GALORE_GAP = 50
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--smoke", action="store_true", help="smoke sizes, 2 repeats, no waiting")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder for CSV, markdown and PNG")
+    parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for CSV, markdown and PNG")
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup, args.wait_idle, args.wait_load = [2, 2], 1, 0.0, 0.0
@@ -126,8 +128,8 @@ def steppers_for(setting: str, args) -> tuple[dict, dict, str, dict]:
 
 def measure(setting: str, repeats: int, args) -> list[dict]:
     steppers, optimizer_times, baseline, labels = steppers_for(setting, args)
-    times, clean = common.time_interleaved(steppers, repeats, 0.0, args.wait_idle, warmup_repeats=args.warmup)
-    kept = common.clean_subset(times, clean)
+    times, clean = timing.time_interleaved(steppers, repeats, 0.0, args.wait_idle, warmup_repeats=args.warmup)
+    kept = timing.clean_subset(times, clean)
     optimizer_kept = {name: [t for t, k in zip(values[-repeats:], clean if sum(clean) >= 10 else [True] * repeats) if k]
                       for name, values in optimizer_times.items()}
     rows = []
@@ -139,7 +141,7 @@ def measure(setting: str, repeats: int, args) -> list[dict]:
             "median_ms": 1e3 * statistics.median(values),
             "min_ms": 1e3 * min(values),
             "optimizer_ms": 1e3 * statistics.median(optimizer_kept[name]),
-            "ratio": common.paired_ratio(values, kept[baseline]),
+            "ratio": timing.paired_ratio(values, kept[baseline]),
             "repeats_used": len(values),
             "disturbed_repeats": repeats - sum(clean),
         })
@@ -150,7 +152,7 @@ def measure(setting: str, repeats: int, args) -> list[dict]:
             "setting": setting, "method": "galore_amortised",
             "label": labels["galore"] + f" amortised (1 SVD step per {GALORE_GAP})",
             "median_ms": 1e3 * statistics.median(amortised), "min_ms": 1e3 * min(amortised), "optimizer_ms": None,
-            "ratio": common.paired_ratio(amortised, kept[baseline]), "repeats_used": len(amortised),
+            "ratio": timing.paired_ratio(amortised, kept[baseline]), "repeats_used": len(amortised),
             "disturbed_repeats": repeats - sum(clean),
         })
     return rows
@@ -183,17 +185,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(args, env: dict, rows: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(args.out / f"{NAME}.csv", rows)
-    plot(rows, args.out / f"{NAME}.png")
     columns = [("label", "method"), ("median_ms", "step ms (median)"), ("min_ms", "step ms (min)"),
                ("optimizer_ms", "optimizer.step ms (median)"), ("ratio", "step / baseline (median of paired ratios)"),
                ("repeats_used", "repeats used"), ("disturbed_repeats", "disturbed (left out)")]
-    lines = [
-        "# Training-step time per method",
-        "",
-        *common.environment_lines(env),
-        "",
+    body = [
         "Whole training step (zero_grad, forward, backward, `optimizer.step()`) on one fixed real batch, every "
         "method's model in the same process, methods interleaved within each repeat (order rotated), "
         f"{args.warmup} untimed rounds first. Ratios are medians over repeats of (method / baseline) within the same "
@@ -208,10 +203,12 @@ def write_report(args, env: dict, rows: list[dict]) -> None:
               "finetune": "## Fine-tuning: all-MiniLM-L6-v2, LoRA r=8 on query/key/value/dense, batch 32 x 64 "
                           "(baseline plain LoRA + AdamW)"}
     for setting in dict.fromkeys(r["setting"] for r in rows):
-        lines += [titles[setting], "", *common.markdown_table([r for r in rows if r["setting"] == setting], columns),
-                  ""]
-    lines += [f"![step time ratios]({NAME}.png)", ""]
-    common.write_markdown(args.out, NAME, lines, args.smoke)
+        body += [titles[setting], "", *report.markdown_table([r for r in rows if r["setting"] == setting], columns),
+                 ""]
+    body += [f"![step time ratios]({NAME}.png)", ""]
+    report.write_result(args.out, NAME, "Training-step time per method", env, body, {f"{NAME}.csv": rows},
+                        smoke=args.smoke)
+    plot(rows, args.out / f"{NAME}.png")
 
 
 def main(argv=None) -> list[dict]:
@@ -219,8 +216,8 @@ def main(argv=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.threads)
-    waited, load = common.wait_for_low_load(0.5, args.wait_load)
-    env = common.environment(common.command_line(__file__, argv), args.threads)
+    waited, load = timing.wait_for_low_load(0.5, args.wait_load)
+    env = environment.environment(environment.command_line(__file__, argv), args.threads)
     env["waited for load < 0.5"] = f"{waited:.0f} s (load then {load})"
     started = time.perf_counter()
     rows = []
@@ -230,7 +227,7 @@ def main(argv=None) -> list[dict]:
         for row in rows[-8:]:
             if row["setting"] == setting:
                 print(f"{setting:9s} {row['label']:60s} {row['median_ms']:8.1f} ms  ratio {row['ratio']:.3f}", flush=True)
-    env["load average at end"] = common.load_average()
+    env["load average at end"] = environment.load_average()
     env["duration"] = f"{time.perf_counter() - started:.0f} s"
     write_report(args, env, rows)
     return rows

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmark_scripts import BENCHMARKS, load_benchmark
+from benchmark_scripts import BENCHMARKS, HELPERS, load_benchmark
 
-SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "train_step_speed", "lora_pre_step", "lora_pro_step",
-           "lora_pre_memory"]
+SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "train_step_speed", "lora_pre_step", "lora_pro_step"]
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -69,6 +68,7 @@ def test_pretrain_quality_smoke(tmp_path):
     assert {int(point["step"]) for point in curves} == {0, 3, 6}
     table = (tmp_path / "pretrain_quality.md").read_text()
     assert "- command: `python benchmarks/pretrain_quality.py --smoke" in table and "torch" in table
+    assert "- CSV: `pretrain_quality.csv`, `pretrain_quality_curves.csv`" in table
     assert all(f"| {row['method']} |" in table for row in summary)
     assert (tmp_path / "pretrain_quality.png").stat().st_size > 0
     assert "in the block matrices" in table and "protocol wall time" in table
@@ -92,7 +92,7 @@ def test_finetune_quality_smoke(tmp_path):
     # rsLoRA and LoRA+ train the same adapters as LoRA
     assert by_method["rslora_adamw"]["trainable_params"] == by_method["loraplus_adamw"]["trainable_params"] \
         == by_method["lora_adamw"]["trainable_params"]
-    saved = module.common.read_json(tmp_path / "finetune_quality_runs" / "lora_adamw_lr1e-3_seed0.json")
+    saved = module.sweep.read_json(tmp_path / "finetune_quality_runs" / "lora_adamw_lr1e-3_seed0.json")
     assert len(saved["test_predictions"]) == len(saved["test_labels"]) == 6
     dm = module.data_module(True, 0)
     dm.setup("test")
@@ -172,10 +172,17 @@ def test_memory_smoke(tmp_path):
     llama = rows(tmp_path / "memory_llama.csv")
     assert {row["method"] for row in llama} >= {"AdamW", "LoRA-Pre Adam", "LoRA-Pro efficient", "LoRA-Pro full"}
     assert all(row["matches_formula"] == "True" for row in llama)
+    # the optimizer table (once lora_pre_memory.py's): AdamW, GaLore, LoRA-Pre Adam and Muon at --smoke's rank 16
+    optimizers = [row for row in llama if row["method"] not in module.LORA_METHODS]
+    assert len(optimizers) == (4 if galore() else 3) and all(row["model"] == "60M" for row in llama)
+    assert {row["rank"] for row in optimizers if row["method"].startswith("LoRA-Pre")} == {"16"}
     full = next(row for row in llama if row["method"] == "LoRA-Pro full")
     adamw = next(row for row in llama if row["method"] == "AdamW")
     assert full["lowrank_state_MiB"] == adamw["lowrank_state_MiB"]  # 2 m n per adapted layer, as AdamW's
-    assert (tmp_path / "memory.png").exists() and "## Llama-60M..1B" in (tmp_path / "memory.md").read_text()
+    report = (tmp_path / "memory.md").read_text()
+    assert (tmp_path / "memory.png").exists() and "## Llama-60M..1B" in report
+    assert "- command: `python benchmarks/memory.py --smoke" in report
+    assert "- CSV: `memory_runs.csv`, `memory_llama.csv`" in report
 
 
 def test_train_step_speed_smoke(tmp_path):
@@ -193,14 +200,9 @@ def test_lora_pre_step_smoke(tmp_path):
     measured = load("lora_pre_step").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
     methods = {row["method"] for row in rows(tmp_path / "lora_pre_step.csv")}
     assert methods == {"adamw_foreach", "lora_pre_r4"} | ({"galore_r4_amortised"} if galore() else set())
-    assert len(measured) == len(methods) and "| 64x96 |" in (tmp_path / "lora_pre_step.md").read_text()
-
-
-def test_lora_pre_memory_smoke(tmp_path):
-    measured = load("lora_pre_memory").main(["--smoke", "--out", str(tmp_path)])
-    written = rows(tmp_path / "lora_pre_memory.csv")
-    assert len(written) == len(measured) == (4 if galore() else 3)
-    assert all(row["matches_formula"] == "True" for row in written)
+    report = (tmp_path / "lora_pre_step.md").read_text()
+    assert len(measured) == len(methods) and "| 64x96 |" in report
+    assert "- command: `python benchmarks/lora_pre_step.py --smoke" in report and "- CSV: `lora_pre_step.csv`" in report
 
 
 def test_lora_pro_step_smoke(tmp_path):
@@ -211,11 +213,13 @@ def test_lora_pro_step_smoke(tmp_path):
     assert "lora_pro_full" in (tmp_path / "lora_pro_step.md").read_text()
 
 
-def test_scripts_do_not_leave_common_shadowed():
-    """The scripts import their helpers as the top-level module ``common``; it must be benchmarks/common.py."""
+def test_scripts_do_not_leave_their_helpers_shadowed():
+    """The scripts import their helpers as top-level modules (``environment``, ``timing``, ``stats``, ``report``,
+    ``sweep``); each must be the one in benchmarks/."""
     for name in SCRIPTS:
         load(name)
-    assert Path(sys.modules["common"].__file__).resolve() == BENCHMARKS / "common.py"
+    for helper in HELPERS:
+        assert Path(sys.modules[helper].__file__).resolve() == BENCHMARKS / f"{helper}.py"
 
 
 def test_lora_pre_bound_probe(tmp_path):

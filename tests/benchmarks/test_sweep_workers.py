@@ -1,4 +1,4 @@
-"""benchmarks/common.py's sweep driver: the protocol's order with one worker, its dependencies with several."""
+"""benchmarks/sweep.py's sweep driver: the protocol's order with one worker, its dependencies with several."""
 
 import threading
 import time
@@ -14,8 +14,8 @@ ERRORS = {"a": {1e-3: 0.5, 3e-3: 0.2, 1e-2: 0.4}, "b": {1e-4: 0.6, 3e-4: 0.5, 1e
 
 
 @pytest.fixture(scope="module")
-def common():
-    return load_benchmark("common")
+def sweep():
+    return load_benchmark("sweep")
 
 
 class Recorder:
@@ -40,9 +40,9 @@ def score(result):
     return result["error"]
 
 
-def test_one_worker_runs_grids_then_extensions_then_seeds(common):
+def test_one_worker_runs_grids_then_extensions_then_seeds(sweep):
     run = Recorder()
-    chosen = common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
+    chosen = sweep.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
     assert chosen == {"a": 3e-3, "b": 1e-3, "c": 3e-3}
     grids = [(m, lr, 0) for m, grid in GRIDS.items() for lr in grid]
     extensions = [("b", 3e-3, 0), ("c", 3e-3, 0), ("c", 9e-4, 0)]
@@ -50,11 +50,11 @@ def test_one_worker_runs_grids_then_extensions_then_seeds(common):
     assert run.starts() == grids + extensions + seeds
 
 
-def test_two_workers_keep_each_methods_choice_before_its_seeds(common):
+def test_two_workers_keep_each_methods_choice_before_its_seeds(sweep):
     run = Recorder(pause=0.02)
-    chosen = common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=2)
-    assert chosen == common.sweep(GRIDS, [0, 1, 2], Recorder(), score, extend=2, workers=1)
-    assert sorted(run.starts()) == sorted(Recorder.starts(_sequential(common)))
+    chosen = sweep.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=2)
+    assert chosen == sweep.sweep(GRIDS, [0, 1, 2], Recorder(), score, extend=2, workers=1)
+    assert sorted(run.starts()) == sorted(Recorder.starts(_sequential(sweep)))
     for method in GRIDS:
         last_first_seed_end = max(i for i, e in enumerate(run.events) if e[0] == "end" and e[1] == method and e[3] == 0)
         first_other_seed = min(i for i, e in enumerate(run.events) if e[0] == "start" and e[1] == method and e[3] > 0)
@@ -66,7 +66,7 @@ def test_two_workers_keep_each_methods_choice_before_its_seeds(common):
     assert most == 2  # runs overlapped, never more than the workers
 
 
-def _sequential(common):
+def _sequential(sweep):
     run = Recorder()
-    common.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
+    sweep.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
     return run
