@@ -4,7 +4,7 @@ package versions, git commit and command line that head every results file (``en
 
 The benchmark scripts (run as ``python benchmarks/<script>.py``, or loaded from their path by the tests) put their
 own folder first on ``sys.path`` and import this and the other helpers (``timing``, ``stats``, ``report``,
-``sweep``) as top-level modules.
+``sweep``, and ``step_timing``'s measurements ``step_cases``) as top-level modules.
 """
 
 from __future__ import annotations

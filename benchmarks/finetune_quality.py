@@ -101,7 +101,7 @@ COMPARISONS = [
 
 
 def cost_methods() -> list[str]:
-    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py): rsLoRA and LoRA+ cost
+    """The methods whose optimizer state or step differ (memory.py, step_timing.py training): rsLoRA and LoRA+ cost
     what LoRA costs."""
     return ["lora_adamw", "lora_pro_efficient", "lora_pro_full", "full_ft", "lora_pre_adam"]
 

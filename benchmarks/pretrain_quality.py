@@ -38,7 +38,7 @@ and the norms get AdamW inside each optimizer, except in Adam-mini):
                            Adam's two learning rates with full-rank moments)
 
 Learning rates: each method's log-spaced 3-point grid on seed 0 with the full step budget, chosen by final
-validation loss, one point added past an edge holding the best (``--extend 1``), then the chosen lr with seeds 1
+validation loss, up to two points added past an edge holding the best (``--extend 2``), then the chosen lr with seeds 1
 and 2: about 50 runs. Each (method, lr, seed) runs in its own single-threaded process (``--threads 1``); its JSON
 lands in ``--runs`` and is reused when present, so an interrupted sweep resumes, several invocations with
 disjoint ``--methods`` can share the folder, and ``--report-only`` rebuilds the CSV / markdown / PNG from the runs.
@@ -133,7 +133,7 @@ LORA_PRE_ADAM_OPTIONS = {
     "lora_pre_adam_paper": {"debias_second_moment": False, "update_bound": "none"},
     "lora_pre_adam_low_paper": {"debias_second_moment": False, "update_bound": "none"},
 }
-CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and train_step_speed.py
+CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and step_timing.py training
 #: The package (the ``bench`` extra) each third-party method imports; its rows are left out where it is missing.
 REQUIRES = {"galore": "galore_torch", "apollo": "apollo_torch", "apollo_mini": "apollo_torch",
             "adam_mini": "adam_mini"}
@@ -146,7 +146,7 @@ def installed(method: str) -> bool:
 
 
 def cost_methods(references: bool = False) -> list[str]:
-    """The methods whose optimizer state or step differ (memory.py, train_step_speed.py): the paper's rows and the
+    """The methods whose optimizer state or step differ (memory.py, step_timing.py training): the paper's rows and the
     paper formula's step (no floor), plus with ``references`` full-rank Muon, APOLLO, APOLLO-Mini and Adam-mini;
     the other LoRA-Pre Adam options cost what the default costs."""
     methods = PAPER_METHODS + ["lora_pre_adam_paper"] + (REFERENCE_METHODS if references else [])
@@ -183,8 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_sweep_arguments(parser, NAME, GRIDS)
     # Packages that are missing leave their rows out. One thread per run and two runs at once use two cores
-    # without oversubscribing them (``workers`` is read by sweep drivers that have a --workers option).
-    parser.set_defaults(methods=default_methods(), threads=1, workers=2)
+    # without oversubscribing them (``workers`` is read by sweep drivers that have a --workers option). Two grid
+    # points past an edge: with one, AdamW's best lr (9e-4) was still at the edge of its extended grid.
+    parser.set_defaults(methods=default_methods(), threads=1, workers=2, extend=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (of BATCH x BLOCK tokens)")
     parser.add_argument("--warmup", type=int,
                         help=f"linear warm-up steps (default: {WARMUP_SHARE * 100:g}%% of --steps)")

@@ -251,14 +251,14 @@ def environment_for_report(env: dict, runs_dir: Path, report_only: bool) -> dict
 
 
 def add_sweep_arguments(parser, name: str, grids: dict, seeds_help: str = "first: LR search; rest: repeats",
-                        workers: int = 1, threads: int = 2) -> None:
+                        workers: int = 1, threads: int = 2, extend: int = 1) -> None:
     """The options every learning-rate sweep script shares (methods, seeds, grid, execution, output);
-    ``workers`` and ``threads`` are the script's defaults for ``--workers`` and ``--threads``."""
+    ``workers``, ``threads`` and ``extend`` are the script's defaults for ``--workers``, ``--threads``, ``--extend``."""
     import argparse
 
     parser.add_argument("--methods", nargs="+", default=list(grids), choices=list(grids))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help=seeds_help)
-    parser.add_argument("--extend", type=int, default=1, help="grid points added past an edge holding the best lr")
+    parser.add_argument("--extend", type=int, default=extend, help="grid points added past an edge holding the best lr")
     parser.add_argument("--lrs", type=float, nargs="+", help="one grid for every method (overrides the defaults)")
     parser.add_argument("--threads", type=int, default=threads, help="torch.set_num_threads in each run")
     parser.add_argument("--workers", type=int, default=workers,

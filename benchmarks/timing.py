@@ -79,16 +79,21 @@ def time_interleaved(
     warmup: float,
     wait_idle: float,
     warmup_repeats: int = 0,
+    rotate: bool = True,
+    prepare: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, list[float]], list[bool]]:
-    """Per-method times, methods interleaved within each repeat (order rotated every repeat), and whether each
-    repeat was clean: other processes used less than 5% of the CPU time it spanned.
+    """Per-method times, methods interleaved within each repeat (order rotated every repeat unless ``rotate`` is
+    False), and whether each repeat was clean: other processes used less than 5% of the CPU time it spanned.
 
     Warm-up: ``warmup`` seconds and at least ``warmup_repeats`` untimed rounds over all methods. Each timed
-    repeat first waits up to ``wait_idle`` s for idle CPUs (0: never waits).
+    repeat first waits up to ``wait_idle`` s for idle CPUs (0: never waits). ``prepare``, when given, runs
+    untimed before every step (warm-up included), e.g. to restore inputs that a step rewrites in place.
     """
+    prepare = prepare or (lambda: None)
     end, rounds = time.perf_counter() + warmup, 0
     while rounds < warmup_repeats or time.perf_counter() < end:
         for step in steppers.values():
+            prepare()
             step()
         rounds += 1
     times: dict[str, list[float]] = defaultdict(list)
@@ -102,7 +107,9 @@ def time_interleaved(
             (busy0, ours0), start_all = busy_ticks(), time.perf_counter()
         except OSError:
             busy0 = None
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+        shift = repeat % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            prepare()
             start = time.perf_counter()
             steppers[name]()
             times[name].append(time.perf_counter() - start)

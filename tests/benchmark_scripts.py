@@ -5,7 +5,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 #: The helper modules the scripts import as top-level modules, with benchmarks/ first on sys.path.
-HELPERS = ("environment", "timing", "stats", "report", "sweep")
+HELPERS = ("environment", "timing", "stats", "report", "sweep", "step_cases")
 
 
 def load_benchmark(name: str):

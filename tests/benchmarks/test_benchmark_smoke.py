@@ -1,7 +1,8 @@
 """Every benchmark script runs end to end in --smoke mode (tiny sizes, seconds) and writes the files it promises.
 
 The scripts are loaded from their paths and run in this process (imports and the tokenizer are shared, which
-keeps the whole file short). kernels_gpu.py has its own test (tests/kernels/test_lora_pro_full_kernel.py).
+keeps the whole file short). kernels_gpu.py has its own test (tests/kernels/test_lora_pro_full_kernel.py), and so
+has step_timing.py, whose subcommands' smoke runs are in test_step_timing.py.
 GaLore rows need galore-torch (the ``bench`` extra): without it they are absent and the tests expect that.
 """
 
@@ -14,7 +15,10 @@ import pytest
 import torch
 from benchmark_scripts import BENCHMARKS, HELPERS, load_benchmark
 
-SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "train_step_speed", "lora_pre_step", "lora_pro_step"]
+SCRIPTS = ["pretrain_quality", "finetune_quality", "memory", "step_timing"]
+#: (script, subcommand) for every --help: step_timing.py's options are its subcommands'
+HELP = [(name, None) for name in SCRIPTS if name != "step_timing"] + [
+    ("step_timing", command) for command in ("lora-pre", "lora-pro", "training", "defaults-cost")]
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -43,10 +47,10 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_help(name, capsys):
+@pytest.mark.parametrize("name, subcommand", HELP)
+def test_help(name, subcommand, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load(name).parse_args(["--help"])
+        load(name).parse_args([subcommand, "--help"] if subcommand else ["--help"])
     assert exit_info.value.code == 0
     assert "--smoke" in capsys.readouterr().out
 
@@ -185,37 +189,9 @@ def test_memory_smoke(tmp_path):
     assert "- CSV: `memory_runs.csv`, `memory_llama.csv`" in report
 
 
-def test_train_step_speed_smoke(tmp_path):
-    module = load("train_step_speed")
-    measured = module.main(["--smoke", "--out", str(tmp_path)])
-    written = rows(tmp_path / "train_step_speed.csv")
-    assert len(written) == len(measured) == (6 + 2 if galore() else 5) + 5
-    baselines = {row["setting"]: row for row in written if row["method"] in ("adamw", "lora_adamw")}
-    assert set(baselines) == {"pretrain", "finetune"} and all(float(r["ratio"]) == 1.0 for r in baselines.values())
-    assert all(float(row["median_ms"]) > 0 for row in written)
-    assert (tmp_path / "train_step_speed.png").exists() and "load average" in (tmp_path / "train_step_speed.md").read_text()
-
-
-def test_lora_pre_step_smoke(tmp_path):
-    measured = load("lora_pre_step").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
-    methods = {row["method"] for row in rows(tmp_path / "lora_pre_step.csv")}
-    assert methods == {"adamw_foreach", "lora_pre_r4"} | ({"galore_r4_amortised"} if galore() else set())
-    report = (tmp_path / "lora_pre_step.md").read_text()
-    assert len(measured) == len(methods) and "| 64x96 |" in report
-    assert "- command: `python benchmarks/lora_pre_step.py --smoke" in report and "- CSV: `lora_pre_step.csv`" in report
-
-
-def test_lora_pro_step_smoke(tmp_path):
-    pytest.importorskip("scipy")
-    measured = load("lora_pro_step").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
-    written = rows(tmp_path / "lora_pro_step.csv")
-    assert len(written) == len(measured) == 3 + 3 * 2
-    assert "lora_pro_full" in (tmp_path / "lora_pro_step.md").read_text()
-
-
 def test_scripts_do_not_leave_their_helpers_shadowed():
     """The scripts import their helpers as top-level modules (``environment``, ``timing``, ``stats``, ``report``,
-    ``sweep``); each must be the one in benchmarks/."""
+    ``sweep``, ``step_cases``); each must be the one in benchmarks/."""
     for name in SCRIPTS:
         load(name)
     for helper in HELPERS:
