@@ -164,7 +164,8 @@ def lora_pro_inputs(shape, r, dtype, layers, seed=0):
     grad_B_t = torch.randn(layers, r, m, device=DEVICE, generator=gen) * 1e-3
     spectrum = gram_spectrum(A, B_t)
     U_t, V = equivalent_factors(spectrum, A, B_t, grad_A, grad_B_t, 2.0)
-    moments = ([torch.zeros(m, n, device=DEVICE) for _ in range(layers)], [torch.zeros(m, n, device=DEVICE) for _ in range(layers)])
+    moments = ([torch.zeros(m, n, device=DEVICE) for _ in range(layers)],
+               [torch.zeros(m, n, device=DEVICE) for _ in range(layers)])
     return A, B_t, U_t, V, spectrum, moments
 
 
@@ -187,14 +188,17 @@ def bench_lora_pro_full(shape, r, dtype, args) -> list[Row]:
         # Accuracy on fresh moments: kernel vs torch reference on identical inputs.
         mine = ([t.clone() for t in avg], [t.clone() for t in avg_sq])
         ref = ([t.clone() for t in avg], [t.clone() for t in avg_sq])
-        got = lora_pro_full.moments_and_projections(A, B_t, U_t, V, *mine, ok, bc1, bc2_sqrt, precision=precision, **hyper)
+        got = lora_pro_full.moments_and_projections(A, B_t, U_t, V, *mine, ok, bc1, bc2_sqrt, precision=precision,
+                                                    **hyper)
         want = torch_moments_and_projections(A, B_t, U_t, V, *ref, ok, bc1, bc2_sqrt, **hyper)
         pairs = zip([*mine[0], *mine[1], *got], [*ref[0], *ref[1], *want])
         err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in pairs)
         del mine, ref, got, want
         ms = cuda_ms(lambda: lora_pro_full.moments_and_projections(A, B_t, U_t, V, avg, avg_sq, ok, bc1, bc2_sqrt,
-                                                                   precision=precision, **hyper), args.warmup, args.repeats)
-        rows.append(Row(name, tag, r, dtype_name, L, ms, essential, max_rel_err=err, config=kernel_config(lora_pro_full, r)))
+                                                                   precision=precision, **hyper),
+                     args.warmup, args.repeats)
+        rows.append(Row(name, tag, r, dtype_name, L, ms, essential, max_rel_err=err,
+                        config=kernel_config(lora_pro_full, r)))
     update = dict(scaling=2.0, lr=1e-4, weight_decay=0.01, damping=1e-8, spectrum=spectrum, **hyper)
     for name, use_triton in (("lora_pro_full_step", True), ("lora_pro_full_torch", False)):
         ms = cuda_ms(lambda: full_mode_update(A, B_t, U_t, V, avg, avg_sq, step, ok, use_triton=use_triton, **update),
@@ -341,7 +345,8 @@ def write_results(rows: list[Row], args: argparse.Namespace, device: str, peak: 
     body = [
         f"On {device} (peak {peak or 'unknown'} GB/s), {args.layers} layers per shape, median of {args.repeats} "
         f"calls after {args.warmup} warm-up calls.",
-        "GB/s: bytes an ideal implementation moves / time (see the script's docstring); ratio: ms / fused AdamW ms, same shape.",
+        "GB/s: bytes an ideal implementation moves / time (see the script's docstring); ratio: ms / fused AdamW ms, "
+        "same shape.",
         "",
         *report.markdown_table(table, [
             ("kernel", "kernel"), ("shape", "shape"), ("rank", "rank"), ("dtype", "dtype"), ("ms", "ms"),
@@ -383,14 +388,16 @@ def main(argv=None) -> int:
     for row in rows:
         row.gbps = row.bytes_moved / (row.ms * 1e-3) / 1e9
         row.pct_peak = 100.0 * row.gbps / peak if peak else float("nan")
-    header = f"{'kernel':<26} {'shape':<10} {'rank':>4} {'dtype':<9} {'ms':>8} {'ratio':>6} {'GB/s':>6} {'%peak':>5}  max rel err"
+    header = (f"{'kernel':<26} {'shape':<10} {'rank':>4} {'dtype':<9} {'ms':>8} {'ratio':>6} {'GB/s':>6} "
+              f"{'%peak':>5}  max rel err")
     print(f"{device}: peak {peak or 'unknown'} GB/s")
     print(header)
     for row in rows:
         print(f"{row.kernel:<26} {row.shape:<10} {row.rank or '':>4} {row.dtype:<9} {row.ms:8.3f} {row.ratio:6.2f} "
               f"{row.gbps:6.0f} {row.pct_peak:5.0f}  {row.max_rel_err:.1e}")
     checks = self_check_verdicts()
-    print(f"self-check: {len(checks[0])} keys passed, {len(checks[1])} failed" + "".join(f"\n  FAILED: {k}" for k in checks[1]))
+    print(f"self-check: {len(checks[0])} keys passed, {len(checks[1])} failed"
+          + "".join(f"\n  FAILED: {k}" for k in checks[1]))
     write_results(rows, args, device, peak, checks, env)
     print(f"wrote {args.out / 'kernels_gpu.csv'} and {args.out / 'kernels_gpu.md'}")
     return 1 if checks[1] else 0

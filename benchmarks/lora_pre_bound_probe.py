@@ -67,7 +67,8 @@ def main(argv=None) -> list[dict]:
     logger.setLevel(logging.ERROR)  # the paper-literal warning, once per variant
     rows = []
     try:
-        runs = {(name, zero_at): probe(options, zero_at) for name, options in VARIANTS.items() for zero_at in (None, 2, 4)}
+        runs = {(name, zero_at): probe(options, zero_at)
+                for name, options in VARIANTS.items() for zero_at in (None, 2, 4)}
     finally:
         logger.setLevel(level)  # this process may go on (the tests run it in theirs)
     for name, options in VARIANTS.items():

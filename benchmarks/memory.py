@@ -184,8 +184,8 @@ def measure_runs(args) -> list[dict]:
                 if "error" in row:
                     raise RuntimeError(f"{setting} {method}: {row['error']}")
             rows.append(row)
-            print(f"{setting:9s} {row['label']:55s} state {row['state_MiB']:8.2f} MiB  peak {row['peak_rss_MiB']:8.1f} MiB",
-                  flush=True)
+            print(f"{setting:9s} {row['label']:55s} state {row['state_MiB']:8.2f} MiB  "
+                  f"peak {row['peak_rss_MiB']:8.1f} MiB", flush=True)
     for setting in ("pretrain", "finetune"):
         same = [row for row in rows if row["setting"] == setting]
         base = same[0]

@@ -465,7 +465,8 @@ def run_one(spec: dict) -> dict:
         "started_at": started_at,
         "finished_at": time.time(),
         "threads": spec["threads"],
-        "versions": {name: environment.version(name) for name in ("torch", "galore-torch", "apollo-torch", "adam-mini")},
+        "versions": {name: environment.version(name)
+                     for name in ("torch", "galore-torch", "apollo-torch", "adam-mini")},
         "train_blocks": int(dm.train_blocks.shape[0]),
         "val_blocks": int(dm.val_blocks.shape[0]),
         "val_blocks_evaluated": int(validation_blocks(dm.val_blocks).shape[0]),
@@ -501,7 +502,8 @@ def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
         final = sorted((r for r in runs if r["method"] == method and r["lr"] == lr and r["seed"] in args.seeds),
                        key=lambda r: r["seed"])
         losses = [r["final_val_loss"] for r in final]
-        grid = sorted((r["lr"], r["final_val_loss"]) for r in runs if r["method"] == method and r["seed"] == args.seeds[0])
+        grid = sorted((r["lr"], r["final_val_loss"]) for r in runs
+                      if r["method"] == method and r["seed"] == args.seeds[0])
         summary.append({
             "method": label(method, args.rank),
             "key": method,
@@ -542,7 +544,8 @@ def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
             mean_loss = [stats.mean([r["curve"][i]["val_loss"] for r in chosen_runs]) for i in range(len(steps))]
             curves.plot(steps, [v / math.log(2) for v in mean_loss], color=color, linewidth=2,
                         label=f"{label(method, args.rank)} (lr {chosen[method]:g}, {len(chosen_runs)} seeds)")
-        sweep_runs = sorted((r["lr"], r["final_val_loss"]) for r in runs if r["method"] == method and r["seed"] == args.seeds[0])
+        sweep_runs = sorted((r["lr"], r["final_val_loss"]) for r in runs
+                            if r["method"] == method and r["seed"] == args.seeds[0])
         grid_ax.plot([lr for lr, _ in sweep_runs], [min(v, 20) / math.log(2) for _, v in sweep_runs], "o-",
                      color=color, label=label(method, args.rank))
     finals = [r["final_val_loss"] / math.log(2) for r in runs if math.isfinite(r.get("final_val_loss", float("inf")))]

@@ -220,7 +220,8 @@ def should_use_kernel(use_triton: UseTriton, *tensors: torch.Tensor, kernel: str
         return False
     if not on_cuda and not module.INTERPRETED:
         fallback_warning(kernel, "cpu", "use_triton=True on CPU tensors needs Triton's interpreter. HINT: set "
-                                        "TRITON_INTERPRET=1 before lit_lowrank.kernels is imported (tests do), or run on CUDA.")
+                                        "TRITON_INTERPRET=1 before lit_lowrank.kernels is imported (tests do), or run "
+                                        "on CUDA.")
         return False
     return True
 
@@ -249,7 +250,8 @@ class SelfCheck:
 
 
 def set_kernel_check(value: UseTriton | None) -> None:
-    """Self-check on (``True``, also in the interpreter), off (``False``), ``"auto"``, or None: as :data:`CHECK_ENV` says."""
+    """Self-check on (``True``, also in the interpreter), off (``False``), ``"auto"``, or None: as :data:`CHECK_ENV`
+    says."""
     global _check_override
     if value is not None:
         validate_use_triton(value)
@@ -359,10 +361,10 @@ def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: S
         return result
     _, name, error, tolerance, unit = worst
     fallback_warning(kernel, f"check {key}", (
-        f"its first call for {', '.join(map(str, key[1:-1]))} differs from the torch reference: {name} is off by {error:.1e} {unit} "
-        f"(tolerance {tolerance:.0e}, {precision} dots). This call keeps the torch result and torch runs for this key "
-        f"from now on (other shapes keep the kernel). HINT: please report this message; use_triton=False skips the "
-        f"kernel, {CHECK_ENV}=0 skips this check and keeps the kernel."))
+        f"its first call for {', '.join(map(str, key[1:-1]))} differs from the torch reference: {name} is off by "
+        f"{error:.1e} {unit} (tolerance {tolerance:.0e}, {precision} dots). This call keeps the torch result and "
+        f"torch runs for this key from now on (other shapes keep the kernel). HINT: please report this message; "
+        f"use_triton=False skips the kernel, {CHECK_ENV}=0 skips this check and keeps the kernel."))
     _restore(check.state, copies)
     return expected  # type: ignore[return-value]
 

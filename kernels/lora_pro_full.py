@@ -156,7 +156,8 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 
 def dot_precision(device: torch.device) -> str:
-    """fp32 ``tl.dot`` precision on ``device``: :func:`lit_lowrank.kernels.dispatch.dot_precision` (``tf32x3`` on NVIDIA).
+    """fp32 ``tl.dot`` precision on ``device``: :func:`lit_lowrank.kernels.dispatch.dot_precision` (``tf32x3`` on
+    NVIDIA).
 
     The kernel does 8 r flops per weight entry against 16 bytes of moments, so with fp32 FMAs (``ieee``) it turns
     compute-bound above r ~ 40 on an H100; ``tf32x3`` keeps fp32-level agreement with torch on tensor cores; plain

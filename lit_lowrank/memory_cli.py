@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     parser.add_argument("--lora-pro-full-replicated", action="store_true",
                         help="count LoRA-Pro full mode's m x n moments as whole on every GPU under FSDP (LoRAPro "
-                             "before it sharded them by rows; default: lit_lowrank.memory.LORA_PRO_FULL_MOMENTS_SHARDED)")
+                             "before it sharded them by rows; default: "
+                             "lit_lowrank.memory.LORA_PRO_FULL_MOMENTS_SHARDED)")
     parser.add_argument("--detail", action="store_true", help="also weights, adapters and gradients per world size")
     return parser
 

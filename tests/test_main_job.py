@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEPS = ["--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.limit_val_batches=2",
-             "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--data.init_args.cap_per_class=10"]
+             "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false",
+             "--data.init_args.cap_per_class=10"]
 pytestmark = pytest.mark.slow
 
 

@@ -117,7 +117,8 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRAAdapter]]:
 
     Example:
         >>> import torch.nn as nn
-        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)),
+        ...                   LoRAConfig(r=2, target_modules=["0"]))
         >>> [name for name, _ in lora_modules(net)]
         ['0']
     """
@@ -219,7 +220,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     else:
         to_save = _resolve_modules_to_save(model, config.modules_to_save)
     if config.dropout > 0 and any(t.part for t in targets):
-        log.warning("LoRA dropout=%s is not applied to nn.MultiheadAttention adapters (weight-delta form)", config.dropout)
+        log.warning("LoRA dropout=%s is not applied to nn.MultiheadAttention adapters (weight-delta form)",
+                    config.dropout)
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -228,7 +230,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         if target.part:
             parts_by_attention[target.owner].append(target.part)
         else:
-            _replace(model, target.name, LoRALinear(target.module, config.r, config.alpha, config.dropout, config.rslora))
+            _replace(model, target.name,
+                     LoRALinear(target.module, config.r, config.alpha, config.dropout, config.rslora))
     for owner, parts in parts_by_attention.items():
         attention = model.get_submodule(owner)
         _replace(model, owner, LoRAMultiheadAttention(attention, parts, config.r, config.alpha, config.rslora))

@@ -23,7 +23,8 @@ from lit_lowrank.adapters.peft_io import CONFIG_NAME, PEFT_LOADABLE_KEY, PEFT_PR
 _PAIR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight")
 _UNSUPPORTED_PEFT = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "rank_pattern", "alpha_pattern")
 #: Heads PEFT's task types train fully without listing them in modules_to_save.
-_IMPLIED_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+_IMPLIED_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                    "QUESTION_ANS": ["qa_outputs"]}
 
 
 @dataclass
@@ -63,7 +64,8 @@ def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}). HINT: re-export the adapter, or repair the file.") from None
+        raise ValueError(f"{path} is not valid JSON ({error}). HINT: re-export the adapter, "
+                         "or repair the file.") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object with 'r', 'lora_alpha', ... "
                          "HINT: re-export the adapter with save_adapter or peft's save_pretrained.")
@@ -104,7 +106,8 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     Example:
         >>> import tempfile, torch.nn as nn
         >>> from lit_lowrank import LoRAConfig, inject_lora, save_adapter
-        >>> out = save_adapter(inject_lora(nn.Sequential(nn.Linear(8, 8)), LoRAConfig(r=2, target_modules=["0"])), tempfile.mkdtemp())
+        >>> out = save_adapter(inject_lora(nn.Sequential(nn.Linear(8, 8)), LoRAConfig(r=2, target_modules=["0"])),
+        ...                    tempfile.mkdtemp())
         >>> files = read_adapter(out)
         >>> sorted(files.pairs), files.config["r"], files.scaling
         (['0'], 2, 8.0)
@@ -129,7 +132,8 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     for name, pair in files.pairs.items():
         if set(pair) != {"A", "B"}:
             side = "B" if "A" in pair else "A"
-            raise ValueError(f"{files.weights_path}: adapter {name!r} has no lora_{side} tensor; the file is incomplete")
+            raise ValueError(f"{files.weights_path}: adapter {name!r} has no lora_{side} tensor; "
+                             "the file is incomplete")
     return files
 
 
@@ -142,7 +146,8 @@ def is_peft_loadable(directory: str | Path) -> bool:
         >>> from lit_lowrank import LoRAConfig, inject_lora, save_adapter
         >>> linear = inject_lora(nn.Sequential(nn.Linear(8, 8)), LoRAConfig(r=2, target_modules=["0"]))
         >>> attention = inject_lora(nn.Sequential(nn.MultiheadAttention(8, 2)), LoRAConfig(r=2, target_modules=["0"]))
-        >>> is_peft_loadable(save_adapter(linear, tempfile.mkdtemp())), is_peft_loadable(save_adapter(attention, tempfile.mkdtemp()))
+        >>> (is_peft_loadable(save_adapter(linear, tempfile.mkdtemp())),
+        ...  is_peft_loadable(save_adapter(attention, tempfile.mkdtemp())))
         (True, False)
     """
     path = Path(directory) / WEIGHTS_NAME
@@ -150,7 +155,8 @@ def is_peft_loadable(directory: str | Path) -> bool:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
+        raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}") from None
     except Exception as error:
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
     return metadata.get(PEFT_LOADABLE_KEY, "true") != "false"  # files written by PEFT itself have no such key
@@ -168,7 +174,8 @@ def _check_pair_shapes(files: AdapterFiles, name: str, want_a: tuple, want_b: tu
         got = tuple(files.pairs[name][side].shape)
         if got != tuple(want):
             raise ValueError(f"{files.weights_path}: adapter {name!r}: lora_{side} has shape {got} in the file, "
-                             f"{tuple(want)} in the model. HINT: load into the same base model (and rank) it was saved from.")
+                             f"{tuple(want)} in the model. HINT: load into the same base model (and rank) it "
+                             "was saved from.")
 
 
 def _mismatch(files: AdapterFiles, model: nn.Module, missing: list[str], unexpected: list[str]) -> ValueError:
@@ -223,7 +230,8 @@ def _plan_fresh(files: AdapterFiles, model: nn.Module) -> _Plan:
     params = _saved_params(files, model)
     module_names = [name for name, _ in model.named_modules() if name]
     explicit = [e for e in files.config.get("modules_to_save") or [] if any(name_matches(n, [e]) for n in module_names)]
-    loaded = [e for e in files.save_entries() if any(name_matches(p, [e]) for key in files.others for p in _module_prefixes(key))]
+    loaded = [e for e in files.save_entries()
+              if any(name_matches(p, [e]) for key in files.others for p in _module_prefixes(key))]
     exact = "|".join(re.escape(name) for name in sorted(files.pairs))
     config = LoRAConfig(
         r=rank, alpha=float(files.config["lora_alpha"]), dropout=float(files.config.get("lora_dropout") or 0.0),

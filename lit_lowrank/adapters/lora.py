@@ -180,7 +180,8 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
     # in_proj_weight directly and would silently bypass the adapters.
     _qkv_same_embed_dim = False
 
-    def __init__(self, base_layer: nn.MultiheadAttention, parts: Sequence[str], r: int, alpha: float, rslora: bool = False):
+    def __init__(self, base_layer: nn.MultiheadAttention, parts: Sequence[str], r: int, alpha: float,
+                 rslora: bool = False):
         super().__init__()
         if not base_layer._qkv_same_embed_dim:
             raise ValueError(
@@ -258,7 +259,8 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
         width = mha.embed_dim
         for index, part in enumerate(MHA_PARTS):
             if part in self._modules:
-                target = mha.out_proj.weight if part == "out_proj" else mha.in_proj_weight[index * width:(index + 1) * width]
+                target = (mha.out_proj.weight if part == "out_proj"
+                          else mha.in_proj_weight[index * width:(index + 1) * width])
                 add_delta_(target, self._modules[part].delta_weight(), sign)
 
 

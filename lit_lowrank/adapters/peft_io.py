@@ -43,7 +43,8 @@ def find_injection_root(model: nn.Module) -> tuple[nn.Module, str]:
         if isinstance(module.__dict__.get(INJECTION_RECORD), InjectionRecord):
             return module, name
     if next(lora_modules(model), None) is None:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters. HINT: call inject_lora(model, LoRAConfig(...)) first.")
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters. "
+                         "HINT: call inject_lora(model, LoRAConfig(...)) first.")
     return model, ""
 
 

@@ -4,4 +4,5 @@ from lit_lowrank.backbones.hf import minilm_path, transformers_backbone
 from lit_lowrank.backbones.open_clip import open_clip_backbone
 from lit_lowrank.backbones.timm import timm_backbone
 
-__all__ = ["Backbone", "PretrainedUnavailableError", "minilm_path", "open_clip_backbone", "timm_backbone", "transformers_backbone"]
+__all__ = ["Backbone", "PretrainedUnavailableError", "minilm_path", "open_clip_backbone", "timm_backbone",
+           "transformers_backbone"]

@@ -8,5 +8,5 @@ from lit_lowrank.callbacks.optimizer_state import OptimizerStateMonitor
 from lit_lowrank.callbacks.prediction_writer import PredictionWriter
 from lit_lowrank.callbacks.skipped_steps import SkippedStepsGuard
 
-__all__ = ["AdapterExport", "GenerationWriter", "LoRAAdapters", "LoRAProGradients", "MetricsPlot", "OptimizerStateMonitor",
-           "PredictionWriter", "SkippedStepsGuard"]
+__all__ = ["AdapterExport", "GenerationWriter", "LoRAAdapters", "LoRAProGradients", "MetricsPlot",
+           "OptimizerStateMonitor", "PredictionWriter", "SkippedStepsGuard"]

@@ -35,7 +35,8 @@ class GenerationWriter(BasePredictionWriter):
         >>> folder = tempfile.mkdtemp()
         >>> writer = GenerationWriter(output_dir=folder)
         >>> trainer = L.Trainer(callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu")
-        >>> _ = trainer.predict(Echo(), DataLoader(["hi", "yo"], batch_size=2), return_predictions=False)  # doctest: +ELLIPSIS
+        >>> _ = trainer.predict(Echo(), DataLoader(["hi", "yo"], batch_size=2),
+        ...                     return_predictions=False)  # doctest: +ELLIPSIS
         Generations (2 rows) written to ...generations.jsonl
         >>> print(writer.path.read_text().strip())
         {"index": 0, "prompt": "hi", "generation": "HI", "answer": null}
@@ -68,7 +69,8 @@ class GenerationWriter(BasePredictionWriter):
                            dataloader_idx: int = 0) -> None:
         if not isinstance(prediction, (list, tuple)) or not all(isinstance(row, dict) for row in prediction):
             raise TypeError(f"GenerationWriter writes a list of dicts per batch, got {type(prediction).__name__} from "
-                            f"{type(pl_module).__name__}.predict_step. HINT: use PredictionWriter for class predictions")
+                            f"{type(pl_module).__name__}.predict_step. HINT: use PredictionWriter for class "
+                            "predictions")
         indices = list(batch_indices) if batch_indices else range(self.rows, self.rows + len(prediction))
         for index, row in zip(indices, prediction):
             self._file.write(json.dumps({"index": index, **row}, ensure_ascii=False) + "\n")

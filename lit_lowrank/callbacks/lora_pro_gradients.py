@@ -34,7 +34,8 @@ class LoRAProGradients(Callback):
         self.damping = damping
 
     @override
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, LoRAPro):
             raise ValueError("LoRAProGradients would rewrite the gradients a second time: the LoRAPro optimizer "
                              "already does it. HINT: drop the callback, or use it with a plain optimizer.")

@@ -59,7 +59,8 @@ class MetricsPlot(Callback):
         filename: PNG file name inside the CSV logger's directory.
     """
 
-    def __init__(self, metrics: Sequence[str] = ("train/loss", "val/loss", "val/acc"), filename: str = "metrics.png") -> None:
+    def __init__(self, metrics: Sequence[str] = ("train/loss", "val/loss", "val/acc"),
+                 filename: str = "metrics.png") -> None:
         self.metrics = list(metrics)
         self.filename = filename
         self.path: Path | None = None
@@ -69,8 +70,8 @@ class MetricsPlot(Callback):
         # Say it before training, not after: a run without a CSV log has nothing to plot.
         if stage == "fit" and _csv_logger(trainer) is None:
             rank_zero_warn("MetricsPlot draws from the CSV log, and trainer.logger has no CSVLogger: no plot will be "
-                           "drawn. HINT: add lightning.pytorch.loggers.CSVLogger to trainer.logger, or drop MetricsPlot "
-                           "from trainer.callbacks.")
+                           "drawn. HINT: add lightning.pytorch.loggers.CSVLogger to trainer.logger, or drop "
+                           "MetricsPlot from trainer.callbacks.")
 
     @override
     @rank_zero_only

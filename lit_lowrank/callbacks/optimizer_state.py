@@ -56,7 +56,8 @@ class OptimizerStateMonitor(Callback):
         self.last: dict[str, int] = {}
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         interval = self.every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
         if step == 0 or step % interval and not trainer.is_last_batch:

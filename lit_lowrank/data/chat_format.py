@@ -65,7 +65,8 @@ def uses_chat_template(tokenizer: Any, template: str) -> bool:
 
 
 def end_of_turn_token_ids(tokenizer: Any) -> list[int]:
-    """Special tokens a chat template puts after an assistant's content (e.g. ``<|im_end|>``): generation stops there."""
+    """Special tokens a chat template puts after an assistant's content (e.g. ``<|im_end|>``): generation stops
+    there."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
     after = tokenizer.apply_chat_template(probe, tokenize=False)

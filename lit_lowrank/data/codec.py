@@ -38,7 +38,8 @@ class TokenCodec:
     def __init__(self, tokenizer: Any, kept_token_ids: Sequence[int] | None = None,
                  extra_stop_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.kept_token_ids = None if kept_token_ids is None else torch.as_tensor(list(kept_token_ids), dtype=torch.long)
+        self.kept_token_ids = (None if kept_token_ids is None
+                               else torch.as_tensor(list(kept_token_ids), dtype=torch.long))
         self._to_model: torch.Tensor | None = None
         if self.kept_token_ids is not None:
             size = max(len(tokenizer), int(self.kept_token_ids.max()) + 1)

@@ -177,7 +177,8 @@ class DigitsDataModule(_ClassificationLoaders):
         """The fixed stratified split described in the class docstring (indices into the 1,797 images)."""
         splits: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
         for label in sorted(set(labels)):
-            members = sorted((i for i, y in enumerate(labels) if y == label), key=lambda i: stable_fraction(f"digits:{i}"))
+            members = sorted((i for i, y in enumerate(labels) if y == label),
+                             key=lambda i: stable_fraction(f"digits:{i}"))
             n_test, n_val = round(test_fraction * len(members)), round(val_fraction * len(members))
             splits["test"] += members[:n_test]
             splits["validation"] += members[n_test:n_test + n_val]
@@ -204,7 +205,8 @@ class DigitsDataModule(_ClassificationLoaders):
                 keep.append(members[torch.randperm(len(members), generator=generator)[: self.train_per_class]])
             indices["train"] = torch.cat(keep).sort().values
         self.indices = indices
-        self.datasets = {split: torch.utils.data.TensorDataset(images[idx], labels[idx]) for split, idx in indices.items()}
+        self.datasets = {split: torch.utils.data.TensorDataset(images[idx], labels[idx])
+                         for split, idx in indices.items()}
 
     def predict_inputs(self) -> list[str]:
         """Each predict (test) image as ``digits[<i>]``, its index in scikit-learn's ``load_digits()``."""
@@ -441,7 +443,8 @@ class ImageTextDataModule(_ClassificationLoaders):
             if self.tokenizer_name is None:
                 self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length or 77)
             else:
-                if not self.tokenizer_name.startswith("hf-hub:") and open_clip.get_model_config(self.tokenizer_name) is None:
+                if (not self.tokenizer_name.startswith("hf-hub:")
+                        and open_clip.get_model_config(self.tokenizer_name) is None):
                     # open_clip would quietly fall back to CLIP's tokenizer, hiding a typo
                     raise ValueError(f"{self.tokenizer_name!r} is not an open_clip model name. HINT: choose one of "
                                      "open_clip.list_models() (e.g. 'ViT-B-32'), or leave tokenizer unset for "
@@ -469,7 +472,8 @@ class ImageTextDataModule(_ClassificationLoaders):
                                     "HINT: image paths are relative to the folder of the file that lists them")
         labels = None
         if self.has_labels:
-            labels = label_ids(column(rows, columns, self.label_field, path, "label_field"), self.class_names, repr(path))
+            labels = label_ids(column(rows, columns, self.label_field, path, "label_field"), self.class_names,
+                               repr(path))
         tokens = self.tokenizer(captions) if captions else torch.empty(0, self.context_length or 77, dtype=torch.long)
         return _ImageText(paths, tokens.long(), labels, eval_transform(self.image_size, self.mean, self.std))
 

@@ -260,11 +260,13 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
     def train_dataloader(self):
         train = self._split("train")
         if self.packing:
-            return self._loader(ListDataset(pack(train, self.max_length)), True, PackedCollator(self.codec.pad_token_id))
+            return self._loader(ListDataset(pack(train, self.max_length)), True,
+                                PackedCollator(self.codec.pad_token_id))
         return self._loader(ListDataset(train), True, SupervisedCollator(self.codec.pad_token_id))
 
     def val_dataloader(self):
-        return self._loader(ListDataset(self._split("validation")), collate_fn=EvaluationCollator(self.codec.pad_token_id))
+        return self._loader(ListDataset(self._split("validation")),
+                            collate_fn=EvaluationCollator(self.codec.pad_token_id))
 
     def test_dataloader(self):
         return self._loader(ListDataset(self._split("test")), collate_fn=EvaluationCollator(self.codec.pad_token_id))

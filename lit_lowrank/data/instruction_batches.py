@@ -29,7 +29,8 @@ class SupervisedCollator:
 
     Example:
         >>> from lit_lowrank.data.prompts import Prompt
-        >>> items = [EncodedExample([5, 6, 7], [-100, 6, 7], Prompt([5], "q")), EncodedExample([8, 9], [-100, 9], Prompt([8], "r"))]
+        >>> items = [EncodedExample([5, 6, 7], [-100, 6, 7], Prompt([5], "q")),
+        ...          EncodedExample([8, 9], [-100, 9], Prompt([8], "r"))]
         >>> batch = SupervisedCollator(pad_id=0)(items)
         >>> batch["input_ids"].tolist(), batch["labels"].tolist()
         ([[5, 6, 7], [8, 9, 0]], [[-100, 6, 7], [-100, 9, -100]])

@@ -94,7 +94,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]
                 except json.JSONDecodeError as error:
                     yield where, BadRow(where, f"not valid JSON ({error.msg} at column {error.colno})")
                     continue
-                yield where, row if isinstance(row, dict) else BadRow(where, f"a JSON {type(row).__name__}, not an object")
+                yield where, (row if isinstance(row, dict)
+                              else BadRow(where, f"a JSON {type(row).__name__}, not an object"))
     elif suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
@@ -121,7 +122,8 @@ def to_example(row: dict[str, Any], where: str, fields: Fields) -> InstructionEx
         >>> to_example({"prompt": "Add 2 and 2.", "response": ""}, "train.jsonl:3", Fields())
         BadRow(location='train.jsonl:3', reason="'response' is empty")
         >>> to_example({"prompt": "Hi", "response": "Hello"}, "a.csv:2", Fields(system_prompt="Be brief.")).messages
-        (Message(role='system', content='Be brief.'), Message(role='user', content='Hi'), Message(role='assistant', content='Hello'))
+        (Message(role='system', content='Be brief.'), Message(role='user', content='Hi'),
+         Message(role='assistant', content='Hello'))
     """
     if fields.messages in row:
         messages = _chat_messages(row[fields.messages], fields)
@@ -179,7 +181,8 @@ def _chat_messages(value: Any, fields: Fields) -> list[Message] | str:
         messages.append(Message(item["role"], item["content"]))
     turns = [m.role for m in messages if m.role != "system"]
     if not turns or turns[0] != "user":
-        return f"{name} must start with a user message (after any system message), got roles {[m.role for m in messages]}"
+        return (f"{name} must start with a user message (after any system message), got roles "
+                f"{[m.role for m in messages]}")
     if fields.require_response and messages[-1].role != "assistant":
         return f"{name} ends with a {messages[-1].role} message: there is no response to learn"
     return messages

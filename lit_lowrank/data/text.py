@@ -69,7 +69,8 @@ def read_text_documents(source: str | Sequence[str]) -> list[tuple[str, str]]:
         elif path.is_file():
             found = [(path.name, path)]
         else:
-            found = [(Path(f).as_posix(), Path(f)) for f in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(f)]
+            found = [(Path(f).as_posix(), Path(f)) for f in sorted(glob.glob(entry, recursive=True))
+                     if os.path.isfile(f)]
         if not found:
             raise FileNotFoundError(
                 f"text source {entry!r} matches no file (a folder is searched for {' and '.join(TEXT_PATTERNS)}; "
@@ -241,7 +242,8 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         if self._codec is None:
             if self.max_vocab is not None:
                 self._require(self.kept_token_ids, "compacted vocabulary")
-            self._codec = TokenCodec(self.tokenizer, None if self.kept_token_ids is None else self.kept_token_ids.tolist())
+            self._codec = TokenCodec(self.tokenizer,
+                                     None if self.kept_token_ids is None else self.kept_token_ids.tolist())
         return self._codec
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,7 +271,8 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         train, val = self._blocks(train_ids, "training"), self._blocks(val_ids, "validation")
         self.test_blocks = self._blocks(test_ids, "test") if test_ids is not None else None
         if self.max_train_blocks is not None and self.max_train_blocks < len(train):
-            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[: self.max_train_blocks]
+            keep = torch.randperm(len(train),
+                                  generator=torch.Generator().manual_seed(self.seed))[: self.max_train_blocks]
             train = train[keep.sort().values]
         if self.max_val_blocks is not None:
             val = val[: self.max_val_blocks]

@@ -34,7 +34,8 @@ class LowRankTask(L.LightningModule):
             model, others its trainable parameters.
         scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
         gradient_checkpointing: recompute activations in backward instead of storing them (less memory, about a
-            third more compute), non-reentrant; see :func:`lit_lowrank.backbones.checkpointing.enable_gradient_checkpointing`.
+            third more compute), non-reentrant; see
+            :func:`lit_lowrank.backbones.checkpointing.enable_gradient_checkpointing`.
         checkpoint_trainable_only: Lightning checkpoints keep only what training changes (adapters,
             ``modules_to_save``, normalisation statistics), with the optimizer and RNG states; the frozen base is
             rebuilt from the config on resume and ``load_from_checkpoint``, and checked against a fingerprint saved
@@ -124,10 +125,12 @@ class LowRankTask(L.LightningModule):
         if gradient_clip_val and hasattr(optimizer, "max_grad_norm"):
             if gradient_clip_algorithm not in (None, "norm"):
                 raise ValueError(f"{type(optimizer).__name__} clips by norm after rewriting the gradients; "
-                                 f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported. HINT: use 'norm'.")
+                                 f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported. "
+                                 "HINT: use 'norm'.")
             optimizer.max_grad_norm = float(gradient_clip_val)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -142,7 +145,8 @@ class LowRankTask(L.LightningModule):
         self._resume_rng_states = checkpoint.get("rng_states")
         if is_sharded(self.model) and checkpoint.get(FROZEN_BASE_KEY):
             raise ValueError("a trainable-only checkpoint cannot be loaded into a sharded (FSDP2) model yet. HINT: "
-                             "resume it without the sharded strategy, or re-save it with checkpoint_trainable_only: false.")
+                             "resume it without the sharded strategy, or re-save it with "
+                             "checkpoint_trainable_only: false.")
         # load_state_dict (called next by Lightning) then accepts exactly these keys as missing.
         self._frozen_keys_not_saved = check_frozen_base(self, checkpoint)
 

@@ -90,7 +90,8 @@ class CausalLMTask(LowRankTask):
             load_initial_weights(backbone.model, init_weights)  # before the adapters wrap its layers
         super().__init__(backbone, lora, optimizer, scheduler, gradient_checkpointing=gradient_checkpointing,
                          checkpoint_trainable_only=checkpoint_trainable_only)
-        self.generation = GenerationOptions(max_new_tokens, temperature, top_p, tuple(stop or ()), answer_pattern or None)
+        self.generation = GenerationOptions(max_new_tokens, temperature, top_p, tuple(stop or ()),
+                                            answer_pattern or None)
         self.exact_match, self.test_before_fit = exact_match, test_before_fit
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_exact_match, self.test_exact_match = MeanMetric(), MeanMetric()
@@ -198,7 +199,8 @@ class CausalLMTask(LowRankTask):
 
     def _test_initial_model(self) -> dict[str, float]:
         """The test metrics of the weights fit starts from, computed outside Lightning's loops (a test run cannot
-        nest inside fit), over ``trainer.limit_test_batches`` of the test split, leaving the RNG streams as they were."""
+        nest inside fit), over ``trainer.limit_test_batches`` of the test split, leaving the RNG streams as they
+        were."""
         datamodule = attached_datamodule(self)
         if datamodule is None or not hasattr(datamodule, "test_dataloader"):
             raise ValueError("test_before_fit needs a data module with a test split. HINT: set "
@@ -219,7 +221,8 @@ class CausalLMTask(LowRankTask):
             for module, training in modes.items():
                 module.train(training)
         value = loss.compute()
-        metrics = {"before_fit/test/loss": float(value), "before_fit/test/ppl": math.exp(min(float(value), math.log(1e9)))}
+        metrics = {"before_fit/test/loss": float(value),
+                   "before_fit/test/ppl": math.exp(min(float(value), math.log(1e9)))}
         if match.update_count:
             metrics["before_fit/test/exact_match"] = float(match.compute())
         for logger in self.loggers:

@@ -79,7 +79,8 @@ class CLIPTask(WritesPredictions, LowRankTask):
         if self.class_names is None:
             names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
             if not names:
-                raise ValueError("CLIPTask needs class names: set model.class_names or use a datamodule with class_names")
+                raise ValueError("CLIPTask needs class names: set model.class_names or use a datamodule with "
+                                 "class_names")
             self.class_names = list(names)
             self._build_metrics()
 
@@ -131,7 +132,8 @@ class CLIPTask(WritesPredictions, LowRankTask):
     def _evaluate(self, batch: dict, stage: str, metric: MulticlassAccuracy) -> None:
         logits = self.logits(batch["images"], self._eval_classifier)
         metric.update(logits, batch["labels"])
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["images"]), sync_dist=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["images"]),
+                 sync_dist=True)
         self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
 
     @override

@@ -25,7 +25,8 @@ def frozen_keys(task: nn.Module, state: dict) -> list[str]:
     Example:
         >>> from lit_lowrank import LoRAConfig, inject_lora
         >>> task = nn.Module()
-        >>> task.model = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), LoRAConfig(r=2, target_modules=["0"]))
+        >>> task.model = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+        ...                          LoRAConfig(r=2, target_modules=["0"]))
         >>> frozen_keys(task, task.state_dict())
         ['model.0.base_layer.weight', 'model.0.base_layer.bias', 'model.1.weight', 'model.1.bias']
     """
@@ -65,7 +66,8 @@ def check_frozen_base(task: nn.Module, checkpoint: dict, source: str = "the chec
         raise ValueError(
             f"{source} holds only trainable tensors and lacks {len(missing)} that this {type(task).__name__} "
             f"trains, e.g. {missing[0]!r}: it was saved from a model with other adapters or modules_to_save. "
-            "HINT: build the task with the LoRA settings (r, target_modules, modules_to_save) of the run that saved it.")
+            "HINT: build the task with the LoRA settings (r, target_modules, modules_to_save) of the run that "
+            "saved it.")
     unknown = [key for key in fingerprints if key not in own]
     changed = [key for key in fingerprints if key in own and not _same(fingerprints[key], fingerprint(own[key]))]
     if unknown or changed:

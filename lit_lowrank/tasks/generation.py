@@ -40,7 +40,8 @@ class GenerationOptions:
         >>> GenerationOptions(answer_pattern="(").answer_pattern
         Traceback (most recent call last):
         ...
-        ValueError: answer_pattern '(' is not a valid regular expression (missing ), unterminated subpattern at position 0). HINT: ...
+        ValueError: answer_pattern '(' is not a valid regular expression (missing ), unterminated subpattern at
+        position 0). HINT: ...
     """
 
     max_new_tokens: int = 64
@@ -173,7 +174,8 @@ def generation_rows(batch: dict[str, Any], texts: Sequence[str], options: Genera
     Example:
         >>> batch = {"prompts": ["2 + 2?"], "references": ["#### 4"], "references_decoded": ["#### 4"]}
         >>> generation_rows(batch, ["#### 4"], GenerationOptions(answer_pattern=GSM8K_ANSWER))
-        [{'prompt': '2 + 2?', 'generation': '#### 4', 'answer': '4', 'reference': '#### 4', 'reference_answer': '4', 'correct': True}]
+        [{'prompt': '2 + 2?', 'generation': '#### 4', 'answer': '4', 'reference': '#### 4', 'reference_answer': '4',
+          'correct': True}]
     """
     pattern = options.answer_pattern
     rows = []
@@ -185,7 +187,8 @@ def generation_rows(batch: dict[str, Any], texts: Sequence[str], options: Genera
             expected = reference_decoded if reference_decoded is not None else reference
             reference_answer = extract_answer(expected, pattern)
             row.update(reference=reference,
-                       reference_answer=reference_answer if reference_answer is not None else normalize_answer(expected),
+                       reference_answer=(reference_answer if reference_answer is not None
+                                         else normalize_answer(expected)),
                        correct=is_exact_match(text, expected, pattern))
         rows.append(row)
     return rows

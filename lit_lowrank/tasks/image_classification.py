@@ -37,7 +37,8 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
 
     Example:
         >>> from lit_lowrank.backbones import timm_backbone
-        >>> bb = timm_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+        >>> bb = timm_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+        ...                    num_classes=3)
         >>> task = ImageClassificationTask(bb, lora=LoRAConfig(r=2, target_modules="default"))
         >>> task.head_names, task({"images": torch.randn(2, 3, 16, 16)}).shape
         (['head'], torch.Size([2, 3]))
@@ -85,7 +86,8 @@ class ImageClassificationTask(WritesPredictions, LowRankTask):
     def _evaluate(self, batch: dict, stage: str, metrics: MetricCollection) -> None:
         logits = self(batch)
         metrics.update(logits, batch["labels"])
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["labels"]), sync_dist=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(batch["labels"]),
+                 sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
     @override

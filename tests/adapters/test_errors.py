@@ -31,8 +31,8 @@ def test_partly_unmatched_target_list_warns(caplog):
     assert "'query' matched no layer" in caplog.text
 
 
-@pytest.mark.parametrize("bad", [dict(r=0), dict(r=-2), dict(r=2.5), dict(alpha=0), dict(dropout=1.0), dict(init="nope"),
-                                 dict(target_modules=[])])
+@pytest.mark.parametrize("bad", [dict(r=0), dict(r=-2), dict(r=2.5), dict(alpha=0), dict(dropout=1.0),
+                                 dict(init="nope"), dict(target_modules=[])])
 def test_bad_config_values(bad):
     with pytest.raises(ValueError, match="LoRAConfig|init"):
         LoRAConfig(**bad)
@@ -53,7 +53,8 @@ def test_injecting_twice():
 
 
 def test_unknown_modules_to_save():
-    with pytest.raises(ValueError, match="modules_to_save entry 'classifier'.*top-level modules: \\['model', 'lm_head'\\]"):
+    with pytest.raises(ValueError,
+                       match="modules_to_save entry 'classifier'.*top-level modules: \\['model', 'lm_head'\\]"):
         inject_lora(tiny_llama(), LoRAConfig(r=2, modules_to_save=["classifier"]))
 
 
@@ -81,7 +82,8 @@ def test_load_into_mismatched_names(tmp_path):
 def test_load_into_mismatched_shapes(tmp_path):
     save_adapter(inject_lora(tiny_llama(), LoRAConfig(r=2, alpha=4, target_modules=["q_proj"])), tmp_path)
     wider = tiny_llama(hidden=64)
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj': lora_A has shape \(2, 32\) in the file, \(2, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"'model.layers.0.self_attn.q_proj': lora_A has shape \(2, 32\) in the file, \(2, 64\)"):
         load_adapter(wider, tmp_path)
     other_rank = inject_lora(tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"lora_A has shape \(2, 32\) in the file, \(4, 32\) in the model"):
@@ -110,7 +112,8 @@ def test_attention_with_separate_kv_dims_is_refused():
 
 def test_load_rejects_unsupported_peft_features(tmp_path):
     save_adapter(inject_lora(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
-    config = (tmp_path / "adapter_config.json").read_text().replace('"rank_pattern": {}', '"rank_pattern": {"q_proj": 4}')
+    config = (tmp_path / "adapter_config.json").read_text().replace('"rank_pattern": {}',
+                                                                   '"rank_pattern": {"q_proj": 4}')
     (tmp_path / "adapter_config.json").write_text(config)
     with pytest.raises(ValueError, match="rank_pattern"):
         load_adapter(tiny_llama(), tmp_path)

@@ -27,7 +27,8 @@ def _perturb(model):
     ("bert", "AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification", "SEQ_CLS"),
     ("llama", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "CAUSAL_LM"),
 ])
-def test_auto_peft_model_loads_an_export_of_a_local_backbone(tmp_path, caplog, family, auto_class, peft_class, task_type):
+def test_auto_peft_model_loads_an_export_of_a_local_backbone(tmp_path, caplog, family, auto_class, peft_class,
+                                                             task_type):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     (tiny_bert() if family == "bert" else tiny_llama()).save_pretrained(base_dir)
     model = transformers_backbone(str(base_dir), auto_class=auto_class, tokenizer=False).model.eval()
@@ -55,7 +56,8 @@ def test_bundled_minilm_export_names_its_folder_without_a_warning(tmp_path, capl
 
 def test_task_types_and_given_names_for_models_that_do_not_know_their_source(tmp_path):
     model = inject_lora(tiny_llama(), LoRAConfig(r=2))  # built from a config: the given name is all there is
-    config = json.loads((save_adapter(model, tmp_path, base_model_name_or_path="my/llama") / "adapter_config.json").read_text())
+    config = json.loads((save_adapter(model, tmp_path, base_model_name_or_path="my/llama")
+                         / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "my/llama" and config["task_type"] == "CAUSAL_LM"
     from transformers import BertConfig, BertModel
 

@@ -114,7 +114,8 @@ def test_regex_suffix_and_exclude_targets():
     inject_lora(model, LoRAConfig(r=2, target_modules=r".*\.1\.self_attn\.(q|v)_proj"))
     assert [n for n, _ in lora_modules(model)] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     model, _, _ = FAMILIES["llama"]()
-    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "mlp.up_proj"], exclude_modules=["layers.0.self_attn.q_proj"]))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "mlp.up_proj"],
+                                  exclude_modules=["layers.0.self_attn.q_proj"]))
     assert [n for n, _ in lora_modules(model)] == [
         "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
 
@@ -130,7 +131,8 @@ def test_clip_attention_parts_can_be_chosen_separately():
     # naming the attention module adapts all four projections (a regex: the suffix would match both towers)
     model, _, _ = FAMILIES["clip"]()
     inject_lora(model, LoRAConfig(r=2, target_modules=r"transformer\.resblocks\.1\.attn"))
-    assert [n for n, _ in lora_modules(model)] == [f"transformer.resblocks.1.attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert [n for n, _ in lora_modules(model)] == [f"transformer.resblocks.1.attn.{p}"
+                                                   for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
 
 
 def test_attention_adapter_equals_hand_built_projection():
@@ -203,4 +205,5 @@ def test_lora_modules_order_is_stable_and_pairs_are_adapters():
     inject_lora(model, LoRAConfig(r=2))
     first = [n for n, _ in lora_modules(model)]
     assert first == [n for n, m in model.named_modules() if isinstance(m, LoRAAdapter)]
-    assert first[:3] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert first[:3] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.v_proj"]

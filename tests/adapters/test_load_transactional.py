@@ -35,7 +35,8 @@ def test_failed_load_into_a_fresh_model_changes_nothing(tmp_path, case):
     save_adapter(inject_lora(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
     target = tiny_llama(hidden=64) if case == "shape" else tiny_llama(layers=1)
     snapshot = _snapshot(target)
-    message = r"lora_A has shape \(2, 32\) in the file, \(2, 64\)" if case == "shape" else "file adapter 'model.layers.1"
+    message = (r"lora_A has shape \(2, 32\) in the file, \(2, 64\)" if case == "shape"
+               else "file adapter 'model.layers.1")
     with pytest.raises(ValueError, match=message) as error:
         load_adapter(target, tmp_path)
     _assert_unchanged(target, snapshot)
@@ -55,7 +56,8 @@ def test_a_base_weight_in_the_file_is_refused_by_name(tmp_path, into):
     _add_tensor(tmp_path, "base_model.model.2.weight", torch.full((4, 8), 7.0))
     target = _mlp() if into == "fresh" else inject_lora(_mlp(), LoRAConfig(r=2, target_modules=["0"]))
     base_weight, adapters = target[2].weight.detach().clone(), len(list(lora_modules(target)))
-    with pytest.raises(ValueError, match=r"outside the adapters and modules_to_save.*'base_model.model.2.weight'.*HINT"):
+    with pytest.raises(ValueError,
+                       match=r"outside the adapters and modules_to_save.*'base_model.model.2.weight'.*HINT"):
         load_adapter(target, tmp_path)
     assert torch.equal(target[2].weight, base_weight), "the frozen base weight must not be overwritten"
     assert len(list(lora_modules(target))) == adapters
@@ -121,4 +123,5 @@ def test_peft_seq_cls_adapter_with_implied_heads_loads(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
     ids = torch.randint(3, 128, (2, 10))
     ours = load_adapter(pristine, tmp_path).eval()  # "score" is not in BERT: tolerated, as PEFT does
-    torch.testing.assert_close(ours(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits,
+                               rtol=1e-5, atol=1e-5)

@@ -26,7 +26,8 @@ def test_the_rule(pattern, selected):
 
 def blocks():
     return nn.ModuleDict({"blocks": nn.ModuleList(
-        nn.ModuleDict({"q_proj": nn.Linear(8, 8), "kq_proj": nn.Linear(8, 8), "mlp": nn.Linear(8, 8)}) for _ in range(2))})
+        nn.ModuleDict({"q_proj": nn.Linear(8, 8), "kq_proj": nn.Linear(8, 8), "mlp": nn.Linear(8, 8)})
+        for _ in range(2))})
 
 
 @pytest.mark.parametrize("pattern", [r"blocks\.1\..*", r".*\.q_proj", ["q_proj"], ["1.mlp", "0.kq_proj"]])

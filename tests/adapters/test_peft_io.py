@@ -47,7 +47,8 @@ def test_we_load_what_peft_saves(family, tmp_path):
     model, inputs, forward = FAMILIES[family]()
     pristine = copy.deepcopy(model)
     options = dict(CASES[family])
-    peft_config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=family == "bert", target_modules=options["target_modules"],
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=family == "bert",
+                                  target_modules=options["target_modules"],
                                   modules_to_save=options.get("modules_to_save"))
     peft_model = peft.get_peft_model(model, peft_config)
     _perturb(peft_model)

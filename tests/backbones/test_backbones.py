@@ -20,8 +20,8 @@ def test_transformers_from_config_and_default_targets():
     backbone = transformers_backbone(config=TINY_LLAMA, tokenizer=False)
     inject_lora(backbone.model, LoRAConfig(r=2, target_modules=backbone.lora_targets))
     assert len(list(lora_modules(backbone.model))) == 2 * 7
-    bert = transformers_backbone(config=dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, vocab_size=64),
+    bert = transformers_backbone(config=dict(model_type="bert", hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
                                  auto_class="AutoModelForSequenceClassification", tokenizer=False,
                                  model_kwargs=dict(num_labels=3))
     assert bert.lora_targets == ["query", "key", "value", "dense"] and bert.model.config.num_labels == 3
@@ -63,10 +63,12 @@ def test_config_or_name_is_required():
 
 
 def test_timm_and_open_clip_defaults():
-    vit = timm_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    vit = timm_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                        num_classes=4)
     inject_lora(vit.model, LoRAConfig(r=2, target_modules=vit.lora_targets))
     assert len(list(lora_modules(vit.model))) == 8 and vit.preprocess["input_size"] == (3, 32, 32)
-    clip = open_clip_backbone(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+    clip = open_clip_backbone(embed_dim=16,
+                              vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
                               text_cfg=dict(context_length=12, width=32, heads=2, layers=2))
     inject_lora(clip.model, LoRAConfig(r=2, target_modules=clip.lora_targets))
     assert len(list(lora_modules(clip.model))) == 2 * 2 * 4

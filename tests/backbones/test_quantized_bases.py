@@ -97,7 +97,8 @@ def test_qlora_fit_checkpoint_and_merged_export(tmp_path, bits):
 def test_quantization_needs_pretrained_weights_and_known_fields(tmp_path):
     with pytest.raises(ValueError, match="needs pretrained weights.*HINT: save_pretrained"):
         transformers_backbone(config=dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, vocab_size=50), quantization_config={"load_in_4bit": True})
+                                          num_attention_heads=2, vocab_size=50),
+                              quantization_config={"load_in_4bit": True})
     with pytest.raises(ValueError, match=r"unknown entries \['load_in_4bits'\].*HINT"):
         transformers_backbone(str(tmp_path), quantization_config={"load_in_4bits": True})
     with pytest.raises(ValueError, match="neither load_in_4bit nor load_in_8bit is true"):

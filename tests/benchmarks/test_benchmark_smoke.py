@@ -142,7 +142,8 @@ def test_finetune_quality_loraplus_groups():
     rest, b_group = optimizer.param_groups
     assert all("lora_B" in names[id(p)] for p in b_group["params"])
     assert not any("lora_B" in names[id(p)] for p in rest["params"])
-    assert any("lora_A" in names[id(p)] for p in rest["params"]) and any("classifier" in names[id(p)] for p in rest["params"])
+    assert (any("lora_A" in names[id(p)] for p in rest["params"])
+            and any("classifier" in names[id(p)] for p in rest["params"]))
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     assert len(rest["params"]) + len(b_group["params"]) == len(trainable)
     optimizer.step()  # no gradients yet: moves nothing, keeps the scheduler's order check quiet

@@ -77,7 +77,8 @@ def trained(tmp_path_factory):
     ]
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=CSVLogger(root), callbacks=callbacks,
                         gradient_clip_val=CLIP, gradient_clip_algorithm="norm", log_every_n_steps=1,
-                        limit_val_batches=2, val_check_interval=3, enable_progress_bar=False, enable_model_summary=False)
+                        limit_val_batches=2, val_check_interval=3, enable_progress_bar=False,
+                        enable_model_summary=False)
     trainer.fit(module, train_dataloaders=_data(), val_dataloaders=_data())
     return module, pristine, callbacks, root
 

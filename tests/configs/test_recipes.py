@@ -17,7 +17,8 @@ from lit_lowrank.cli import LowRankCLI
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 512,
               "tie_word_embeddings": True}
-TINY_VIT = {"pretrained": False, "img_size": 32, "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+TINY_VIT = {"pretrained": False, "img_size": 32,
+            "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
 
 
 def _digit_files(root: Path) -> Path:
@@ -47,17 +48,23 @@ def _labelled_csv(root: Path) -> Path:
 RECIPES = {
     "quickstart.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {"cap_per_class": 12}),
     "finetune_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {"cap_per_class": 12}),
-    "minilm_classify_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {"train_file": str(_labelled_csv(tmp)), "batch_size": 8}),
-    "pretrain_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA), {"max_train_blocks": 32, "max_val_blocks": 4}),
+    "minilm_classify_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {
+        "train_file": str(_labelled_csv(tmp)), "batch_size": 8}),
+    "pretrain_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA), {
+        "max_train_blocks": 32, "max_val_blocks": 4}),
     "llama_finetune_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA), {
-        "tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "block_size": 32, "max_train_blocks": 16, "max_val_blocks": 4}),
+        "tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "block_size": 32, "max_train_blocks": 16,
+        "max_val_blocks": 4}),
     "vit_classify_lora_pro.yaml": lambda tmp: _override(tmp, TINY_VIT, {
-        "train_dir": str(_digit_files(tmp) / "images" / "train"), "val_dir": str(tmp / "images" / "val"), "image_size": 32}),
-    "digits_vit_lora_pre_muon.yaml": lambda tmp: _override(tmp, {"model_kwargs": {"patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2}}),
+        "train_dir": str(_digit_files(tmp) / "images" / "train"), "val_dir": str(tmp / "images" / "val"),
+        "image_size": 32}),
+    "digits_vit_lora_pre_muon.yaml": lambda tmp: _override(tmp, {
+        "model_kwargs": {"patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2}}),
     "clip_fewshot_lora_pro.yaml": lambda tmp: _override(tmp, {
         "name": None, "pretrained": None, "embed_dim": 16,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-        "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}, {"image_size": 32, "train_per_class": 4, "batch_size": 16}),
+        "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}},
+        {"image_size": 32, "train_per_class": 4, "batch_size": 16}),
 }
 
 
@@ -78,7 +85,8 @@ def test_recipe_runs_with_a_tiny_backbone(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-mixed"])
 def test_precision_files_compose(precision, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "precision" / f"{precision}.yaml"),
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"),
+            "--config", str(CONFIGS / "precision" / f"{precision}.yaml"),
             *RECIPES["quickstart.yaml"](tmp_path), *SHORT]
     cli = LowRankCLI(args=args)
     expected = "bf16-mixed" if precision == "16-mixed" else precision  # Lightning: fp16 AMP is GPU-only

@@ -21,7 +21,8 @@ SHORT_RUN = list(SHORT)
 
 def test_sft_recipe_runs_both_steps_then_test_and_predict(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the recipes' relative runs/ paths land here
-    base_args = ["--config", PRETRAIN, *_override(tmp_path, _hf(TINY_LLAMA), {"max_train_blocks": 32, "max_val_blocks": 4}),
+    base_args = ["--config", PRETRAIN,
+                 *_override(tmp_path, _hf(TINY_LLAMA), {"max_train_blocks": 32, "max_val_blocks": 4}),
                  "--model.init_args.optimizer.init_args.rank=8"]  # below the tiny model's width
     LowRankCLI(args=["fit", *base_args, *SHORT_RUN])
     base = tmp_path / "runs" / "sft_base" / "checkpoints" / "base.ckpt"

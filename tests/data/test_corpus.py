@@ -59,7 +59,8 @@ def test_stdlib_document_holds_its_docstrings_in_source_order():
 
 
 def test_paragraphs_split_collapse_and_filter():
-    text = "One two three.\n\n  Four five six seven\n  eight nine ten.\n   \nShort one.\n\n>>> a = 1 + 2 + 3 + 4 + 5 + 6"
+    text = ("One two three.\n\n  Four five six seven\n  eight nine ten.\n   \nShort one.\n\n"
+            ">>> a = 1 + 2 + 3 + 4 + 5 + 6")
     assert paragraphs(text, min_words=4) == ["Four five six seven eight nine ten."]
     assert paragraphs(text, min_words=1)[:2] == ["One two three.", "Four five six seven eight nine ten."]
 
@@ -132,7 +133,8 @@ def test_paragraph_shared_by_two_packages_is_dropped(monkeypatch, tmp_path):
     for package, text in own.items():
         (tmp_path / package / "test").mkdir(parents=True)
         (tmp_path / package / "m.py").write_text(f'"""{text}\n\n{shared}"""\n\ndef f():\n    """{text}"""\n')
-        (tmp_path / package / "test" / "t.py").write_text('"""Test folders are skipped even when they hold long prose."""')
+        (tmp_path / package / "test" / "t.py").write_text(
+            '"""Test folders are skipped even when they hold long prose."""')
     monkeypatch.setattr(corpus, "stdlib_dir", lambda: tmp_path)
     task = corpus._docstring_classification(("alpha", "beta"), 100, 8, (1.0, 0.0, 0.0))
     assert sorted((ex.text, ex.label, ex.source) for ex in task.train) == [

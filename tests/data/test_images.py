@@ -103,7 +103,8 @@ def test_image_folder_held_out_share_and_errors(tmp_path):
 def _pairs(tmp_path, rows, name="pairs.csv", header="image,caption,label"):
     (tmp_path / "imgs").mkdir(exist_ok=True)
     for i in range(len(rows)):
-        Image.fromarray((DIGITS.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(tmp_path / "imgs" / f"{i}.png")
+        Image.fromarray((DIGITS.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(
+            tmp_path / "imgs" / f"{i}.png")
     path = tmp_path / "lists" / name
     path.parent.mkdir(exist_ok=True)
     path.write_text(header + "\n" + "".join(f"../imgs/{i}.png,{','.join(row)}\n" for i, row in enumerate(rows)))

@@ -121,7 +121,8 @@ def test_bad_rows_are_reported_with_file_and_line_and_counted(tmp_path):
     message = str([w for w in caught if "not usable" in str(w.message)][0].message)
     assert f"6 of 8 rows of {path} are not usable examples" in message
     for line, reason in [(2, "not valid JSON"), (3, "no 'response' value"), (4, "'response' is empty"),
-                         (5, "'prompt' is 7 (int), expected text"), (7, "'messages' ends with a user message: there is no response to learn"),
+                         (5, "'prompt' is 7 (int), expected text"),
+                         (7, "'messages' ends with a user message: there is no response to learn"),
                          (8, "'messages'[0] is not a message with a role")]:
         assert f"{path}:{line}: {reason}" in message, (line, message)
     assert "(2 examples kept)" in message and len(dm.bad_rows) == 6
@@ -134,7 +135,8 @@ def test_csv_rows_report_their_first_line(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text('prompt,response\n"two\nline prompt",yes\nfine,\nextra,cells,here\nlast,one\n')
     dm = InstructionDataModule(str(path), val_file=str(path), bad_rows="warn")
-    with pytest.warns(UserWarning, match=rf"(?s){path}:4: 'response' is empty.*{path}:5: has 3 cells, the header has 2"):
+    with pytest.warns(UserWarning,
+                      match=rf"(?s){path}:4: 'response' is empty.*{path}:5: has 3 cells, the header has 2"):
         dm.setup("fit")
     assert [e.prompt.text for e in dm.examples["train"]] == ["two\nline prompt", "last"]
 
@@ -143,7 +145,8 @@ def test_wrong_field_names_are_one_clear_error(tmp_path):
     with pytest.raises(KeyError, match=r"its fields: \['answer', 'question'\]\).*HINT: set prompt_field="):
         module(tmp_path, [{"question": "q", "answer": "a"}])
     val = write_jsonl(tmp_path / "v.jsonl", [{"question": "v", "answer": "w"}])
-    dm = module(tmp_path, [{"question": "q", "answer": "a"}], prompt_field="question", response_field="answer", val_file=val)
+    dm = module(tmp_path, [{"question": "q", "answer": "a"}], prompt_field="question", response_field="answer",
+                val_file=val)
     assert dm.examples["train"][0].prompt.reference == "a"
 
 
@@ -158,7 +161,8 @@ def test_validation_is_held_out_by_content_when_no_file_is_given(tmp_path):
 
 
 def test_evaluation_and_predict_batches_carry_prompts_and_references(tmp_path):
-    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "one", "response": "1"}, {"prompt": "two words", "response": "2"}])
+    test = write_jsonl(tmp_path / "test.jsonl",
+                       [{"prompt": "one", "response": "1"}, {"prompt": "two words", "response": "2"}])
     predict = write_jsonl(tmp_path / "predict.jsonl", [{"prompt": "three"}, {"prompt": "four", "response": "4"}])
     dm = module(tmp_path, [{"prompt": "a", "response": "b"}], test_file=test, predict_file=predict, batch_size=2)
     batch = next(iter(dm.test_dataloader()))
@@ -195,7 +199,8 @@ def test_a_compacted_vocabulary_maps_ids_and_refuses_one_without_eos(tmp_path):
     dm = module(tmp_path, [{"prompt": "what is the answer", "response": "the answer is"}], vocabulary=str(vocabulary))
     (example,) = dm.examples["train"]
     assert dm.vocab_size == 10 and max(example.input_ids) < 10
-    assert dm.codec.decode([t for t, label in zip(example.input_ids, example.labels) if label != -100]) == "the answer is"
+    assert dm.codec.decode([t for t, label in zip(example.input_ids, example.labels)
+                            if label != -100]) == "the answer is"
     vocabulary.write_text(json.dumps(TOKENIZER.convert_tokens_to_ids(["[UNK]", "the"])))
     with pytest.raises(ValueError, match="has no id for its EOS token"):
         module(tmp_path, [{"prompt": "a", "response": "b"}], vocabulary=str(vocabulary))

@@ -41,7 +41,8 @@ def test_integer_labels_keep_their_ids_and_given_names_set_the_order(tmp_path):
                                          class_names=["pos", "neg", "meh"])
     named.setup()
     assert {y for t, y in named.splits["train"] if t == ROWS[0][0]} == {0}
-    assert label_vocabulary([10, "9", 100]) == ["9", "10", "100"] and label_vocabulary(["b", "10", "a"]) == ["10", "a", "b"]
+    assert (label_vocabulary([10, "9", 100]) == ["9", "10", "100"]
+            and label_vocabulary(["b", "10", "a"]) == ["10", "a", "b"])
 
 
 def test_batches_are_dynamically_padded_tokenizer_output(tmp_path):
@@ -81,7 +82,8 @@ def test_missing_column_unknown_label_and_missing_split_errors(tmp_path):
         TextClassificationDataModule(path, text_field="body", label_field="sentiment").setup()
     val = _csv(tmp_path / "val.csv", [("odd one", "surprised")])
     with pytest.raises(ValueError, match=r"labels \['surprised'\].*class_names"):
-        TextClassificationDataModule(_csv(tmp_path / "t.csv", ROWS), val_file=val, class_names=["meh", "neg", "pos"]).setup()
+        TextClassificationDataModule(_csv(tmp_path / "t.csv", ROWS), val_file=val,
+                                     class_names=["meh", "neg", "pos"]).setup()
     dm = TextClassificationDataModule(_csv(tmp_path / "t.csv", ROWS))
     dm.setup()
     with pytest.raises(RuntimeError, match="no test split.*test_file"):

@@ -19,7 +19,8 @@ def folder(tmp_path):
 
 
 def test_test_split_reads_test_source_and_otherwise_warns_it_uses_validation(folder):
-    dm = TextBlocksDataModule(str(folder / "docs"), test_source=str(folder / "held_out.txt"), block_size=16, batch_size=4)
+    dm = TextBlocksDataModule(str(folder / "docs"), test_source=str(folder / "held_out.txt"), block_size=16,
+                              batch_size=4)
     dm.setup("test")
     first = next(iter(dm.test_dataloader()))["input_ids"][0]
     assert dm.tokenizer.decode(first).startswith("a lazy dog sleeps")

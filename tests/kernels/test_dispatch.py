@@ -60,7 +60,8 @@ def update(use_triton, A, B_t, U_t, V):
     """One full-mode step from zero moments; returns everything it produced or changed."""
     L, m, n = A.shape[0], B_t.shape[-1], A.shape[-1]
     avg, avg_sq = ([torch.zeros(m, n, dtype=A.dtype) for _ in range(L)] for _ in range(2))
-    new_A, new_B_t, step = full_mode_update(A, B_t, U_t, V, avg, avg_sq, torch.zeros(L), torch.ones(L, dtype=torch.bool),
+    new_A, new_B_t, step = full_mode_update(A, B_t, U_t, V, avg, avg_sq, torch.zeros(L),
+                                             torch.ones(L, dtype=torch.bool),
                                             scaling=2.0, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                             damping=1e-8, use_triton=use_triton)
     return [new_A, new_B_t, step, *avg, *avg_sq]
@@ -144,7 +145,8 @@ def test_tensor_subclasses_take_the_torch_path():
         assert should_use_kernel("auto", x, kernel="lora_pro_full") is False
     with pytest.warns(KernelFallbackWarning, match="plain tensors"):
         assert should_use_kernel(True, x, kernel="lora_pro_full") is False
-    assert should_use_kernel(True, torch.nn.Parameter(torch.zeros(3)), kernel="lora_pro_full") is (HAS_TRITON and not NATIVE)
+    assert should_use_kernel(True, torch.nn.Parameter(torch.zeros(3)),
+                             kernel="lora_pro_full") is (HAS_TRITON and not NATIVE)
 
 
 def test_missing_triton_warns_once_and_runs_torch(monkeypatch):

@@ -38,7 +38,8 @@ on_device = pytest.mark.skipif(NATIVE and DEVICE.type == "cpu", reason="natively
 
 @pytest.fixture(autouse=True)
 def fresh_dispatch(monkeypatch):
-    assert lora_pro_full.INTERPRETED != NATIVE, "lit_lowrank.kernels.lora_pro_full was imported before TRITON_INTERPRET was set"
+    assert lora_pro_full.INTERPRETED != NATIVE, (
+        "lit_lowrank.kernels.lora_pro_full was imported before TRITON_INTERPRET was set")
     monkeypatch.setenv(dispatch.CHECK_ENV, "0")  # these compare the kernel itself: no self-check swapping torch in
     dispatch.reset()
     yield
@@ -77,7 +78,8 @@ def close(actual, expected, rtol=2e-5):
 
 def random_step(gen, L, m, n, r):
     """Factors of g~ for one step: U_t (L, 2r, m), V (L, 2r, n) at a gradient-like scale."""
-    return torch.randn(L, 2 * r, m, generator=gen).to(DEVICE), (torch.randn(L, 2 * r, n, generator=gen) * 1e-2).to(DEVICE)
+    return (torch.randn(L, 2 * r, m, generator=gen).to(DEVICE),
+            (torch.randn(L, 2 * r, n, generator=gen) * 1e-2).to(DEVICE))
 
 
 @on_device
@@ -220,8 +222,8 @@ def largest(configs):
 
 summing = [c for c in K.GPU_CONFIGS if c.kwargs["ROW_TILES"] > 1]
 storing = [c for c in K.GPU_CONFIGS if c.kwargs["ROW_TILES"] == 1]
-cases = [(K.GPU_CONFIGS[0], 16, "tf32x3"), (largest(storing), 128, "tf32x3"), (largest(summing), K.MAX_R_ROW_SUM, "tf32x3"),
-         (K.GPU_CONFIGS[0], 3, "ieee")]
+cases = [(K.GPU_CONFIGS[0], 16, "tf32x3"), (largest(storing), 128, "tf32x3"),
+         (largest(summing), K.MAX_R_ROW_SUM, "tf32x3"), (K.GPU_CONFIGS[0], 3, "ieee")]
 for config, r, precision in cases:
     constexprs = dict(config.kwargs, r=r, BLOCK_K=K._pow2_between(2 * r, 16, 64), BLOCK_R=K._pow2_between(r, 16, 64),
                       R_PAD=max(16, triton.next_power_of_2(r)), DOT_PRECISION=precision)

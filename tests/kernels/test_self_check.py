@@ -29,7 +29,8 @@ WRONG = (37, 53)  # the shape whose kernel result gets the injected error
 
 @pytest.fixture(autouse=True)
 def checked(monkeypatch):
-    assert NATIVE or (lora_pro_full.INTERPRETED and lora_pre_adam.INTERPRETED), "kernels imported before TRITON_INTERPRET=1"
+    assert NATIVE or (lora_pro_full.INTERPRETED and lora_pre_adam.INTERPRETED), (
+        "kernels imported before TRITON_INTERPRET=1")
     monkeypatch.setenv(CHECK_ENV, "1")
     dispatch.reset()
     yield

@@ -41,7 +41,8 @@ def methods():
         # The spec's second moment holds almost nothing of earlier gradients in the first steps, so an entry whose
         # current gradient is ~0 moves by ~m/eps: rounding differences between 1 and 2 processes (the order of
         # gradient averaging) then become O(lr) parameter differences. The debiased warm-up keeps v at Adam's scale.
-        table["lora_pre_adam"] = (None, functools.partial(optim.LoRAPreAdamW, lr=1e-2, rank=4, debias_second_moment=True))
+        table["lora_pre_adam"] = (None, functools.partial(optim.LoRAPreAdamW, lr=1e-2, rank=4,
+                                                          debias_second_moment=True))
         table["lora_pre_muon"] = (None, functools.partial(optim.LoRAPreMuon, lr=1e-2, rank=4))
     return table
 

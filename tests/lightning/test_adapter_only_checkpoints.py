@@ -108,7 +108,8 @@ def test_the_fingerprint_accepts_the_base_in_bf16_and_refuses_another_init():
     checkpoint = {"state_dict": task(0, torch.bfloat16).state_dict()}  # trained with precision: bf16-true
     drop_frozen_base(task(0, torch.bfloat16), checkpoint, cache={})
     assert checkpoint["state_dict"] == {}
-    assert check_frozen_base(task(0), checkpoint) == {"model.0.weight", "model.0.bias", "model.1.weight", "model.1.bias"}
+    assert check_frozen_base(task(0), checkpoint) == {"model.0.weight", "model.0.bias", "model.1.weight",
+                                                      "model.1.bias"}
     with pytest.raises(ValueError, match=r"\(2 differ; 'model.0.weight' has other values\)"):  # not LayerNorm's 1/0
         check_frozen_base(task(1), checkpoint)
 
@@ -118,7 +119,8 @@ def test_lightning_cli_checkpoint_loads_and_evaluates_with_the_rebuilt_base(tmp_
     cli = LowRankCLI(args=["fit", *tiny_quickstart(tmp_path), *SHORT, "--test_after_fit=false"])
     best = cli.trainer.checkpoint_callback.best_model_path
     checkpoint = torch.load(best, weights_only=True)
-    assert FROZEN_BASE_KEY in checkpoint and "model.bert.embeddings.word_embeddings.weight" not in checkpoint["state_dict"]
+    assert (FROZEN_BASE_KEY in checkpoint
+            and "model.bert.embeddings.word_embeddings.weight" not in checkpoint["state_dict"])
     # the saved hyper-parameters rebuild the backbone; its random init needs the run's seed (seed_everything: 0)
     L.seed_everything(0)
     loaded = SequenceClassificationTask.load_from_checkpoint(best)
@@ -136,7 +138,8 @@ CASE = "lora_pro_full"  # the largest optimizer state of the LoRA cases
 @pytest.mark.slow
 def test_a_trainable_only_checkpoint_resumes_bitwise_in_a_fresh_process(tmp_path):
     for phase in ("straight", "first", "resume"):
-        result = subprocess.run([sys.executable, str(SCRIPT), "--phase", phase, "--cases", CASE, "--out", str(tmp_path)],
+        result = subprocess.run([sys.executable, str(SCRIPT), "--phase", phase, "--cases", CASE,
+                                 "--out", str(tmp_path)],
                                 capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent)
         assert result.returncode == 0, f"{phase} failed:\n{result.stderr[-6000:]}"
     for checkpoint_file in (tmp_path / "first" / CASE).rglob("*.ckpt"):

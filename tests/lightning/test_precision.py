@@ -56,5 +56,6 @@ def test_trains_with_fp32_state(optimizer_name, precision):
     assert any(not torch.equal(trained[n].detach().float(), value) for n, value in before.items()), "nothing trained"
     if precision == "bf16-true":
         assert {p.dtype for p in task.parameters()} == {torch.bfloat16}
-    state = [v for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    state = [v for s in trainer.optimizers[0].state.values() for v in s.values()
+             if torch.is_tensor(v) and v.numel() > 1]
     assert state and {v.dtype for v in state} == {torch.float32}

@@ -135,7 +135,8 @@ def worker(rank: int, port: int, out: str, use_triton: bool) -> None:
         train(fresh, fresh_optimizer, [STEPS - 1], rank, WORLD)
         torch.save({"straight": full_parameters(model), "resumed": full_parameters(fresh),
                     "state": state_record(model, optimizer), "state_bytes": optimizer_state_bytes(optimizer),
-                    "skipped_steps": optimizer.skipped_steps(), "resumed_skipped_steps": fresh_optimizer.skipped_steps(),
+                    "skipped_steps": optimizer.skipped_steps(),
+                    "resumed_skipped_steps": fresh_optimizer.skipped_steps(),
                     "kernel_launches": launches},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:

@@ -81,7 +81,8 @@ def step_factors(W, g, factors, *, damping=1e-6, factor_update="alternating", t=
 
 @pytest.mark.parametrize("grad_dtype", [F64, torch.bfloat16])  # bf16: converted chunk by chunk (13 rows, chunks of 5)
 @pytest.mark.parametrize("factor_update", ["alternating", "jacobi"])
-@pytest.mark.parametrize("debias, bound", [(False, "none"), (True, "v_floor"), (True, "adam_floor"), (False, "v_floor")])
+@pytest.mark.parametrize("debias, bound", [(False, "none"), (True, "v_floor"), (True, "adam_floor"),
+                                           (False, "v_floor")])
 def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dtype, debias, bound):
     p, q, r = 13, 9, 3
     factors = random_factors(p, q, r, seed=1)

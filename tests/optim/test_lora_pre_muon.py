@@ -165,7 +165,8 @@ def test_use_triton_true_warns_once_that_there_is_no_kernel_and_runs_torch():
     layers = {flag: nn.Linear(12, 10) for flag in (True, False)}
     layers[False].load_state_dict(layers[True].state_dict())
     with pytest.warns(KernelFallbackWarning, match="LoRAPreMuon has no Triton kernel") as record:
-        optimizers = {flag: LoRAPreMuon(layer.parameters(), rank=3, use_triton=flag, seed=0) for flag, layer in layers.items()}
+        optimizers = {flag: LoRAPreMuon(layer.parameters(), rank=3, use_triton=flag, seed=0)
+                      for flag, layer in layers.items()}
         LoRAPreMuon(nn.Linear(12, 10).parameters(), rank=3, use_triton=True)
     assert len([w for w in record if issubclass(w.category, KernelFallbackWarning)]) == 1
     dispatch.reset()

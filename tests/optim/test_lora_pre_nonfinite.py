@@ -115,7 +115,8 @@ def test_a_huge_but_finite_float64_gradient_is_not_skipped(make):
     weight, bias = torch.nn.Parameter(torch.zeros(6, 5, dtype=torch.float64)), torch.nn.Parameter(
         torch.zeros(6, dtype=torch.float64))
     optimizer = make([weight, bias], lr=1e-2, rank=2)
-    weight.grad, bias.grad = torch.full((6, 5), 1e100, dtype=torch.float64), torch.full((6,), -1e100, dtype=torch.float64)
+    weight.grad, bias.grad = (torch.full((6, 5), 1e100, dtype=torch.float64),
+                              torch.full((6,), -1e100, dtype=torch.float64))
     optimizer.step()
     assert optimizer.skipped_steps() == 0
     assert (weight != 0).all() and (bias > 0).all() and torch.isfinite(weight).all()

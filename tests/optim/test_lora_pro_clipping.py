@@ -74,7 +74,8 @@ def test_full_mode_clips_the_equivalent_gradient():
     squares = [g.square().sum() for g in (reference[4].weight.grad, reference[4].bias.grad)]
     for _, adapter in lora_modules(reference):
         dense = equivalent_gradient(adapter.lora_A.detach().double(), adapter.lora_B.detach().double(),
-                                    adapter.lora_A.grad.double(), adapter.lora_B.grad.double(), adapter.scaling, dense=True)
+                                    adapter.lora_A.grad.double(), adapter.lora_B.grad.double(), adapter.scaling,
+                                    dense=True)
         squares.append(dense.square().sum())
     coefficient = min(1.0, MAX_NORM / (float(sum(squares)) ** 0.5 + 1e-6))
     assert coefficient < 0.2

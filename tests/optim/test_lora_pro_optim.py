@@ -99,7 +99,8 @@ def test_apply_lora_pro_matches_the_reference_and_each_module_scaling():
     modules = dict(lora_modules(net))
     modules["2"].scaling = 0.7  # pairs are solved with their own module's scaling, never a hard-wired one
     loss_of(net, batch(0)).backward()
-    expected = {name: reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling) for name, m in modules.items()}
+    expected = {name: reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling)
+                for name, m in modules.items()}
     assert apply_lora_pro_(net) == 2
     for name, module in modules.items():
         torch.testing.assert_close(module.lora_A.grad, expected[name][0], rtol=1e-9, atol=1e-12)
@@ -132,7 +133,8 @@ def test_clipping_after_the_rewrite_sees_the_lora_pro_norm():
     net = make_net()
     loss_of(net, batch(0)).backward()
     modules = [m for _, m in lora_modules(net)]
-    expected = [t for m in modules for t in reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling)]
+    expected = [t for m in modules
+                for t in reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling)]
     params = [p for m in modules for p in (m.lora_A, m.lora_B)]
     apply_lora_pro_(net)
     total = torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
@@ -146,7 +148,8 @@ def test_efficient_mode_equals_reference_grads_with_torch_adamw(b_std):
     net = make_net(b_std=b_std)
     ref_net = copy.deepcopy(net)
     opt = LoRAPro(net, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
-    ref_opt = torch.optim.AdamW([p for p in ref_net.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([p for p in ref_net.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.99),
+                                weight_decay=0.1)
     for i in range(4):
         train(opt, net, 1, start=i)
         step_with_reference(ref_opt, ref_net, batch(i),
@@ -412,7 +415,8 @@ def test_tiny_llama_rewrite_matches_reference_for_every_projection():
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     model(input_ids=tokens, labels=tokens).loss.backward()
     modules = dict(lora_modules(model))
-    expected = {name: reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling) for name, m in modules.items()}
+    expected = {name: reference_lora_pro(m.lora_A, m.lora_B, m.lora_A.grad, m.lora_B.grad, m.scaling)
+                for name, m in modules.items()}
     assert apply_lora_pro_(model) == 14
     for name, module in modules.items():
         torch.testing.assert_close(module.lora_A.grad.double(), expected[name][0], rtol=1e-3, atol=1e-6, msg=name)
@@ -441,7 +445,8 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.calls.append(func.overloadpacket.__name__)
-        self.shapes.extend(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor))
+        self.shapes.extend(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                           if isinstance(t, torch.Tensor))
         return out
 
 

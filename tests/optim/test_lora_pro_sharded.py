@@ -49,7 +49,8 @@ def test_two_ranks_end_where_one_process_ends(ranks, single):
     assert min((expected[k] - initial[k]).abs().max() for k in expected if "lora" in k) > 5e-3  # every adapter moved
     for result in results:
         for name, value in expected.items():
-            torch.testing.assert_close(result["straight"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(result["straight"][name], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 def test_each_rank_keeps_only_its_rows_of_the_weight_moments(ranks):

@@ -24,7 +24,8 @@ from lit_lowrank.tasks.generation import (
 )
 
 TOKENIZER = load_tokenizer(DEFAULT_TOKENIZER)
-WORDS = ["[UNK]", "[SEP]", "[PAD]"] + "the a cat dog sat ran on in mat hat big small red blue one two three four five six seven eight nine ten # instruction response :".split()
+WORDS = ["[UNK]", "[SEP]", "[PAD]"] + ("the a cat dog sat ran on in mat hat big small red blue one two three four "
+                                       "five six seven eight nine ten # instruction response :").split()
 KEPT = TOKENIZER.convert_tokens_to_ids(WORDS)
 
 
@@ -60,7 +61,8 @@ def test_generation_stops_at_eos_and_at_stop_strings_and_left_padding_changes_no
     batch = prompts(codec, ["the cat sat on the mat", "a dog"])
     options = GenerationOptions(max_new_tokens=10)
     free = generate_texts(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], options, codec)
-    alone = generate_texts(model, batch["prompt_input_ids"][1:, -2:], batch["prompt_attention_mask"][1:, -2:], options, codec)
+    alone = generate_texts(model, batch["prompt_input_ids"][1:, -2:], batch["prompt_attention_mask"][1:, -2:],
+                           options, codec)
     assert alone[0] == free[1]  # the same continuation with or without padding on its left
     words = free[0].split()
     stop = words[3]  # a word the free generation reaches after three others
@@ -160,11 +162,12 @@ def test_predict_writes_prompt_generation_and_answer_as_jsonl(tmp_path, capsys):
     returned = trainer(tmp_path).predict(model_task, datamodule=dm)
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["prompt"] for r in rows] == ["the big cat", "the small cat",
-                                                                                          "the red cat", "the blue cat"]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["prompt"] for r in rows] == [
+        "the big cat", "the small cat", "the red cat", "the blue cat"]
     assert [r["generation"] for r in rows] == [r["generation"] for batch in returned for r in batch]
     assert [r["reference_answer"] for r in rows] == ["one", "two", "three", "four"]
-    assert all(set(r) == {"index", "prompt", "generation", "answer", "reference", "reference_answer", "correct"} for r in rows)
+    assert all(set(r) == {"index", "prompt", "generation", "answer", "reference", "reference_answer", "correct"}
+               for r in rows)
     printed = capsys.readouterr().out
     assert f"Generations (4 rows) written to {(tmp_path / 'generations.jsonl').resolve()}; exact match " in printed
 
@@ -180,7 +183,8 @@ def test_test_before_fit_reports_the_initial_weights_and_leaves_training_unchang
     plain, reported = run(False), run(True)
     assert torch.equal(plain.model.lm_head.weight, reported.model.lm_head.weight)  # same training with the report
     initial = task(exact_match=True, max_new_tokens=2)
-    tested = trainer(tmp_path).test(initial, datamodule=data(tmp_path, ["one", "two", "three", "four"]), verbose=False)[0]
+    tested = trainer(tmp_path).test(initial, datamodule=data(tmp_path, ["one", "two", "three", "four"]),
+                                    verbose=False)[0]
     assert reported.before_fit_metrics["before_fit/test/loss"] == pytest.approx(tested["test/loss"], rel=1e-5)
     assert reported.before_fit_metrics["before_fit/test/exact_match"] == tested["test/exact_match"]
     assert "Test split before fine-tuning (initial weights):" in capsys.readouterr().out
@@ -201,7 +205,8 @@ def test_initial_weights_come_from_a_checkpoint_and_must_fit(tmp_path):
     assert torch.equal(loaded.model.lm_head.weight, source.model.lm_head.weight)
     assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.base_layer.weight,
                        source.model.model.layers[0].self_attn.q_proj.weight)
-    with pytest.raises(ValueError, match=r"does not fit the model: other shape: \['lm_head.weight \(31, 32\) vs \(64, 32\)'"):
+    with pytest.raises(ValueError,
+                       match=r"does not fit the model: other shape: \['lm_head.weight \(31, 32\) vs \(64, 32\)'"):
         CausalLMTask(Backbone(tiny_llama(vocab_size=64)), init_weights=str(path))
     with pytest.raises(FileNotFoundError, match="HINT: run the pre-training step first"):
         CausalLMTask(Backbone(tiny_llama(vocab_size=64)), init_weights=str(tmp_path / "missing.ckpt"))

@@ -58,8 +58,10 @@ def test_llama_with_dropout_has_the_same_loss_and_gradients():
 
 
 @pytest.mark.parametrize("build, targets, loss_fn, layers", [
-    (tiny_vit, ["qkv", "fc1"], lambda m: m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))).square().mean(), 4),
-    (tiny_clip, r"transformer\.resblocks\.\d+\.mlp\.c_fc", lambda m: m.encode_text(_tokens(1000, 2, 16)).square().mean(), 2),
+    (tiny_vit, ["qkv", "fc1"],
+     lambda m: m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))).square().mean(), 4),
+    (tiny_clip, r"transformer\.resblocks\.\d+\.mlp\.c_fc",
+     lambda m: m.encode_text(_tokens(1000, 2, 16)).square().mean(), 2),
 ])
 def test_timm_and_open_clip_recompute_non_reentrantly(build, targets, loss_fn, layers):
     model = inject_lora(build(), LoRAConfig(r=2, target_modules=targets, modules_to_save=[]))
@@ -74,7 +76,8 @@ def test_timm_and_open_clip_recompute_non_reentrantly(build, targets, loss_fn, l
 def test_the_task_switch_gives_the_loss_and_gradients_of_a_run_without_it():
     def task(**options):
         torch.manual_seed(0)
-        return SequenceClassificationTask(Backbone(tiny_bert(), ["query", "value"]), lora=LoRAConfig(r=2, target_modules="default"), **options)
+        return SequenceClassificationTask(Backbone(tiny_bert(), ["query", "value"]),
+                                          lora=LoRAConfig(r=2, target_modules="default"), **options)
 
     batch = {"input_ids": _tokens(), "labels": torch.tensor([0, 2])}
     plain, checkpointed = task(), task(gradient_checkpointing=True)
@@ -89,7 +92,8 @@ def test_the_task_switch_gives_the_loss_and_gradients_of_a_run_without_it():
 def test_a_backbone_without_support_is_refused_when_the_task_is_built():
     model = nn.Sequential(nn.Linear(4, 4))
     model.num_classes, model.default_cfg = 4, {"classifier": "0"}
-    with pytest.raises(ValueError, match=r"Sequential has no gradient checkpointing support.*HINT: set gradient_checkpointing: false"):
+    with pytest.raises(ValueError, match=r"Sequential has no gradient checkpointing support.*"
+                                         r"HINT: set gradient_checkpointing: false"):
         ImageClassificationTask(Backbone(model), gradient_checkpointing=True)
     bert = tiny_bert()
     bert.supports_gradient_checkpointing = False

@@ -111,9 +111,11 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         if not isinstance(group["lowrank"], bool):
             raise TypeError(f"{owner}: invalid lowrank {group['lowrank']!r}; expected True or False.")
         if group["update_bound"] not in UPDATE_BOUNDS:
-            raise ValueError(f"{owner}: invalid update_bound {group['update_bound']!r}; expected one of {UPDATE_BOUNDS}.")
+            raise ValueError(f"{owner}: invalid update_bound {group['update_bound']!r}; "
+                             f"expected one of {UPDATE_BOUNDS}.")
         if not isinstance(group["debias_second_moment"], bool):
-            raise TypeError(f"{owner}: invalid debias_second_moment {group['debias_second_moment']!r}; expected a bool.")
+            raise TypeError(f"{owner}: invalid debias_second_moment {group['debias_second_moment']!r}; "
+                            "expected a bool.")
         if group["update_bound"] == "none" and not group["debias_second_moment"]:
             log.warning(
                 "%s: debias_second_moment=False with update_bound='none' is the paper's literal formula, whose steps "

@@ -109,7 +109,8 @@ def lora_pre_adam_update_(
 
     ``ok`` (a 0-d bool tensor) selects the device-side skip, which reads nothing on the host: ``step`` is then the
     step count as a 0-d tensor (already counting this step when ``ok`` holds; a count of 0 is read as 1), the
-    step's scalars are computed from it on the device (:func:`~lit_lowrank.optim.lora_pre.adam_scalars.adam_step_tensors`; in-kernel on the kernel path),
+    step's scalars are computed from it on the device
+    (:func:`~lit_lowrank.optim.lora_pre.adam_scalars.adam_step_tensors`; in-kernel on the kernel path),
     and where ``ok`` is False ``param`` and the factors stay bit for bit as they were, even if ``grad`` holds
     NaN: the kernel masks its stores of ``param``, and each factor update is a ``torch.where``. Off the kernel
     path this runs :func:`_masked_torch_step` (``grad_absmax`` unused), a few element-wise passes slower than the
@@ -160,8 +161,8 @@ def lora_pre_adam_update_(
     grad_buffer = workspace.get("grad", (chunk_rows, q), dtype, device) if grad.dtype != dtype else None
     chunks = list(row_chunks(p, chunk_rows))
     if update_bound == "rms_clip":  # a first look at the whole update: the step that keeps its RMS at most 1
-        step_size *= _rms_clip_factor(grad, B, A, V_B, V_A, kappa, rho, eps_hat, step_size / (lr * scale) if lr else 0.0,
-                                      chunks, shards)
+        step_size *= _rms_clip_factor(grad, B, A, V_B, V_A, kappa, rho, eps_hat,
+                                      step_size / (lr * scale) if lr else 0.0, chunks, shards)
     squares = _squares_are_safe(grad, B, A, V_B, V_A, kappa, rho, floor, grad_absmax)
     for rows in chunks:
         n = rows.stop - rows.start
@@ -325,7 +326,8 @@ SQUARES_LIMIT = 2.0**62
 def _squares_are_safe(grad: Tensor, B: Tensor, A: Tensor, V_B: Tensor, V_A: Tensor, kappa: float, rho: float,
                       floor: float, grad_absmax: float | None) -> bool:
     """Whether ``x^2 + g^2`` and ``(floor m)^2`` may be formed (``x = rho V_B V_A``, ``m = g + kappa B A``): on CPU
-    only (why: docs/design.md), and only when every operand is known to be below ``SQUARES_LIMIT``. ``|(B A)_ij| <= |B|_F |A|_F`` (Cauchy-Schwarz; loose, but the limit is ~1e18): four
+    only (why: docs/design.md), and only when every operand is known to be below ``SQUARES_LIMIT``.
+    ``|(B A)_ij| <= |B|_F |A|_F`` (Cauchy-Schwarz; loose, but the limit is ~1e18): four
     contiguous reductions of ``O((p + q) r)`` and one host read, which costs nothing on a CPU. Squares that
     underflow are harmless: ``eps`` dominates there.
     """

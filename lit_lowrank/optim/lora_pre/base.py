@@ -145,7 +145,8 @@ class LowRankOptimizerBase(Optimizer):
         grad = param.grad
         if grad.is_sparse:
             raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients (parameter {self._param_names.get(param, tuple(param.shape))}). "
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(parameter {self._param_names.get(param, tuple(param.shape))}). "
                 "HINT: use a dense embedding (nn.Embedding(sparse=False)) or leave it out of this optimizer."
             )
         return grad

@@ -191,7 +191,8 @@ def row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:
 
 
 CPU_CHUNK_ELEMENTS = 1 << 19
-"""Elements per row chunk of the transient ``p x q`` work on CPU (2 MiB per float32 buffer); measured: docs/design.md."""
+"""Elements per row chunk of the transient ``p x q`` work on CPU (2 MiB per float32 buffer); measured:
+docs/design.md."""
 
 CPU_WHOLE_MATRIX_ELEMENTS = 1 << 20
 """Matrices up to this size are done in one chunk on CPU (the working set stays in L3; docs/design.md)."""

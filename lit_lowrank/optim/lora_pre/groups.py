@@ -69,7 +69,8 @@ def lowrank_param_groups(
         ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
         >>> lowrank, adamw = lowrank_param_groups(model, rank=4)
         >>> lowrank["param_names"][:2], len(lowrank["params"]), adamw["param_names"][0]
-        (['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight'], 14, 'model.embed_tokens.weight')
+        (['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight'], 14,
+         'model.embed_tokens.weight')
     """
     _reject_adapters(model)
     lowrank, adamw = _split(model, _matcher(include), _matcher(exclude))

@@ -193,8 +193,9 @@ class LoRAPreMuon(LowRankOptimizerBase):
             else:
                 if RowShards.of(param) is not None:
                     raise NotImplementedError(
-                        f"{type(self).__name__}: the dense Muon fallback (full_rank='dense') does not support FSDP2-sharded "
-                        f"parameters ({self._param_names[param]}). HINT: lower the rank or use full_rank='factored'."
+                        f"{type(self).__name__}: the dense Muon fallback (full_rank='dense') does not support "
+                        f"FSDP2-sharded parameters ({self._param_names[param]}). "
+                        "HINT: lower the rank or use full_rank='factored'."
                     )
                 state = self.state[param]
                 if "momentum_buffer" not in state:

@@ -122,7 +122,8 @@ def sylvester_x(spectrum: GramSpectrum, rhs: torch.Tensor) -> torch.Tensor:
     rotated = spectrum.vecs_B.mT @ rhs @ spectrum.vecs_A
     denom = spectrum.vals_B.unsqueeze(-1) + spectrum.vals_A.unsqueeze(-2)
     solvable = denom > 0
-    rotated = torch.where(solvable, rotated / torch.where(solvable, denom, torch.ones_like(denom)), torch.zeros_like(rotated))
+    rotated = torch.where(solvable, rotated / torch.where(solvable, denom, torch.ones_like(denom)),
+                          torch.zeros_like(rotated))
     return spectrum.vecs_B @ rotated @ spectrum.vecs_A.mT
 
 
@@ -215,7 +216,8 @@ def equivalent_gradient(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, 
 
     Example:
         >>> import torch
-        >>> A, B, g = torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+        >>> A, B, g = (torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64),
+        ...            torch.randn(5, 6, dtype=torch.float64))
         >>> U, V = equivalent_gradient(A, B, 2.0 * B.T @ g, 2.0 * g @ A.T, scaling=2.0)
         >>> P_B = B @ torch.linalg.pinv(B)
         >>> P_A = torch.linalg.pinv(A) @ A

@@ -200,10 +200,12 @@ class LoRAPro(torch.optim.Optimizer):
                 "to pair lora_A with lora_B. HINT: LoRAPro(model, lr=...), not LoRAPro(model.parameters(), ...)."
             )
         if mode not in MODES:
-            raise ValueError(f"unknown LoRAPro mode={mode!r}; choose 'efficient' (LoRA's memory) or 'full' (Adam in weight space)")
+            raise ValueError(f"unknown LoRAPro mode={mode!r}; choose 'efficient' (LoRA's memory) or 'full' "
+                             "(Adam in weight space)")
         validate_use_triton(use_triton, type(self).__name__)
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay or not 0.0 <= damping:
-            raise ValueError(f"lr, eps, weight_decay and damping must be >= 0, got {lr}, {eps}, {weight_decay}, {damping}")
+            raise ValueError(f"lr, eps, weight_decay and damping must be >= 0, got {lr}, {eps}, {weight_decay}, "
+                             f"{damping}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         if not all(0.0 <= beta < 1.0 for beta in betas):
@@ -237,7 +239,8 @@ class LoRAPro(torch.optim.Optimizer):
         for pair in self.pairs:
             if group_of.get(pair.A) != group_of.get(pair.B):
                 raise ValueError(f"lora_A and lora_B of adapter {pair.name!r} must be in the same param group")
-        stepped = [pair for pair in self.pairs if pair.A in group_of and (pair.A.grad is not None or pair.B.grad is not None)]
+        stepped = [pair for pair in self.pairs
+                   if pair.A in group_of and (pair.A.grad is not None or pair.B.grad is not None)]
         # First every direction (adapters: LoRA-Pro's rewrite; other parameters: their gradients), so that
         # clipping can see the rewritten quantities; then the updates.
         plans = []
@@ -339,7 +342,8 @@ class LoRAPro(torch.optim.Optimizer):
         if "weight_exp_avg" not in state:
             m, n, dtype = pair.B.shape[0], pair.A.shape[1], compute_dtype(pair.A)
             for key in ("weight_exp_avg", "weight_exp_avg_sq"):
-                state[key] = shards.zeros(n, dtype) if shards else torch.zeros((m, n), dtype=dtype, device=pair.A.device)
+                state[key] = (shards.zeros(n, dtype) if shards
+                              else torch.zeros((m, n), dtype=dtype, device=pair.A.device))
             # lora_B's state stays empty but present: torch's distributed checkpoint (strict by default, as under
             # Lightning's ModelParallelStrategy) refuses to load a state without an entry for every trainable parameter.
             self.state.setdefault(pair.B, {})
@@ -362,8 +366,8 @@ class LoRAPro(torch.optim.Optimizer):
         states = [self._state(p, "exp_avg", "exp_avg_sq") for p in params]
         directions = list(plan.dA.unbind()) + [d.mT for d in plan.dB_t.unbind()]
         directions = [local_part(d, like=p) for d, p in zip(directions, params)]
-        adamw_masked_update_([local(p) for p in params], directions, _local_states(states), torch.cat([plan.ok, plan.ok]),
-                       **self._hyper(plan.group))
+        adamw_masked_update_([local(p) for p in params], directions, _local_states(states),
+                             torch.cat([plan.ok, plan.ok]), **self._hyper(plan.group))
 
     def _full_plan(self, batch: list[AdapterPair], group: dict) -> FullPlan:
         stack = read_factors(batch)
@@ -371,7 +375,8 @@ class LoRAPro(torch.optim.Optimizer):
         spectrum = gram_spectrum(A, B_t, group["damping"])
         U_t, V = equivalent_factors(spectrum, A, B_t, grad_A, grad_B_t, batch[0].scaling)
         skipped = ~stack.ok.view(-1, 1, 1)
-        return FullPlan(batch, group, stack.ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0), V.masked_fill_(skipped, 0))
+        return FullPlan(batch, group, stack.ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0),
+                        V.masked_fill_(skipped, 0))
 
     def _apply_full(self, plan: FullPlan) -> None:
         batch, A, B_t = plan.batch, plan.A, plan.B_t
@@ -392,8 +397,8 @@ class LoRAPro(torch.optim.Optimizer):
         saved_modes = {group.get("lora_pro") for group in state_dict["param_groups"]} - {None}
         if saved_modes - {self.mode}:
             raise ValueError(
-                f"this state was saved by LoRAPro(mode={saved_modes.pop()!r}) but the optimizer runs mode={self.mode!r}; "
-                "their states differ. HINT: create the optimizer with the same mode to resume."
+                f"this state was saved by LoRAPro(mode={saved_modes.pop()!r}) but the optimizer runs "
+                f"mode={self.mode!r}; their states differ. HINT: create the optimizer with the same mode to resume."
             )
         super().load_state_dict(state_dict)
         restore_saved_dtypes(self, state_dict)  # fp32 moments of bf16 adapters stay fp32

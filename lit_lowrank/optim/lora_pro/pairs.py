@@ -99,7 +99,8 @@ def all_finite(stack: torch.Tensor) -> torch.Tensor:
 def write_rows(targets: list[torch.Tensor], values: torch.Tensor) -> None:
     """Scatter a stack back into per-layer tensors (parameters, gradients or state); a sharded target
     receives only its own rows."""
-    torch._foreach_copy_([local(t) for t in targets], [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
+    torch._foreach_copy_([local(t) for t in targets],
+                         [local_part(v, like=t) for t, v in zip(targets, values.unbind(0))])
 
 
 def write_local(targets: list[torch.Tensor], values: torch.Tensor) -> None:

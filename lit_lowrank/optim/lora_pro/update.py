@@ -59,7 +59,8 @@ def full_mode_update(
         step: (L,) float steps taken so far; ok: (L,) bool, False for layers with non-finite gradients.
         spectrum: :func:`gram_spectrum` of (A, B_t) when the caller already has it.
         use_triton: the fused kernel ``lit_lowrank.kernels.lora_pro_full``, as defined in
-            :mod:`lit_lowrank.kernels.dispatch` (default ``False``: this torch path). It takes fp32 only; fp64 runs here.
+            :mod:`lit_lowrank.kernels.dispatch` (default ``False``: this torch path). It takes fp32 only; fp64 runs
+            here.
         shards: under FSDP2, how ``lora_B`` (and the weight) is split by rows. The moments are then this
             rank's rows (``m_local x n``) and ``B_t``, ``U_t`` still the whole layer's: the moments and the
             row-local ``G A^T`` use their matching columns, and the row sums ``B^T G`` and ``B^T (G A^T)`` are
