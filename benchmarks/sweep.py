@@ -235,10 +235,17 @@ def make_runner(
 
 
 def load_runs(runs_dir: Path, methods: Sequence[str]) -> list[dict]:
-    """Every finished run in ``runs_dir`` of one of ``methods``."""
-    paths = sorted(p for p in runs_dir.glob("*_seed*.json") if not p.name.endswith(".worker.json"))
-    runs = [read_json(path) for path in paths]
-    return [run for run in runs if run is not None and run.get("method") in methods]
+    """Every finished run in ``runs_dir`` of one of ``methods``; an unreadable run file is named on stderr and left
+    out (runs are written atomically, so only an outside edit makes one)."""
+    runs = []
+    for path in sorted(p for p in runs_dir.glob("*_seed*.json") if not p.name.endswith(".worker.json")):
+        run = read_json(path)
+        if run is None:
+            print(f"warning: {path} is not valid JSON and is left out of the report; delete it and run the sweep "
+                  "again to redo that run", file=sys.stderr)
+        elif run.get("method") in methods:
+            runs.append(run)
+    return runs
 
 
 def environment_for_report(env: dict, runs_dir: Path, report_only: bool) -> dict:
@@ -290,7 +297,11 @@ def sweep_main(script: str, argv, args, grids: dict, run_one: Callable[[dict], d
         sweep({m: (args.lrs or grids[m]) for m in args.methods}, args.seeds, runner(args), score, extend=args.extend,
               workers=workers)
     seconds = None if args.report_only else time.perf_counter() - started
-    summary = write_report(args, load_runs(args.runs, args.methods), env, seconds)
+    runs = load_runs(args.runs, args.methods)
+    if args.report_only and not runs:
+        raise SystemExit(f"--report-only: no finished runs of {', '.join(args.methods)} in {args.runs}. Run the sweep "
+                         "first (the same command without --report-only), or point --runs at its runs folder.")
+    summary = write_report(args, runs, env, seconds)
     for row in summary:
         print(summary_line(row))
     return summary

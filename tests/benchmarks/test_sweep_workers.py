@@ -70,3 +70,23 @@ def _sequential(sweep):
     run = Recorder()
     sweep.sweep(GRIDS, [0, 1, 2], run, score, extend=2, workers=1)
     return run
+
+
+def test_an_unreadable_run_file_is_named_and_left_out(sweep, tmp_path, capsys):
+    sweep.write_json(tmp_path / "a_lr1e-3_seed0.json", {"method": "a", "lr": 1e-3, "seed": 0})
+    (tmp_path / "a_lr3e-3_seed0.json").write_text('{"method": "a", "lr": 0.0')  # cut short by an outside edit
+    runs = sweep.load_runs(tmp_path, ["a"])
+    assert [run["lr"] for run in runs] == [1e-3]
+    assert "a_lr3e-3_seed0.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_report_only_without_runs_stops_and_says_how_to_get_them(sweep, tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(worker=None, threads=1, runs=tmp_path / "missing", report_only=True, methods=["a"])
+
+    def write_report(*_):
+        raise AssertionError("no report from zero runs")
+
+    with pytest.raises(SystemExit, match="no finished runs of a in .*missing.*Run the sweep first"):
+        sweep.sweep_main("script.py", [], args, GRIDS, None, None, score, write_report, str)
