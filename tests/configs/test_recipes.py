@@ -160,3 +160,16 @@ def test_console_script_is_the_same_cli():
     result = subprocess.run([sys.executable, "-m", "lit_lowrank.cli", "fit", "--help"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "--test_after_fit" in result.stdout
+
+
+def test_a_finished_run_destroys_its_process_group(tmp_path, monkeypatch):
+    # Left to interpreter exit, gloo's threads can abort a finished DDP run (exit -6): main() closes the group.
+    import torch.distributed as dist
+
+    import lit_lowrank.cli as cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(cli, "LowRankCLI", lambda args: None)  # a run that finished
+    cli.main(["fit"])
+    assert not dist.is_initialized()
+    cli.close_process_group()  # nothing to close: a no-op
