@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_exit import finished
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
         result = subprocess.run([sys.executable, str(SCRIPT), "--strategy", strategy, "--methods", ",".join(METHODS),
                                  "--resume", ",".join(RESUMED.get(strategy, [])), "--steps", "3", "--out", str(out)],
                                 capture_output=True, text=True, timeout=900, cwd=SCRIPT.parent)
-        assert result.returncode == 0, f"{strategy} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        assert finished(result), f"{strategy} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return out
 
 

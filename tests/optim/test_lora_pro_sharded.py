@@ -12,6 +12,7 @@ import torch
 
 SCRIPT = Path(__file__).with_name("lora_pro_sharded_run.py")
 sys.path.insert(0, str(SCRIPT.parent))
+from distributed_exit import finished
 from lora_pro_sharded_run import STEPS, WORLD, build, full_parameters, make_optimizer, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"sharded-{request.param}")
     command = [sys.executable, str(SCRIPT), "--out", str(out)] + (["--triton"] if request.param == "triton" else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent)
-    assert result.returncode == 0, f"sharded run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert finished(result), f"sharded run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return request.param, [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
