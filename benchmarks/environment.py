@@ -9,7 +9,9 @@ own folder first on ``sys.path`` and import this and the other helpers (``timing
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
 import platform
 import resource
@@ -123,3 +125,17 @@ def peak_rss_mib() -> float:
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def library_warnings_silenced():
+    """Raise the ``lit_lowrank`` logger to ERROR inside the block (a benchmark that builds the paper formula's
+    optimizer many times would log its warning each time) and restore its level after, since the process may go
+    on: the tests run benchmark functions in their own process."""
+    logger = logging.getLogger("lit_lowrank")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

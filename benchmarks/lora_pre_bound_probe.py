@@ -60,17 +60,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=environment.RESULTS, help="folder for the markdown and CSV")
     args = parser.parse_args(argv)
-    import logging
-
-    logger = logging.getLogger("lit_lowrank")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the paper-literal warning, once per variant
     rows = []
-    try:
+    with environment.library_warnings_silenced():  # the paper-literal warning, once per variant
         runs = {(name, zero_at): probe(options, zero_at)
                 for name, options in VARIANTS.items() for zero_at in (None, 2, 4)}
-    finally:
-        logger.setLevel(level)  # this process may go on (the tests run it in theirs)
     for name, options in VARIANTS.items():
         for zero_at in (None, 2, 4):
             moves, loss = runs[(name, zero_at)]

@@ -7,7 +7,6 @@ that regenerate their results are in ``step_timing.py``'s docstring.
 from __future__ import annotations
 
 import copy
-import logging
 import statistics
 import time
 import warnings
@@ -15,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import NamedTuple
 
+import environment
 import numpy as np
 import report
 import timing
@@ -457,15 +457,10 @@ def defaults_cost_row(shape: tuple[int, int], rank: int, args) -> dict:
 
 
 def measure_defaults_cost(args) -> dict[str, list[dict]]:
-    logger = logging.getLogger("lit_lowrank")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the paper formula's warning
     print("\n".join(report.markdown_table([], DEFAULTS_COST_COLUMNS)))  # the header; a row per shape as measured
     rows = []
-    try:
+    with environment.library_warnings_silenced():  # the paper formula's warning
         for shape in args.shapes:
             rows.append(defaults_cost_row(shape, args.rank, args))
             print(report.markdown_table(rows[-1:], DEFAULTS_COST_COLUMNS)[-1], flush=True)
-    finally:
-        logger.setLevel(level)  # this process may go on (the tests run it in theirs)
     return {"lora_pre_defaults_cost.csv": rows}
