@@ -11,3 +11,22 @@
 Each kernel equals a torch reference in ``lit_lowrank.optim`` to fp32 rounding and is tested against it
 on CPU with ``TRITON_INTERPRET=1`` (``tests/kernels``).
 """
+
+if __name__ == "kernels":
+    # Imported as the top-level `kernels`: Python put the repository root on sys.path (`python -c`, a script or a
+    # notebook started there). That name belongs to Hugging Face's kernel hub package, which transformers imports
+    # (`from kernels import ...`); hand the import over to it, or fail as if this folder were not there.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.realpath(_os.path.join(_os.path.dirname(__file__), _os.pardir))
+    _elsewhere = [entry for entry in _sys.path if _os.path.realpath(entry or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ folder is lit_lowrank.kernels)",
+                                  name="kernels")
+    _module = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _module  # what the import statement returns once this file has run
+    _spec.loader.exec_module(_module)

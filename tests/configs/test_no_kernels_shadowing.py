@@ -41,3 +41,54 @@ def test_pytest_run_from_the_root_does_not_see_our_kernels():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+# What transformers does at import when Hugging Face's `kernels` is installed (transformers.integrations.hub_kernels),
+# then building a model: it failed with "cannot import name 'CUDAProperties' from 'kernels'" from the root.
+USE_TRANSFORMERS = """
+import kernels, transformers.activations
+from transformers import LlamaConfig, LlamaForCausalLM
+LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=50))
+import lit_lowrank.kernels.dispatch
+print("KERNELS_ORIGIN", kernels.__file__)
+"""
+
+
+def _run_in_root(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _hub_kernels_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return bool(version("kernels"))
+    except PackageNotFoundError:
+        return False
+
+
+def test_python_c_in_the_root_imports_transformers_and_the_hub_kernels():
+    result = _run_in_root(["-c", USE_TRANSFORMERS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    origin = result.stdout.split("KERNELS_ORIGIN ")[-1].strip()
+    assert not _is_ours(origin), origin
+    if _hub_kernels_installed():
+        assert Path(origin).parent.name == "kernels" and "site-packages" in origin, origin
+
+
+def test_a_script_saved_in_the_root_imports_transformers():
+    script = ROOT / f"_probe_kernels_{os.getpid()}.py"  # a user's own script beside README.md
+    script.write_text(USE_TRANSFORMERS)
+    try:
+        result = _run_in_root([script.name])
+    finally:
+        script.unlink()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not _is_ours(result.stdout.split("KERNELS_ORIGIN ")[-1].strip())
+
+
+def test_without_the_hub_package_kernels_is_missing_not_ours():
+    # -S: no site-packages, so no Hugging Face `kernels` anywhere; the root's folder must not pose as it.
+    result = _run_in_root(["-S", "-c", "import kernels"])
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: No module named 'kernels'" in result.stderr, result.stderr[-2000:]
