@@ -1,19 +1,23 @@
 """Deployment without lit_lowrank: the adapters folded into plain weights, saved the way the model's library loads.
 
 :func:`export_merged` never changes the model it is given. It builds the merged state dict next to it: each adapted
-weight gets ``scaling * B @ A`` added in fp32 and rounded once to the weight's dtype (what ``merge_lora`` does),
-wrapper names disappear (``q_proj.base_layer.weight`` -> ``q_proj.weight``) and bitsandbytes 4/8-bit weights are
-dequantized to the dtype of the model's other weights, as PEFT's ``merge_and_unload`` does for a dequantized base.
+weight gets ``scaling * B @ A`` added in fp32 and rounded once to the weight's dtype (what ``merge_lora`` does;
+adapters already merged into their weight are taken as they are, not added twice), wrapper names disappear
+(``q_proj.base_layer.weight`` -> ``q_proj.weight``) and bitsandbytes 4/8-bit weights are dequantized to the dtype of
+the model's other weights, as PEFT's ``merge_and_unload`` does for a dequantized base.
 
 - transformers models: ``save_pretrained`` (config without ``quantization_config``), so
   ``AutoModelFor....from_pretrained(directory)`` loads the merged model.
 - any other ``nn.Module`` (timm, open_clip): ``<directory>/model.safetensors``, the plain model's state dict:
   ``model.load_state_dict(safetensors.torch.load_file(path))``, ``timm.create_model(name, pretrained=True,
   pretrained_cfg_overlay=dict(file=path, num_classes=N), **same_kwargs)`` or ``open_clip.load_checkpoint(model, path)``.
+
+The folder is written all or nothing and replaced as a whole (see :func:`export_merged`).
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +27,31 @@ from torch import nn
 
 from lit_lowrank.adapters.inject import lora_modules
 from lit_lowrank.adapters.lora import MHA_PARTS, LoRAAdapter, LoRALinear, LoRAMultiheadAttention
-from lit_lowrank.adapters.peft_io import find_injection_root
+from lit_lowrank.adapters.peft_io import CONFIG_NAME, find_injection_root
+from lit_lowrank.atomic import foreign_files, replacing_directory
 
 #: File written for models that are not transformers models (timm, open_clip, plain torch).
 MODEL_FILE = "model.safetensors"
+#: Written into every export folder, listing its files: what lets a later export replace the folder as a whole.
+EXPORT_RECORD = "lit_lowrank_export.json"
 
 
-def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any | None = None) -> Path:
+def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any | None = None,
+                  max_shard_size: int | str | None = None) -> Path:
     """Write ``model`` with its adapters merged as a plain model of its own library; ``model`` stays as it was.
 
     ``model`` is the adapted model, or a lit_lowrank task (its ``model`` is exported). A model without adapters is
-    exported as it is. ``tokenizer`` (anything with ``save_pretrained``) is written next to a transformers model.
+    exported as it is; adapters already merged (``merge_lora`` without ``unload``) are exported as the model computes
+    them, not added a second time. ``tokenizer`` (anything with ``save_pretrained``) is written next to a
+    transformers model; ``max_shard_size`` (e.g. ``"5GB"``) is passed to its ``save_pretrained``.
     Under FSDP2 call it on every rank (sharded tensors are gathered); only global rank 0 writes.
+
+    ``directory`` is written all or nothing: into a hidden sibling first, swapped in only when complete, so an error
+    or a kill midway leaves the previous export as it was. It is replaced as a whole, so no shard or index of an
+    older export survives, but only when it is new, empty or an unchanged previous export (every file listed in its
+    ``lit_lowrank_export.json``). A folder holding anything else is refused with a ValueError, never cleared: e.g. an
+    ``adapter_config.json``, which transformers (with peft installed) would apply a second time on top of the merged
+    weights, or files of yours.
 
     Example:
         >>> import tempfile, torch, torch.nn as nn
@@ -56,22 +73,66 @@ def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any | None
         raise ValueError(f"export_merged writes a tokenizer (one with save_pretrained) only next to a transformers "
                          f"model, not a {type(tokenizer).__name__} next to a {type(root).__name__}. "
                          "HINT: save the tokenizer yourself, or pass tokenizer=None.")
+    if max_shard_size is not None and not transformers_model:
+        raise ValueError(f"max_shard_size applies to transformers models; a {type(root).__name__} is written as one "
+                         f"{MODEL_FILE}. HINT: pass max_shard_size=None.")
+    check_export_folder(directory)  # on every rank before the gather, so that all ranks stop together
     state = merged_state_dict(root)
     directory = Path(directory)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    if transformers_model:
-        _plain_transformers_model(root, state).save_pretrained(directory)
-    else:
-        save_file(_unshared(state), str(directory / MODEL_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with replacing_directory(directory) as staging:
+        if transformers_model:
+            shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            _plain_transformers_model(root, state).save_pretrained(staging, **shards)
+        else:
+            save_file(_unshared(state), str(staging / MODEL_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        written = foreign_files(staging)
+        record = {"written_by": "lit_lowrank.export_merged", "files": written}
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return directory
 
 
+def check_export_folder(directory: str | Path) -> None:
+    """Raise ValueError unless ``export_merged`` may replace ``directory`` as a whole (see there).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_export_folder(folder / "new")  # a new or empty folder is fine
+        >>> _ = (folder / "notes.txt").write_text("mine")
+        >>> check_export_folder(folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds files that are not part of a previous export_merged export: ['notes.txt'] ...
+    """
+    foreign = foreign_files(directory, _recorded_files(Path(directory)))
+    if not foreign:
+        return
+    shown = foreign[:8] + ([f"... {len(foreign) - 8} more"] if len(foreign) > 8 else [])
+    adapter = (f" Next to a merged model, its {CONFIG_NAME} would make transformers (with peft installed) apply the "
+               "adapter a second time." if CONFIG_NAME in foreign else "")
+    raise ValueError(f"{directory} holds files that are not part of a previous export_merged export: {shown} "
+                     f"(no {EXPORT_RECORD} lists them). The export replaces the folder as a whole and would delete "
+                     f"them.{adapter} HINT: export into a new or empty folder, or delete those files first.")
+
+
+def _recorded_files(directory: Path) -> list[str]:
+    """The files a previous export wrote into ``directory`` (its record among them); none without a valid record."""
+    try:
+        files = json.loads((directory / EXPORT_RECORD).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):  # no record, or a damaged one: nothing counts as ours
+        return []
+    if not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+        return []
+    return [*files, EXPORT_RECORD]
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model: adapters folded in, wrapper names removed, quantized weights dequantized.
+    """The state dict of the plain model: adapters folded in (those already merged count once), wrapper names
+    removed, quantized weights dequantized.
 
     Unchanged tensors are the model's own (detached, not copied); merged and dequantized ones are new.
 
@@ -124,6 +185,8 @@ def _deployed_module(model: nn.Module) -> nn.Module:
 
 def _weight_deltas(name: str, wrapper: nn.Module):
     """``(state key of a base weight, that weight, [(row slice, fp32 delta), ...])`` for one wrapper."""
+    if wrapper.merged:  # merge_lora already added the deltas to the base weights the model computes with
+        return
     if isinstance(wrapper, LoRALinear):
         delta = _delta(wrapper)
         yield _join(name, "base_layer.weight"), wrapper.base_layer.weight, [

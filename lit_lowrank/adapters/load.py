@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lit_lowrank.adapters.inject import LoRAConfig, adaptable_layers, inject_lora, lora_modules
+from lit_lowrank.adapters.lora import LoRAAdapter, LoRAMultiheadAttention, Mergeable
 from lit_lowrank.adapters.patterns import name_matches
 from lit_lowrank.adapters.peft_io import CONFIG_NAME, PEFT_LOADABLE_KEY, PEFT_PREFIX, WEIGHTS_NAME
 
@@ -260,7 +262,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`~lit_lowrank.adapters.save_adapter` or by PEFT into ``model`` (the base model).
 
     A model without adapters gets them injected exactly at the layers named in the file; a model that has
-    adapters must match them (names, shapes, scaling). Tensors other than adapters must belong to the
+    adapters must match them (names, shapes, scaling). Adapters merged into their base weights (``merge_lora``)
+    stay merged: each base weight takes the loaded delta in place of the old one, so the model computes with the
+    loaded adapter and a later ``unmerge_lora`` gives back the base. Tensors other than adapters must belong to the
     file's ``modules_to_save``. Everything is checked before the model is changed: a failed load changes nothing.
 
     Example:
@@ -277,11 +281,23 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     plan = _plan_fresh(files, model) if fresh else _plan_existing(files, model)
     if plan.inject is not None:
         inject_lora(model, plan.inject)  # validates fully before it changes anything
-    adapters = dict(lora_modules(model))
     with torch.no_grad():
-        for name, pair in plan.pairs.items():
-            adapters[name].lora_A.copy_(pair["A"].to(adapters[name].lora_A.dtype))
-            adapters[name].lora_B.copy_(pair["B"].to(adapters[name].lora_B.dtype))
+        for wrapper, adapters in _by_wrapper(model).items():
+            # a merged wrapper's base weight takes the new delta in place of the old one
+            with wrapper.replacing_factors() if isinstance(wrapper, Mergeable) else nullcontext():
+                for name, adapter in adapters:
+                    adapter.lora_A.copy_(plan.pairs[name]["A"].to(adapter.lora_A.dtype))
+                    adapter.lora_B.copy_(plan.pairs[name]["B"].to(adapter.lora_B.dtype))
         for param, tensor in plan.params:
             param.copy_(tensor.to(param.dtype))
     return model
+
+
+def _by_wrapper(model: nn.Module) -> dict[nn.Module, list[tuple[str, LoRAAdapter]]]:
+    """Every adapter, grouped under the wrapper whose base weights it merges into (LoRALinear: itself)."""
+    groups: dict[nn.Module, list[tuple[str, LoRAAdapter]]] = {}
+    for name, adapter in lora_modules(model):
+        parent = model.get_submodule(name.rpartition(".")[0])
+        owner = parent if isinstance(parent, LoRAMultiheadAttention) else adapter
+        groups.setdefault(owner, []).append((name, adapter))
+    return groups

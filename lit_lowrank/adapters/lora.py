@@ -12,7 +12,8 @@ through these modules, never through parameter order.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 class Mergeable:
-    """``merge()`` / ``unmerge()`` for wrappers that implement ``_add_to_base(sign)`` (the delta, in fp32)."""
+    """``merge()`` / ``unmerge()`` for wrappers that implement ``_base_deltas()``: each base weight (or slice of one)
+    with the fp32 delta its adapter adds to it."""
 
     merged = False
 
@@ -62,6 +64,44 @@ class Mergeable:
         """Subtract the delta again; inverse of :meth:`merge` up to the base dtype's rounding."""
         self._add_to_base(-1.0)
         self.merged = False
+
+    @contextmanager
+    def replacing_factors(self) -> Iterator[None]:
+        """Replace ``lora_A`` / ``lora_B`` inside; a merged wrapper's base weights follow, so they hold the new delta.
+
+        Each base weight gets ``new delta - old delta`` added in fp32 and rounded once: one rounding, where an
+        unmerge, load and merge would round twice. Not merged: the block runs as it is.
+
+        Example:
+            >>> layer = LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0)
+            >>> start, x = layer.weight.clone(), torch.randn(3, 4)
+            >>> layer.merge()
+            >>> with layer.replacing_factors():
+            ...     _ = nn.init.normal_(layer.lora_B)
+            >>> torch.allclose(layer(x), x @ (start + layer.delta_weight()).T + layer.bias, atol=1e-6)
+            True
+            >>> layer.unmerge()
+            >>> torch.allclose(layer.weight, start, atol=1e-6)
+            True
+        """
+        if not self.merged:
+            yield
+            return
+        with torch.no_grad():
+            before = [delta for _, delta in self._base_deltas()]
+        try:
+            yield
+        finally:  # also after a failure midway: the base then holds the delta of whatever factors are there
+            with torch.no_grad():
+                for (target, after), old in zip(self._base_deltas(), before):
+                    add_delta_(target, after - old, +1.0)
+
+    def _add_to_base(self, sign: float) -> None:
+        for target, delta in self._base_deltas():
+            add_delta_(target, delta, sign)
+
+    def _base_deltas(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
 
 
 @torch.no_grad()
@@ -155,9 +195,9 @@ class LoRALinear(Mergeable, LoRAAdapter):
         update = F.linear(F.linear(lora_in, self.lora_A), self.lora_B) * self.scaling
         return result + update.to(result.dtype)
 
-    def _add_to_base(self, sign: float) -> None:
+    def _base_deltas(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         delta = self.delta_weight()
-        add_delta_(self.base_layer.weight, delta.T if self.fan_in_fan_out else delta, sign)
+        return [(self.base_layer.weight, delta.T if self.fan_in_fan_out else delta)]
 
 
 class LoRAMultiheadAttention(Mergeable, nn.Module):
@@ -254,14 +294,16 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
         )
         return (output.transpose(0, 1) if batched_first else output), weights
 
-    def _add_to_base(self, sign: float) -> None:
+    def _base_deltas(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mha = self.base_layer
         width = mha.embed_dim
+        found = []
         for index, part in enumerate(MHA_PARTS):
             if part in self._modules:
                 target = (mha.out_proj.weight if part == "out_proj"
                           else mha.in_proj_weight[index * width:(index + 1) * width])
-                add_delta_(target, self._modules[part].delta_weight(), sign)
+                found.append((target, self._modules[part].delta_weight()))
+        return found
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:

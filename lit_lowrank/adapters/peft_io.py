@@ -27,6 +27,7 @@ from lit_lowrank.adapters.inject import (
 )
 from lit_lowrank.adapters.lora import LoRALinear, LoRAMultiheadAttention
 from lit_lowrank.adapters.peft_meta import base_model_name, peft_task_type
+from lit_lowrank.atomic import foreign_files, replacing_directory
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     timm, open_clip); a transformers model loaded with ``from_pretrained`` writes where it was loaded from.
     Under FSDP2 call it on every rank (the shards are gathered); only global rank 0 writes.
 
+    ``directory`` is written all or nothing: into a hidden sibling first, swapped in only when complete, so an error
+    or a kill midway leaves the previous adapter loadable. It is replaced as a whole, but only when it is new, empty
+    or holds nothing but ``adapter_config.json`` / ``adapter_model.safetensors`` (an older adapter); a folder with
+    any other file (a merged model, a README, files of yours) is refused with a ValueError, never cleared.
+
     Example:
         >>> import tempfile, torch.nn as nn
         >>> from lit_lowrank import LoRAConfig, inject_lora
@@ -127,18 +133,40 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         >>> sorted(p.name for p in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    check_adapter_folder(directory)  # on every rank before the gather, so that all ranks stop together
     state = adapter_state_dict(model)
     config = peft_config_dict(model, base_model_name_or_path)
     directory = Path(directory)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
     root, _ = find_injection_root(model)
     attention = any(isinstance(module, LoRAMultiheadAttention) for module in root.modules())
     metadata = {"format": "pt", "lora_init": _record(root).config.init, PEFT_LOADABLE_KEY: str(not attention).lower()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    with replacing_directory(directory) as staging:
+        save_file(state, str(staging / WEIGHTS_NAME), metadata=metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def check_adapter_folder(directory: str | Path) -> None:
+    """Raise ValueError unless ``save_adapter`` may replace ``directory`` as a whole: it must be new, empty or hold
+    only an adapter's two files.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text("{}")
+        >>> check_adapter_folder(folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds files other than an adapter's: ['config.json']. save_adapter replaces ...
+    """
+    foreign = foreign_files(directory, ours=[CONFIG_NAME, WEIGHTS_NAME])
+    if foreign:
+        shown = foreign[:8] + ([f"... {len(foreign) - 8} more"] if len(foreign) > 8 else [])
+        raise ValueError(f"{directory} holds files other than an adapter's: {shown}. save_adapter replaces the "
+                         f"folder as a whole and would delete them. HINT: save into a new or empty folder (or one "
+                         "holding only an older adapter), or delete those files first.")
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAMultiheadAttention]]:

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_lowrank.adapters import is_peft_loadable, save_adapter
-from lit_lowrank.adapters.peft_io import find_injection_root
-from lit_lowrank.export import MODEL_FILE, export_merged
+from lit_lowrank.adapters.peft_io import check_adapter_folder, find_injection_root
+from lit_lowrank.export import MODEL_FILE, check_export_folder, export_merged
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ class AdapterExport(Callback):
     (Linear/Conv1D adapters) or :func:`lit_lowrank.load_adapter`; :meth:`format_label` says which. The config
     names the backbone actually loaded and PEFT's task type, so ``peft.AutoPeftModelFor...`` can rebuild the model.
     Under FSDP2 every rank takes part in gathering the full adapter tensors and global rank 0 writes them.
+    Each folder is replaced all or nothing (see :func:`lit_lowrank.save_adapter`): a failed write, e.g. a full disk,
+    leaves the previous ``best`` loadable. A target folder holding files of another kind is refused when fit
+    starts, before any training.
 
     Args:
         dirpath: output folder; default ``<trainer.log_dir>/adapter``.
@@ -83,6 +86,15 @@ class AdapterExport(Callback):
         except ValueError:
             return False
         return True
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Found now rather than when the first export is written, possibly hours into training.
+        if self._has_adapters(pl_module):
+            for name in ("best", "final"):
+                check_adapter_folder(self._root(trainer) / name)
+        if self.merged:
+            check_export_folder(self._root(trainer) / "merged")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
