@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lit_lowrank.adapters import LoRAConfig, inject_lora, lora_modules
@@ -18,6 +20,10 @@ class LoRAAdapters(Callback):
 
     Injection happens in ``setup`` (before ``configure_optimizers`` and before a checkpoint is restored, so
     resuming finds the adapter weights). A module that already has adapters is left as it is.
+
+    A checkpoint whose adapters have another rank than the injected ones is refused with a ValueError naming both
+    ranks, before torch reports a size mismatch: Lightning loads the model's weights before it restores callbacks,
+    so the check is a ``load_state_dict`` pre-hook that ``setup`` puts on the module (removed when the run ends).
 
     Heads a task adds (``classifier`` / ``score`` of a transformers classifier, timm's ``head``) are freshly
     initialised, so with ``config.modules_to_save=None`` they are trained fully, as PEFT's task types do, and
@@ -48,6 +54,7 @@ class LoRAAdapters(Callback):
         self.config = config
         self.attribute = attribute
         self._injected = False  # set by setup: from then on the model's adapters follow config and attribute
+        self._rank_check: RemovableHandle | None = None
 
     def target(self, pl_module: L.LightningModule):
         if not self.attribute:
@@ -69,6 +76,21 @@ class LoRAAdapters(Callback):
             if self.config.modules_to_save is None and heads:
                 rank_zero_info(f"LoRAAdapters: task heads {heads} are trained fully next to the adapters "
                                "(LoRAConfig(modules_to_save=[]) keeps them frozen)")
+        if self._injected and self._rank_check is None:
+            self._rank_check = pl_module.register_load_state_dict_pre_hook(refuse_other_ranks)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_rank_check()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_rank_check()  # a failed run skips teardown
+
+    def _remove_rank_check(self) -> None:
+        if self._rank_check is not None:
+            self._rank_check.remove()
+            self._rank_check = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -101,6 +123,31 @@ class LoRAAdapters(Callback):
             raise ValueError(
                 f"LoRAAdapters: the checkpoint's adapters were trained with other settings than the ones this callback "
                 f"injected ({'; '.join(differences)}). HINT: resume with the saved settings.")
+
+
+def refuse_other_ranks(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A ``load_state_dict`` pre-hook: a ValueError naming both ranks when ``state_dict`` holds adapters of another
+    rank than ``module``'s, instead of torch's size mismatch listing every tensor.
+
+    Example:
+        >>> from lit_lowrank import inject_lora
+        >>> saved = inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"])).state_dict()
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=3, target_modules=["0"]))
+        >>> handle = model.register_load_state_dict_pre_hook(refuse_other_ranks)
+        >>> model.load_state_dict(saved)
+        Traceback (most recent call last):
+        ValueError: LoRAAdapters: the checkpoint's adapters have rank 2 (0.lora_A: 2 x 4), this callback's ... 3 ...
+    """
+    for name, adapter in lora_modules(module):
+        key = f"{prefix}{name}.lora_A" if name else f"{prefix}lora_A"
+        saved = state_dict.get(key)
+        if getattr(saved, "ndim", None) == 2 and saved.shape[0] != adapter.r:
+            raise ValueError(
+                f"LoRAAdapters: the checkpoint's adapters have rank {saved.shape[0]} ({key}: "
+                f"{' x '.join(map(str, saved.shape))}), this callback's have rank {adapter.r} "
+                f"(LoRAConfig(r={adapter.r})), so the checkpoint's adapter weights cannot be loaded. HINT: use "
+                f"LoRAAdapters(LoRAConfig(r={saved.shape[0]}, ...)), the settings the checkpoint was trained with; to "
+                f"train at rank {adapter.r}, start a new fit without ckpt_path.")
 
 
 #: Settings that may change between a run and its resume: they neither shape nor scale the adapter weights.

@@ -54,9 +54,18 @@ def plot_metrics(csv_path: Path, metrics: Sequence[str], output: Path, title: st
 class MetricsPlot(Callback):
     """Save ``<log_dir>/<filename>``: the chosen metrics against the step, read from the CSVLogger's file.
 
+    The plot never fails a finished fit (callbacks after it, such as ``AdapterExport``, still run at the end):
+    metric names that were never logged are skipped with a warning that lists the logged ones, and when none of
+    them was logged no plot is drawn.
+
     Args:
-        metrics: metric names as logged (e.g. ``train/loss``, ``val/acc``); names never logged are skipped.
+        metrics: metric names as logged (e.g. ``train/loss``, ``val/acc``): the defaults are the lit_lowrank tasks'
+            names; for a module that logs ``self.log("train_loss", ...)`` pass ``metrics=["train_loss"]``.
         filename: PNG file name inside the CSV logger's directory.
+
+    Example:
+        >>> MetricsPlot(metrics=["train_loss", "val_loss"]).metrics
+        ['train_loss', 'val_loss']
     """
 
     def __init__(self, metrics: Sequence[str] = ("train/loss", "val/loss", "val/acc"),
@@ -84,6 +93,17 @@ class MetricsPlot(Callback):
         if not csv_path.exists():  # e.g. a resumed run that ended before its next logging step
             rank_zero_warn(f"MetricsPlot: nothing was logged to {csv_path} in this run, so no plot was drawn.")
             return
+        logged = sorted(read_metrics(csv_path))
+        missing = [name for name in self.metrics if name not in logged]
+        if missing:
+            drawn = [name for name in self.metrics if name in logged]
+            outcome = f"drew {drawn} only" if drawn else "no plot was drawn"
+            example = sorted(logged, key=lambda name: "loss" not in name)[:3]  # losses first: the likely intent
+            rank_zero_warn(f"MetricsPlot: {missing} were never logged in this run, so {outcome}; the logged metrics "
+                           f"are {logged}. HINT: name the metrics to plot as the module logs them, e.g. "
+                           f"MetricsPlot(metrics={example}) (YAML: init_args: {{metrics: [...]}}).")
+            if not drawn:
+                return
         self.path = plot_metrics(csv_path, self.metrics, Path(csv_logger.log_dir) / self.filename,
                                  title=type(pl_module).__name__)
 
