@@ -3,4 +3,13 @@ from lit_lowrank.adapters import LoRAConfig, inject_lora, load_adapter, merge_lo
 from lit_lowrank.export import export_merged
 
 __version__ = "0.1.0"
-__all__ = ["LoRAConfig", "export_merged", "inject_lora", "load_adapter", "merge_lora", "save_adapter", "unmerge_lora"]
+__all__ = ["AtomicCheckpointIO", "LoRAConfig", "export_merged", "inject_lora", "load_adapter", "merge_lora",
+           "save_adapter", "unmerge_lora"]
+
+
+def __getattr__(name: str):
+    if name == "AtomicCheckpointIO":  # imports Lightning: only when asked for, `import lit_lowrank` stays light
+        from lit_lowrank.checkpoint_io import AtomicCheckpointIO
+
+        return AtomicCheckpointIO
+    raise AttributeError(f"module 'lit_lowrank' has no attribute {name!r}")

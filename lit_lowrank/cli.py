@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lit_lowrank.callbacks import AdapterExport, MetricsPlot
+from lit_lowrank.checkpoint_io import DamagedCheckpointError, load_checkpoint_file, require_dict, use_by_default
 from lit_lowrank.cli_errors import CLIConfigError, explain, report
 from lit_lowrank.cli_resume import (
     RESUMABLE,
@@ -33,7 +34,8 @@ class LowRankCLI(LightningCLI):
     every artefact went when fit ends. ``fit --ckpt_path`` stops when the command's model settings differ from the
     checkpoint's (``--resume_with_changed lr`` allows a new learning rate); errors raised while building the
     model name the config key and say the constructor's message first; runs without a logger get their own
-    ``<default_root_dir>/version_<n>`` folder.
+    ``<default_root_dir>/version_<n>`` folder. Checkpoints are saved all-or-nothing
+    (:class:`~lit_lowrank.checkpoint_io.AtomicCheckpointIO`) unless ``trainer.plugins`` configures a CheckpointIO.
     """
 
     def __init__(self, args: list | None = None, run: bool = True, **kwargs) -> None:
@@ -58,7 +60,11 @@ class LowRankCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return super()._parse_ckpt_path()
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
+        # mmap reads only the hyper-parameters, but refuses the pre-zip format (and says so misleadingly for a
+        # damaged file): used for zip archives only; a damaged or foreign file stops here with its path and the fix
+        loaded = load_checkpoint_file(ckpt_path, weights_only=True, map_location="cpu",
+                                      mmap=zipfile.is_zipfile(ckpt_path))
+        saved = require_dict(ckpt_path, loaded).get("hyper_parameters")
         if not saved:
             return super()._parse_ckpt_path()
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
@@ -92,6 +98,7 @@ class LowRankCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        use_by_default(trainer.strategy)  # a kill during a save must leave the previous checkpoint usable
         # first, so that its setup picks the run folder before the config saver and ModelCheckpoint read it
         trainer.callbacks.insert(0, VersionedRunDir())
         trainer.callbacks.extend(self._resume_callbacks)
@@ -148,7 +155,7 @@ def main(args: list | None = None) -> None:
         sys.exit(memory_main(argv[1:]))
     try:
         LowRankCLI(args=args)
-    except CLIConfigError as error:  # a configuration mistake: its message first, not a page of traceback
+    except (CLIConfigError, DamagedCheckpointError) as error:  # its message first, not a page of traceback
         report(error)
         sys.exit(2)
     close_process_group()

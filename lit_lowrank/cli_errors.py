@@ -57,7 +57,7 @@ def explain(error: BaseException) -> CLIConfigError | None:
     return explained
 
 
-def report(error: CLIConfigError) -> None:
+def report(error: Exception) -> None:
     """Print the message first, then where the original error was raised (without jsonargparse's frames)."""
     lines = [f"error: {error}"]
     cause = error.__cause__

@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from lit_lowrank import memory
 from lit_lowrank.memory import METHODS, STRATEGIES, estimate_memory
 
 GiB = 2**30
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def table(args: argparse.Namespace, config: str) -> list[str]:
+def read_config_file(config: str):
+    """A path to a file becomes the model config its JSON object describes, or a ValueError naming the file and what
+    is wrong in it; known names, folders and hub names pass through unchanged."""
+    path = Path(config)
+    if not path.is_file():
+        return config
+    hint = ("HINT: pass a model's config.json, a JSON object such as {\"model_type\": \"llama\", \"hidden_size\": "
+            f"4096, ...}}, or a known name ({', '.join(memory.KNOWN_CONFIGS)}).")
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"config file {path}: cannot be read ({error}). HINT: check its permissions.") from None
+    try:
+        entries = json.loads(content)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        what = "is empty" if not content.strip() else f"is not JSON ({type(error).__name__}: {error})"
+        raise ValueError(f"config file {path}: {what}. {hint}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"config file {path}: holds {_JSON_KINDS.get(type(entries), 'a JSON value')}, not a JSON "
+                         f"object. {hint}")
+    try:
+        return memory.resolve_config(entries)
+    except ValueError as error:  # ours, with its own HINT
+        raise ValueError(f"config file {path}: {error}") from None
+    except Exception as error:  # transformers' checks of the values (a string for hidden_size, ...)
+        raise ValueError(f"config file {path}: transformers cannot build a model config from it "
+                         f"({type(error).__name__}: {error}). HINT: fix that entry; compare with the model's own "
+                         "config.json.") from None
+
+
+def table(args: argparse.Namespace, config) -> list[str]:
     """Markdown lines for one config: a row per method, GiB per rank for each world size."""
     parts = ["total", "optimizer state"] + (["weights", "adapters", "gradients"] if args.detail else [])
     gpus = [f"{world} GPU{'s' if world > 1 else ''}" for world in args.world_size]
@@ -79,7 +113,8 @@ def main(argv: list | None = None) -> int:
         return 2
     for config in args.config:
         try:
-            lines = table(args, config)
+            entries = read_config_file(config)
+            lines = table(args, entries)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
