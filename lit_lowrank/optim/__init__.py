@@ -1,7 +1,8 @@
 """Optimizers: LoRA-Pro (closed-form adapter gradients) and LoRA-Pre (low-rank factored momenta).
 
 They are plain ``torch.optim.Optimizer`` subclasses and know nothing about Lightning. Layout: ``lora_pro/`` and
-``lora_pre/`` (each optimizer beside its functional step), and what they share once: ``adamw.py``, ``state.py``,
+``lora_pre/`` (each optimizer beside its functional step), and what they share once: ``adamw.py``, ``state.py``
+(with the gradient limit beyond which a step is skipped), ``validation.py`` (hyper-parameter and param-group checks),
 ``sharding.py``, ``schedulers.py``, ``factory.py``.
 """
 from lit_lowrank.optim.factory import build_optimizer

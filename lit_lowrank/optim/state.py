@@ -2,6 +2,7 @@
 in, its byte count, and a ``load_state_dict`` that keeps the saved dtypes."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,3 +62,19 @@ def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str,
         for key, value in state_dict["state"].get(saved_id, {}).items():
             if isinstance(value, Tensor):
                 optimizer.state[param][key] = value.to(device=param.device, copy=True)
+
+
+def gradient_limit(state_dtype: torch.dtype) -> float:
+    """The largest ``|gradient entry|`` the optimizers of this package step with, for state kept in ``state_dtype``;
+    a gradient with a larger entry is skipped and counted, like a NaN one.
+
+    Half the square root of the dtype's largest value (about 9.2e18 for float32 state): then ``g^2`` and every
+    moving average of it stay below a quarter of that largest value, so Adam's second moment can never overflow to
+    inf (which would freeze the tensor for good: ``m / sqrt(inf) = 0``). Exact overflow checks would cost a pass
+    over the state; a gradient this large is garbage anyway (an fp16 overflow, a loss spike).
+
+    Example:
+        >>> f"{gradient_limit(torch.float32):.2e}", gradient_limit(torch.float32) ** 2 < torch.finfo(torch.float32).max
+        ('9.22e+18', True)
+    """
+    return math.sqrt(torch.finfo(state_dtype).max) / 2

@@ -143,7 +143,7 @@ def test_lowrank_group_with_a_vector_raises_a_clear_error():
         ({"momentum": 1.0}, "invalid momentum"),
         ({"ns_steps": 0}, "invalid ns_steps"),
         ({"scale_rule": "spectral"}, "invalid scale_rule"),
-        ({"adamw_betas": (0.9, 1.5)}, "invalid betas"),
+        ({"adamw_betas": (0.9, 1.5)}, "invalid adamw_betas"),
         ({"lr": -0.02}, "invalid lr"),
         ({"rank": 0}, "invalid rank"),
         ({"factor_update": "random"}, "invalid factor_update"),

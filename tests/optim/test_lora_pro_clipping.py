@@ -88,7 +88,7 @@ def test_full_mode_clips_the_equivalent_gradient():
 
 
 def test_bad_max_grad_norm():
-    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+    with pytest.raises(ValueError, match=r"invalid max_grad_norm 0.0; expected a finite number in \(0, inf\)"):
         LoRAPro(_model(), max_grad_norm=0.0)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 from lit_lowrank.kernels.dispatch import validate_use_triton
 from lit_lowrank.optim.lora_pre.adam_update import UPDATE_BOUNDS, lora_pre_adam_update_
 from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase
-from lit_lowrank.optim.lora_pre.hyperparameters import check_betas, check_common_hyperparameters
+from lit_lowrank.optim.lora_pre.hyperparameters import check_common_hyperparameters
 from lit_lowrank.optim.sharding import RowShards, local
+from lit_lowrank.optim.validation import POSITIVE, as_tuple, check_choice, check_flag, check_number
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,11 @@ class LoRAPreAdamW(LowRankOptimizerBase):
     For a ``p x q`` matrix the first moment is kept as ``m ~= B A`` and the second as ``v ~= (V_B V_A)^2``: the state
     is ``2 (p + q) r`` float32 elements instead of AdamW's ``2 p q``. Each step forms ``m_t`` and ``v_t`` transiently,
     applies the AdamW update and moves each factor one damped least-squares step towards ``g`` or ``|g|``. By default
-    no entry moves by more than ``lr * scale`` (plus weight decay). A tensor whose gradient holds NaN/inf is skipped
-    and counted in :meth:`skipped_steps`. The math, our deviations from the paper, the defaults and the measurements
-    behind them: ``docs/lora-pre.md``.
+    no entry moves by more than ``lr * scale`` (plus weight decay). A tensor whose gradient holds NaN/inf, or an
+    entry whose square would overflow its state (:func:`~lit_lowrank.optim.state.gradient_limit`), is skipped and
+    counted in :meth:`skipped_steps`. Hyper-parameters must be finite and in range, in added groups too; a tensor
+    given twice is refused (:mod:`lit_lowrank.optim.validation`). The math, our deviations from the paper, the
+    defaults and the measurements behind them: ``docs/lora-pre.md``.
 
     ``params`` may be an ``nn.Module`` (grouped by :func:`~lit_lowrank.optim.lowrank_param_groups`), tensors,
     ``(name, tensor)`` pairs or param-group dicts. In a group with ``lowrank=True`` (the default) every 2-D tensor is
@@ -85,7 +87,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         self.use_triton = use_triton
         defaults = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": as_tuple(betas),
             "eps": eps,
             "weight_decay": weight_decay,
             "rank": rank,
@@ -102,20 +104,10 @@ class LoRAPreAdamW(LowRankOptimizerBase):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_common_hyperparameters(owner, group, lowrank_keys=True)
-        check_betas(owner, "betas", group["betas"])
-        if not 0.0 <= group["eps"] < math.inf:
-            raise ValueError(f"{owner}: invalid eps {group['eps']!r}; expected a finite float >= 0.")
-        if not 0.0 < group["scale"] < math.inf:
-            raise ValueError(f"{owner}: invalid scale {group['scale']!r}; expected a finite float > 0.")
-        if not isinstance(group["lowrank"], bool):
-            raise TypeError(f"{owner}: invalid lowrank {group['lowrank']!r}; expected True or False.")
-        if group["update_bound"] not in UPDATE_BOUNDS:
-            raise ValueError(f"{owner}: invalid update_bound {group['update_bound']!r}; "
-                             f"expected one of {UPDATE_BOUNDS}.")
-        if not isinstance(group["debias_second_moment"], bool):
-            raise TypeError(f"{owner}: invalid debias_second_moment {group['debias_second_moment']!r}; "
-                            "expected a bool.")
+        check_common_hyperparameters(owner, group, default_betas=(0.9, 0.999))
+        check_number(owner, "scale", group["scale"], POSITIVE, example=1.0)
+        check_choice(owner, "update_bound", group["update_bound"], UPDATE_BOUNDS)
+        check_flag(owner, "debias_second_moment", group["debias_second_moment"])
         if group["update_bound"] == "none" and not group["debias_second_moment"]:
             log.warning(
                 "%s: debias_second_moment=False with update_bound='none' is the paper's literal formula, whose steps "

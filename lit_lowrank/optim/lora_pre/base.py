@@ -16,8 +16,10 @@ from torch.optim import Optimizer
 
 from lit_lowrank.optim.adamw import adamw_foreach_update_, adamw_masked_update_
 from lit_lowrank.optim.lora_pre.factors import Workspace, auto_chunk_rows, derive_seed, init_factor_pairs
+from lit_lowrank.optim.lora_pre.hyperparameters import check_seed
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
-from lit_lowrank.optim.state import StateBytes, compute_dtype, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.validation import group_tensors, refuse_duplicate_params
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class LowRankOptimizerBase(Optimizer):
 
             params = lowrank_param_groups(params, rank=defaults["rank"])
         # Per-parameter factor seeds derive from this and the parameter's index, and are stored in the state.
+        check_seed(type(self).__name__, seed)
         self._base_seed = int(torch.initial_seed() if seed is None else seed)
         self._param_index: dict[Tensor, int] = {}
         self._param_names: dict[Tensor, str] = {}
@@ -88,45 +91,57 @@ class LowRankOptimizerBase(Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for group in self._prepare_group(dict(param_group)):
+        """Add a param group (the constructor adds its groups this way too).
+
+        Every check runs before anything is added, so a refused group leaves the optimizer as it was: the group's
+        hyper-parameters (:mod:`lit_lowrank.optim.validation`), a tensor listed twice or already in a group (torch
+        would only warn about the first, and such a tensor would be stepped twice), complex tensors and
+        ``full_rank="error"``.
+        """
+        owner = type(self).__name__
+        group = dict(param_group)
+        refuse_duplicate_params(owner, self.param_groups, group)
+        groups = self._prepare_group(group)
+        named_groups = []
+        for offset, group in enumerate(groups):
+            params, names = group_tensors(group)
+            names = names or [f"param_groups[{len(self.param_groups) + offset}]['params'][{position}]"
+                              for position in range(len(params))]
+            candidate = {**self.defaults, **group, "params": params, "param_names": names}
+            self._check_group(candidate)
+            for param, name in zip(params, names):
+                self._check_param(param, name, candidate)
+            named_groups.append((group, names))
+        for group, names in named_groups:
             super().add_param_group(group)
-            group = self.param_groups[-1]
-            self._check_group(group)
-            names = group.get("param_names")
-            group_index = len(self.param_groups) - 1
-            for position, param in enumerate(group["params"]):
-                name = names[position] if names else f"param_groups[{group_index}]['params'][{position}]"
-                self._register_param(param, name, group)
+            for param, name in zip(self.param_groups[-1]["params"], names):
+                self._register_param(param, name, self.param_groups[-1])
 
-    def _register_param(self, param: Tensor, name: str, group: dict[str, Any]) -> None:
-        if param.is_complex():
-            raise ValueError(f"{type(self).__name__}: complex parameter {name} is not supported.")
-        index = len(self._param_index)
-        self._param_index[param] = index
-        self._param_names[param] = name
-        if group["lowrank"] and param.ndim == 2 and group["rank"] >= min(param.shape):
-            self._apply_full_rank_policy(param, name, group)
-        if self._uses_factors(param, group):
-            self.state[param]["seed"] = derive_seed(self._base_seed, index)
-
-    def _apply_full_rank_policy(self, param: Tensor, name: str, group: dict[str, Any]) -> None:
+    def _check_param(self, param: Tensor, name: str, group: dict[str, Any]) -> None:
+        """Refuse complex tensors and, with ``full_rank="error"``, matrices whose rank would save no memory."""
         owner, rank, shape = type(self).__name__, group["rank"], tuple(param.shape)
-        policy = group["full_rank"]
-        if policy == "error":
+        if param.is_complex():
+            raise ValueError(f"{owner}: complex parameter {name} is not supported. HINT: optimize its real and "
+                             "imaginary parts as two real tensors (torch.view_as_real), or use torch.optim.AdamW.")
+        if group["lowrank"] and param.ndim == 2 and rank >= min(shape) and group["full_rank"] == "error":
             raise ValueError(
                 f"{owner}: rank {rank} >= min{shape} for parameter {name} of shape {shape}, so low-rank "
                 f"factors would not save memory (they need (p+q)r >= pq elements). HINT: lower `rank` below "
                 f"{min(shape)}, leave this tensor out of the low-rank group (`exclude=` in lowrank_param_groups), or "
                 "pass full_rank='dense' to give such tensors a dense state, or full_rank='factored' to keep factors."
             )
-        if policy == "dense":
-            log.warning(
-                "%s: %s %s has rank %d >= min(p, q): dense state (full_rank='dense').", owner, name, shape, rank
-            )
-        else:
-            log.warning(
-                "%s: %s %s has rank %d >= min(p, q): factors kept (full_rank='factored').", owner, name, shape, rank
-            )
+
+    def _register_param(self, param: Tensor, name: str, group: dict[str, Any]) -> None:
+        index = len(self._param_index)
+        self._param_index[param] = index
+        self._param_names[param] = name
+        owner, rank, shape = type(self).__name__, group["rank"], tuple(param.shape)
+        if group["lowrank"] and param.ndim == 2 and rank >= min(shape):  # "error" was refused by _check_param
+            state = "dense state" if group["full_rank"] == "dense" else "factors kept"
+            log.warning("%s: %s %s has rank %d >= min(p, q): %s (full_rank=%r).", owner, name, shape, rank, state,
+                        group["full_rank"])
+        if self._uses_factors(param, group):
+            self.state[param]["seed"] = derive_seed(self._base_seed, index)
 
     @staticmethod
     def _uses_factors(param: Tensor, group: dict[str, Any]) -> bool:
@@ -184,10 +199,11 @@ class LowRankOptimizerBase(Optimizer):
     def step(self, closure: Any = None) -> Any:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss (optional).
 
-        A parameter whose gradient holds a NaN or an infinity is skipped: it, its state and its step count stay
-        as they were, and its ``skipped_steps`` count (see :meth:`skipped_steps`) goes up by one. On CPU tensors
-        the decision is read on the host (once per step); on an accelerator it stays on the device, and no part of
-        the step reads anything on the host (see the class docstring).
+        A parameter whose gradient holds a NaN, an infinity or an entry whose square would overflow its state
+        (beyond :func:`~lit_lowrank.optim.state.gradient_limit`, about 9.2e18 for float32 state) is skipped: it,
+        its state and its step count stay as they were, and its ``skipped_steps`` count (see :meth:`skipped_steps`)
+        goes up by one. On CPU tensors the decision is read on the host (once per step); on an accelerator it stays
+        on the device, and no part of the step reads anything on the host (see the class docstring).
         """
         loss = None
         if closure is not None:
@@ -218,11 +234,12 @@ class LowRankOptimizerBase(Optimizer):
         return any(param.device.type != "cpu" for param in params)
 
     def _finite(self, params: list[Tensor]) -> dict[Tensor, bool]:
-        """Whether each gradient is finite, read on the host once per step (nothing to wait for on a CPU).
+        """Whether each gradient can be stepped (finite, within the gradient limit: :meth:`_grad_absmaxes`), read on
+        the host once per step (nothing to wait for on a CPU).
 
         One ``aminmax`` per gradient (cost: docs/design.md) and one device-to-host copy of the flags (and of each
         gradient's local ``max |g|``, kept in ``self._grad_absmax`` for the step) for the whole step, like
-        ``torch.amp.GradScaler``'s skip decision. Under FSDP2 a non-finite entry in any rank's shard skips the
+        ``torch.amp.GradScaler``'s skip decision. Under FSDP2 a refused entry in any rank's shard skips the
         parameter on every rank.
         """
         self._grad_absmax = {}
@@ -235,8 +252,8 @@ class LowRankOptimizerBase(Optimizer):
         return {param: math.isfinite(value) for param, value in zip(params, values)}
 
     def _finite_on_device(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
-        """Whether each gradient is finite, as 0-d bool tensors on the device, with the skips counted there
-        (``skipped_steps`` += not finite): nothing is read on the host. Same check as :meth:`_finite`."""
+        """Whether each gradient can be stepped, as 0-d bool tensors on the device, with the skips counted there
+        (``skipped_steps`` += not ok): nothing is read on the host. Same check as :meth:`_finite`."""
         self._grad_absmax = {}
         finite = torch.isfinite(self._grad_absmaxes(params))
         counts = [device_count(self.state[param], "skipped_steps", param) for param in params]
@@ -244,21 +261,28 @@ class LowRankOptimizerBase(Optimizer):
         return dict(zip(params, finite.unbind()))
 
     def _grad_absmaxes(self, params: list[Tensor]) -> Tensor:
-        """Each gradient's local ``max |g|`` (float64, which holds any float dtype's values): NaN if it holds a NaN,
-        inf if an infinity; under FSDP2 inf on every rank where any rank's shard is not finite."""
+        """Each gradient's local ``max |g|`` (float64, which holds any float dtype's values), or inf where the
+        gradient cannot be stepped: it holds a NaN or an infinity, or an entry beyond the state dtype's
+        :func:`~lit_lowrank.optim.state.gradient_limit` (its square would overflow the moments). Under FSDP2 inf on
+        every rank where that holds on any rank's shard."""
         # aminmax: amax propagates NaN, and |max| or |min| is max |g|
         absmax = torch.stack([torch.stack(torch.aminmax(local(self._grad_of(param)))) for param in params])
         absmax = absmax.double().abs_().amax(dim=1)
+        limits = [gradient_limit(compute_dtype(param.dtype)) for param in params]
+        bound: float | Tensor = limits[0]
+        if len(set(limits)) > 1:  # float64 tensors beside others: filled on the device, not copied from the host
+            bound = torch.full_like(absmax, limits[0])
+            for index, limit in enumerate(limits):
+                bound[index] = limit
+        refused = (absmax <= bound).logical_not_()  # NaN too
         group = process_group(params)
-        if group is not None:  # FSDP2: a non-finite entry in any rank's shard skips the parameter on every rank
-            bad = torch.isfinite(absmax).logical_not_().to(torch.int32)
-            all_reduce_(bad, group, op=dist.ReduceOp.MAX)
-            absmax = absmax.masked_fill_(bad.bool(), math.inf)
-        return absmax
+        if group is not None:  # FSDP2: a refused shard on any rank skips the parameter on every rank
+            refused = all_reduce_(refused.to(torch.int32), group, op=dist.ReduceOp.MAX).bool()
+        return absmax.masked_fill_(refused, math.inf)
 
     def skipped_steps(self) -> int:
-        """Parameter updates skipped so far because of a non-finite gradient (summed over parameters; kept in
-        the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it.
+        """Parameter updates skipped so far because of a non-finite or too large gradient (summed over parameters;
+        kept in the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it.
         Device-side counts are read here (one read per device): a query, not part of the step."""
         counts = [state["skipped_steps"] for state in self.state.values() if "skipped_steps" in state]
         by_device: dict[torch.device, list[Tensor]] = defaultdict(list)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 
 from lit_lowrank.kernels.dispatch import validate_use_triton
 from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase, split_by_matrix
-from lit_lowrank.optim.lora_pre.hyperparameters import check_betas, check_common_hyperparameters
+from lit_lowrank.optim.lora_pre.hyperparameters import check_common_hyperparameters
 from lit_lowrank.optim.lora_pre.muon_update import (
     SCALE_RULES,
     dense_muon_update_,
@@ -18,6 +17,15 @@ from lit_lowrank.optim.lora_pre.muon_update import (
 )
 from lit_lowrank.optim.sharding import RowShards, local
 from lit_lowrank.optim.state import compute_dtype
+from lit_lowrank.optim.validation import (
+    BETA,
+    as_tuple,
+    check_adam_hyperparameters,
+    check_choice,
+    check_flag,
+    check_integer,
+    check_number,
+)
 
 
 class LoRAPreMuon(LowRankOptimizerBase):
@@ -28,8 +36,10 @@ class LoRAPreMuon(LowRankOptimizerBase):
     with five quintic Newton-Schulz iterations in float32, updates ``W <- W - lr (scale O + weight_decay W)``,
     then moves the factors by one damped least-squares step each towards ``g / (1 - mu)`` with
     ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre.muon_update`). A matrix or tensor whose gradient
-    holds NaN/inf is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`; on an
-    accelerator without any host read (``docs/lora-pre.md``, "Non-finite gradients").
+    holds NaN/inf, or an entry whose square would overflow its state (:func:`~lit_lowrank.optim.state.gradient_limit`),
+    is skipped (parameter, factors and step count unchanged) and counted in :meth:`skipped_steps`; on an accelerator
+    without any host read (``docs/lora-pre.md``, "Non-finite gradients"). Hyper-parameters must be finite and in
+    range, in added groups too; a tensor given twice is refused (:mod:`lit_lowrank.optim.validation`).
 
     Muon is for matrices only, so non-matrix tensors run AdamW inside the same optimizer, with the ``adamw_*``
     hyper-parameters:
@@ -97,10 +107,13 @@ class LoRAPreMuon(LowRankOptimizerBase):
         self.use_triton = use_triton
         self._adamw_defaults = {
             "lr": adamw_lr,
-            "betas": tuple(adamw_betas),
+            "betas": as_tuple(adamw_betas),
             "eps": adamw_eps,
             "weight_decay": adamw_weight_decay,
         }
+        # Checked here too: they reach a group only when one holds non-matrix tensors, maybe much later.
+        check_adam_hyperparameters(type(self).__name__, self._adamw_defaults, prefix="adamw_",
+                                   default_betas=(0.9, 0.95))
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -112,7 +125,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             "factor_update": factor_update,
             "scale_rule": scale_rule,
             "full_rank": full_rank,
-            "betas": tuple(adamw_betas),
+            "betas": as_tuple(adamw_betas),
             "eps": adamw_eps,
         }
         super().__init__(params, defaults, seed=seed)
@@ -137,18 +150,11 @@ class LoRAPreMuon(LowRankOptimizerBase):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_common_hyperparameters(owner, group, lowrank_keys=True)
-        check_betas(owner, "betas (adamw_betas)", group["betas"])
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"{owner}: invalid momentum {group['momentum']!r}; expected a float in [0, 1).")
-        if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
-            raise ValueError(f"{owner}: invalid ns_steps {group['ns_steps']!r}; expected an int >= 1 (default 5).")
-        if group["scale_rule"] not in SCALE_RULES:
-            raise ValueError(f"{owner}: invalid scale_rule {group['scale_rule']!r}; expected one of {SCALE_RULES}.")
-        if not 0.0 <= group["eps"] < math.inf:
-            raise ValueError(f"{owner}: invalid eps {group['eps']!r}; expected a finite float >= 0.")
-        if not isinstance(group["lowrank"], bool):
-            raise TypeError(f"{owner}: invalid lowrank {group['lowrank']!r}; expected True or False.")
+        check_common_hyperparameters(owner, group, default_betas=(0.9, 0.95))
+        check_number(owner, "momentum", group["momentum"], BETA, example=0.95)
+        check_flag(owner, "nesterov", group["nesterov"])
+        check_integer(owner, "ns_steps", group["ns_steps"], 1, example=5)
+        check_choice(owner, "scale_rule", group["scale_rule"], SCALE_RULES)
         if group["lowrank"]:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"]):

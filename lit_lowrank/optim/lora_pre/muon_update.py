@@ -50,10 +50,12 @@ def muon_update_scale(shape: tuple[int, int], rule: str) -> float:
     raise ValueError(f"Unknown Muon scale rule {rule!r}; expected one of {SCALE_RULES}.")
 
 
-def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7, read_on_host: bool = False) -> Tensor:
     """Approximate ``U V^T`` of ``matrix = U S V^T`` by ``steps`` quintic Newton-Schulz iterations.
 
-    Runs in the input's dtype (float32 or float64 here); the result is a new tensor of the same shape.
+    Runs in the input's dtype (float32 or float64 here); the result is a new tensor of the same shape. The input is
+    first divided by its Frobenius norm (:func:`frobenius_norm`, which cannot overflow); ``read_on_host`` lets that
+    norm be checked on the host, cheaper on a CPU (a CPU has nothing to wait for).
 
     Example:
         >>> X = newton_schulz_orthogonalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), 5)
@@ -63,12 +65,37 @@ def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7) -
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     transposed = matrix.shape[0] > matrix.shape[1]
     x = matrix.T if transposed else matrix
-    x = x / (torch.linalg.matrix_norm(x) + eps)  # spectral norm <= Frobenius norm <= 1
+    x = x / (frobenius_norm(x, read_on_host) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.T  # the smaller of the two Gram matrices, thanks to the transpose above
         polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, polynomial, x, beta=a)
     return x.T if transposed else x
+
+
+def frobenius_norm(x: Tensor, read_on_host: bool = False) -> Tensor:
+    """``||x||_F`` as a 0-d tensor, also where the sum of squares overflows: the momentum of a gradient as large as
+    the optimizers step with (up to ~9.2e18 in float32) has squares beyond float32's range, and ``x / inf = 0`` would
+    freeze the matrix until the momentum decays.
+
+    Where ``torch.linalg.matrix_norm`` is inf, the norm is taken again of ``x`` scaled by a power of two that brings
+    its largest entry near 1 (exact, so the norm is too). With ``read_on_host`` that happens only when needed, after
+    one host read; otherwise it is always computed and picked by ``torch.where`` (nothing read on the host). Finite
+    norms are those of ``matrix_norm``, bit for bit.
+
+    Example:
+        >>> x = torch.tensor([[3e30, 4e30]])  # its squares overflow float32
+        >>> torch.linalg.matrix_norm(x), frobenius_norm(x), frobenius_norm(x, read_on_host=True)
+        (tensor(inf), tensor(5.0000e+30), tensor(5.0000e+30))
+    """
+    norm = torch.linalg.matrix_norm(x)
+    if read_on_host and math.isfinite(norm):
+        return norm
+    low, high = torch.aminmax(x)
+    _, exponent = torch.frexp(torch.maximum(high, low.neg()))
+    scale = torch.ldexp(torch.ones_like(norm), exponent.neg())
+    scaled = torch.linalg.matrix_norm(x * scale) / scale
+    return scaled if read_on_host else torch.where(torch.isfinite(norm), norm, scaled)
 
 
 def lora_pre_muon_update_(
@@ -123,7 +150,7 @@ def lora_pre_muon_update_(
     if nesterov:
         buffer.mul_(momentum).add_(g)
     if shards is None:
-        update = newton_schulz_orthogonalize(buffer, ns_steps)
+        update = newton_schulz_orthogonalize(buffer, ns_steps, read_on_host=ok is None and device.type == "cpu")
     else:
         update = shards.local_rows(newton_schulz_orthogonalize(shards.gather(buffer), ns_steps))
     _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)
@@ -191,5 +218,5 @@ def dense_muon_update_(
     direction = momentum_buffer
     if nesterov:
         direction = torch.add(grad, momentum_buffer, alpha=momentum)
-    update = newton_schulz_orthogonalize(direction, ns_steps)
+    update = newton_schulz_orthogonalize(direction, ns_steps, read_on_host=ok is None and param.device.type == "cpu")
     _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)

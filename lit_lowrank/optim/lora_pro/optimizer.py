@@ -4,13 +4,14 @@ Adapters are found through :func:`lit_lowrank.adapters.lora_modules` and A is pa
 their module, never through parameter order. Layers that share (r, shapes, dtype, device, scaling) are
 stacked and solved as one batch on their device, then the results are scattered back.
 The closed form itself lives in :mod:`lit_lowrank.optim.lora_pro.closed_form`, the stacking in
-:mod:`lit_lowrank.optim.lora_pro.pairs`.
+:mod:`lit_lowrank.optim.lora_pro.pairs`, a step's plans and which layers it skips in
+:mod:`lit_lowrank.optim.lora_pro.plans`.
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,15 +28,32 @@ from lit_lowrank.optim.lora_pro.closed_form import (
 from lit_lowrank.optim.lora_pro.pairs import (
     AdapterPair,
     adapter_pairs,
-    all_finite,
     batches,
+    pairs_in_group,
     read_factors,
     write_local,
     write_rows,
 )
+from lit_lowrank.optim.lora_pro.plans import (
+    EfficientPlan,
+    FullPlan,
+    OtherPlan,
+    equivalent_gradient_bound,
+    steppable_grads,
+    within_limit,
+)
 from lit_lowrank.optim.lora_pro.update import full_mode_update
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, local_part, process_group
-from lit_lowrank.optim.state import StateBytes, compute_dtype, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.validation import (
+    POSITIVE,
+    Interval,
+    as_tuple,
+    check_adam_hyperparameters,
+    check_number,
+    group_tensors,
+    refuse_duplicate_params,
+)
 
 __all__ = ["LoRAPro", "apply_lora_pro_", "equivalent_gradient", "lora_pro_gradients"]
 
@@ -83,68 +101,6 @@ def apply_lora_pro_(model: nn.Module, damping: float = 1e-8) -> int:
     return rewritten
 
 
-@dataclass(eq=False)
-class EfficientPlan:
-    """One batch's rewritten gradients, kept until clipping has seen every direction."""
-
-    batch: list
-    group: dict
-    ok: torch.Tensor
-    dA: torch.Tensor
-    dB_t: torch.Tensor
-    A: torch.Tensor
-
-    def squared_norm(self) -> torch.Tensor:
-        return self.dA.square().sum() + self.dB_t.square().sum()
-
-    def scale_(self, coefficient: torch.Tensor) -> None:
-        self.dA.mul_(coefficient)
-        self.dB_t.mul_(coefficient)
-
-
-@dataclass(eq=False)
-class FullPlan:
-    """One batch's equivalent gradient ``g~ = U_t^T V`` (zero where the gradients were non-finite)."""
-
-    batch: list
-    group: dict
-    ok: torch.Tensor
-    A: torch.Tensor
-    B_t: torch.Tensor
-    spectrum: object
-    U_t: torch.Tensor
-    V: torch.Tensor
-
-    def squared_norm(self) -> torch.Tensor:
-        return ((self.U_t @ self.U_t.mT) * (self.V @ self.V.mT)).sum()
-
-    def scale_(self, coefficient: torch.Tensor) -> None:
-        self.V.mul_(coefficient)
-
-
-@dataclass(eq=False)
-class OtherPlan:
-    """Parameters that are not adapter factors (heads, modules_to_save), stepped by plain AdamW."""
-
-    params: list
-    group: dict
-    grads: list
-    ok: torch.Tensor
-
-
-def finite_grads(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Local gradient shards with non-finite ones zeroed, and per-parameter finite flags agreed by all ranks
-    (a shard's NaN must skip the whole parameter everywhere, or the ranks would diverge)."""
-    if any(p.grad.is_sparse for p in params):
-        raise RuntimeError("LoRAPro's AdamW path does not support sparse gradients")
-    grads = [local(p.grad) for p in params]
-    ok = torch.stack([all_finite(g.reshape(1, -1)).squeeze(0) for g in grads])
-    group = process_group(params)
-    if group is not None:
-        ok = all_reduce_(ok.to(torch.int32), group, op=torch.distributed.ReduceOp.MIN).bool()
-    return [torch.where(finite, g, 0) for g, finite in zip(grads, ok.unbind())], ok
-
-
 def _local_states(states: list[dict]) -> list[dict]:
     """The AdamW states with their moments as local shards (``step`` stays the same shared tensor)."""
     return [{"step": s["step"], "exp_avg": local(s["exp_avg"]), "exp_avg_sq": local(s["exp_avg_sq"])} for s in states]
@@ -167,6 +123,11 @@ class LoRAPro(torch.optim.Optimizer):
             before ``step``: clipping must see what the optimizer uses.
         use_triton: full mode's fused kernel, ``"auto"`` / ``True`` / ``False`` as in
             :mod:`lit_lowrank.kernels.dispatch`; efficient mode has none.
+
+    Every hyper-parameter must be finite and in range (:mod:`lit_lowrank.optim.validation`; ``lr`` may be a 0-d
+    tensor), also in groups added later; :meth:`add_param_group` gives adapter pairs the LoRA-Pro update (gradual
+    unfreezing). An adapter or tensor whose gradient is not finite, or so large that its square would overflow the
+    Adam moments, is skipped and counted (:meth:`skipped_steps`; :mod:`lit_lowrank.optim.lora_pro.plans`).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -203,30 +164,76 @@ class LoRAPro(torch.optim.Optimizer):
             raise ValueError(f"unknown LoRAPro mode={mode!r}; choose 'efficient' (LoRA's memory) or 'full' "
                              "(Adam in weight space)")
         validate_use_triton(use_triton, type(self).__name__)
-        if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay or not 0.0 <= damping:
-            raise ValueError(f"lr, eps, weight_decay and damping must be >= 0, got {lr}, {eps}, {weight_decay}, "
-                             f"{damping}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        self.pairs = adapter_pairs(model)
-        if not self.pairs:
+        if max_grad_norm is not None:
+            check_number(type(self).__name__, "max_grad_norm", max_grad_norm, POSITIVE, example=1.0,
+                         hint="pass a finite norm such as max_grad_norm=1.0, or None for no clipping.")
+        self.mode = mode
+        self.use_triton = use_triton
+        self.max_grad_norm = max_grad_norm
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damping=damping)
+        self._check_group(defaults)
+        defaults["betas"] = as_tuple(betas)
+        trainable = adapter_pairs(model)  # refuses adapters with one trainable factor
+        if not trainable:
             raise ValueError(
                 f"{type(model).__name__} has no trainable LoRA adapters. "
                 "HINT: call lit_lowrank.inject_lora(model, LoRAConfig(...)) before creating LoRAPro."
             )
-        adapter_ids = {id(p) for pair in self.pairs for p in (pair.A, pair.B)}
+        # add_param_group finds the adapter pairs of each group through the model (the constructor's groups too).
+        self._model = weakref.ref(model)
+        self.pairs: list[AdapterPair] = []
+        adapter_ids = {id(p) for pair in trainable for p in (pair.A, pair.B)}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
-        # "lora_pro" marks the adapter group with its mode (saved with the groups, checked on load).
-        groups = [{"params": [p for pair in self.pairs for p in (pair.A, pair.B)], "lora_pro": mode}]
+        groups = [{"params": [p for pair in trainable for p in (pair.A, pair.B)]}]
         if others:
-            groups.append({"params": others, "lora_pro": None})
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping)
+            groups.append({"params": others})
         super().__init__(groups, defaults)
-        self.mode = mode
-        self.use_triton = use_triton
-        self.max_grad_norm = max_grad_norm
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group; the adapter pairs in it get LoRA-Pro's update from their first step on, exactly as if
+        they had been trainable when the optimizer was built (gradual unfreezing). Other tensors get AdamW.
+
+        Refused, leaving the optimizer as it was: an invalid hyper-parameter, a tensor listed twice or already in a
+        group, a ``lora_A`` without its ``lora_B`` (or the reverse), an adapter with one trainable factor. The
+        group's ``"lora_pro"`` key is set to the mode if it holds adapters (saved with the groups, checked on load).
+
+        Example:
+            >>> import torch.nn as nn
+            >>> from lit_lowrank import LoRAConfig, inject_lora
+            >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), LoRAConfig(r=2))
+            >>> late = net.get_submodule("2").requires_grad_(False)  # frozen for now
+            >>> opt = LoRAPro(net, lr=1e-2)
+            >>> _ = late.lora_A.requires_grad_(), late.lora_B.requires_grad_()
+            >>> opt.add_param_group({"params": [late.lora_A, late.lora_B], "lr": 5e-3})
+            >>> [pair.name for pair in opt.pairs], opt.param_groups[1]["lora_pro"]
+            (['0', '2'], 'efficient')
+        """
+        owner = type(self).__name__
+        group = dict(param_group)
+        refuse_duplicate_params(owner, self.param_groups, group)
+        tensors, _ = group_tensors(group)
+        self._check_group({**self.defaults, **group})
+        model = self._model()
+        if model is None:
+            raise RuntimeError(f"{owner}.add_param_group needs the model the optimizer was built for, to pair each "
+                               "lora_A with its lora_B, but it no longer exists. HINT: build a new LoRAPro(model).")
+        pairs = pairs_in_group(model, tensors)
+        group["lora_pro"] = self.mode if pairs else None
+        super().add_param_group(group)
+        self.pairs.extend(pairs)
+
+    def _check_group(self, group: dict) -> None:
+        """Refuse invalid hyper-parameters (:mod:`lit_lowrank.optim.validation`) with a ValueError that names them."""
+        owner = type(self).__name__
+        check_adam_hyperparameters(owner, group, tensor_lr=True)
+        check_number(owner, "damping", group["damping"], Interval(0.0, 1.0), example=1e-8,
+                     hint="pass a small relative cut-off such as damping=1e-8 (at 1 every eigenvalue is cut).")
+        decay = float(group["lr"]) * group["weight_decay"]
+        if self.mode == "full" and decay > 1.0:
+            raise ValueError(
+                f"{owner}: lr * weight_decay = {decay:g} > 1 in full mode, which scales A and B by "
+                "sqrt(1 - lr * weight_decay) each step. HINT: lower weight_decay below 1 / lr "
+                f"({1.0 / float(group['lr']):g}).")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -254,7 +261,7 @@ class LoRAPro(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p not in adapter_params:
                     by_kind[(p.device, compute_dtype(p))].append(p)
-            others.extend(OtherPlan(params, group, *finite_grads(params)) for params in by_kind.values())
+            others.extend(OtherPlan(params, group, *steppable_grads(params)) for params in by_kind.values())
         if self.max_grad_norm is not None:
             self._clip_(plans, others)
         for plan in plans:
@@ -285,16 +292,17 @@ class LoRAPro(torch.optim.Optimizer):
             torch._foreach_mul_(plan.grads, coefficient.to(plan.grads[0].dtype))
 
     def _count_skips(self, plans: list, others: list) -> None:
-        """Add 1 to ``skipped_steps`` of each adapter (kept in its ``lora_A``'s state) and other parameter whose
-        gradient was not finite, on the device."""
+        """Add 1 to ``skipped_steps`` of each adapter (kept in its ``lora_A``'s state) and other parameter that was
+        skipped (:mod:`lit_lowrank.optim.lora_pro.plans`), on the device."""
         for params, ok in [([pair.A for pair in plan.batch], plan.ok) for plan in plans] + [
                 (plan.params, plan.ok) for plan in others]:
             states = [self._state(p) for p in params]
             torch._foreach_add_([s["skipped_steps"] for s in states], list((~ok).to(torch.float32).unbind()))
 
     def skipped_steps(self) -> int:
-        """Updates skipped so far because of non-finite gradients (one per adapter or other parameter and step;
-        kept in the state, so it survives a checkpoint). Reading it waits for the device."""
+        """Updates skipped so far because of non-finite or too large gradients (one per adapter or other parameter
+        and step; :mod:`lit_lowrank.optim.lora_pro.plans`). Kept in the state, so it survives a checkpoint. Reading it
+        waits for the device."""
         counters = [s["skipped_steps"] for s in self.state.values() if "skipped_steps" in s]
         return int(torch.stack(counters).sum().item()) if counters else 0
 
@@ -328,7 +336,7 @@ class LoRAPro(torch.optim.Optimizer):
         if not state:
             dtype = compute_dtype(param)
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            # Updates skipped for non-finite gradients, counted on the device (read by skipped_steps()).
+            # Updates skipped for non-finite or too large gradients, counted on the device (read by skipped_steps()).
             state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=param.device)
             for key in moments:
                 state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
@@ -358,8 +366,10 @@ class LoRAPro(torch.optim.Optimizer):
         A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
         # (dA, dB) stay in the compute dtype: rounding them to bf16 before Adam would waste the fp32 solve.
         dA, dB_t = closed_form(gram_spectrum(A, B_t, group["damping"]), A, B_t, grad_A, grad_B_t, batch[0].scaling)
-        skipped = ~stack.ok.view(-1, 1, 1)
-        return EfficientPlan(batch, group, stack.ok, dA.masked_fill_(skipped, 0), dB_t.masked_fill_(skipped, 0), A)
+        limit = gradient_limit(A.dtype)  # what enters the moments must square without overflow
+        ok = stack.ok & within_limit(dA, limit) & within_limit(dB_t, limit)
+        skipped = ~ok.view(-1, 1, 1)
+        return EfficientPlan(batch, group, ok, dA.masked_fill_(skipped, 0), dB_t.masked_fill_(skipped, 0), A)
 
     def _apply_efficient(self, plan: EfficientPlan) -> None:
         params = [pair.A for pair in plan.batch] + [pair.B for pair in plan.batch]
@@ -374,9 +384,9 @@ class LoRAPro(torch.optim.Optimizer):
         A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
         spectrum = gram_spectrum(A, B_t, group["damping"])
         U_t, V = equivalent_factors(spectrum, A, B_t, grad_A, grad_B_t, batch[0].scaling)
-        skipped = ~stack.ok.view(-1, 1, 1)
-        return FullPlan(batch, group, stack.ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0),
-                        V.masked_fill_(skipped, 0))
+        ok = stack.ok & (equivalent_gradient_bound(U_t, V) <= gradient_limit(A.dtype))  # g~ must square in the moments
+        skipped = ~ok.view(-1, 1, 1)
+        return FullPlan(batch, group, ok, A, B_t, spectrum, U_t.masked_fill_(skipped, 0), V.masked_fill_(skipped, 0))
 
     def _apply_full(self, plan: FullPlan) -> None:
         batch, A, B_t = plan.batch, plan.A, plan.B_t

@@ -28,22 +28,62 @@ class AdapterPair:
         return (tuple(self.A.shape), tuple(self.B.shape), self.A.dtype, self.B.dtype, self.A.device, self.scaling)
 
 
-def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
-    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
+def all_adapter_pairs(model: nn.Module) -> list[AdapterPair]:
+    """Every adapter pair of ``model``, trainable or frozen, in ``named_modules`` order."""
     from lit_lowrank.adapters import lora_modules
 
-    pairs = []
-    for name, module in lora_modules(model):
-        A, B = module.lora_A, module.lora_B
-        if A.requires_grad != B.requires_grad:
+    return [AdapterPair(name, module.lora_A, module.lora_B, float(module.scaling))
+            for name, module in lora_modules(model)]
+
+
+def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
+    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
+    pairs = all_adapter_pairs(model)
+    for pair in pairs:
+        refuse_one_trainable_factor(pair)
+    return [pair for pair in pairs if pair.A.requires_grad]
+
+
+def refuse_one_trainable_factor(pair: AdapterPair) -> None:
+    """Raise a ValueError for an adapter with exactly one trainable factor: LoRA-Pro moves both or neither."""
+    A, B = pair.A, pair.B
+    if A.requires_grad != B.requires_grad:
+        raise ValueError(
+            f"adapter {pair.name!r} has only one trainable factor (lora_A.requires_grad={A.requires_grad}, "
+            f"lora_B.requires_grad={B.requires_grad}); LoRA-Pro updates A and B jointly. "
+            "HINT: make both trainable or freeze both."
+        )
+
+
+def pairs_in_group(model: nn.Module, tensors: list[torch.Tensor]) -> list[AdapterPair]:
+    """The adapter pairs of ``model`` among ``tensors`` (a param group about to be added), in ``named_modules``
+    order. Raises a ValueError for a ``lora_A`` without its ``lora_B`` (or the reverse), or a pair with one
+    trainable factor: LoRA-Pro's closed form needs both, and a lone factor would silently get plain AdamW.
+
+    Example:
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+        >>> pairs_in_group(net, [net[0].lora_B])
+        Traceback (most recent call last):
+        ...
+        ValueError: lora_B of adapter '0' is in this param group without its lora_A; ...
+    """
+    members = set(tensors)
+    found = []
+    for pair in all_adapter_pairs(model):
+        has_A, has_B = pair.A in members, pair.B in members
+        if has_A != has_B:
+            given, missing = ("lora_A", "lora_B") if has_A else ("lora_B", "lora_A")
             raise ValueError(
-                f"adapter {name!r} has only one trainable factor (lora_A.requires_grad={A.requires_grad}, "
-                f"lora_B.requires_grad={B.requires_grad}); LoRA-Pro updates A and B jointly. "
-                "HINT: make both trainable or freeze both."
+                f"{given} of adapter {pair.name!r} is in this param group without its {missing}; LoRA-Pro updates "
+                "the two factors of an adapter jointly (the constructor refuses one-sided adapters too). HINT: add "
+                f"both in one group, e.g. optimizer.add_param_group({{'params': [module.lora_A, module.lora_B]}}) "
+                f"with module = model.get_submodule({pair.name!r}), both with requires_grad=True."
             )
-        if A.requires_grad:
-            pairs.append(AdapterPair(name, A, B, float(module.scaling)))
-    return pairs
+        if has_A:
+            refuse_one_trainable_factor(pair)
+            found.append(pair)
+    return found
 
 
 class FactorStack(NamedTuple):
