@@ -18,6 +18,7 @@ from torch import nn
 from lit_lowrank.adapters.heads import HEAD_CONTAINER_NAMES, HEAD_NAMES
 from lit_lowrank.adapters.lora import LoRAAdapter
 from lit_lowrank.adapters.patterns import Pattern, name_matches
+from lit_lowrank.adapters.peft_layers import trainable_peft_layer_names
 
 _MHA_MATRIX_NAMES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -54,9 +55,10 @@ def lowrank_param_groups(
     Raises:
         ValueError: for a regex ``include``/``exclude`` that would give another low-rank group than when regexes
             were searched anywhere in parameter names (the former rule); the message names the tensors that differ.
-        ValueError: when ``model`` carries trainable LoRA adapters (``inject_lora``): LoRA-Pre compresses the
-            momenta of full weight matrices, and an adapted model has none trainable, so every parameter would
-            land in the AdamW group and the optimizer would silently be plain AdamW.
+        ValueError: when ``model`` carries trainable adapters (``inject_lora`` or ``peft.get_peft_model``): LoRA-Pre
+            compresses the momenta of full weight matrices, and an adapted model has none trainable, so the optimizer
+            would silently be plain AdamW (our adapters) or factor the adapter factors themselves (PEFT's ``lora_A``
+            and ``lora_B`` are ``nn.Linear`` inside the blocks).
 
     Returns:
         ``[{"params", "param_names", "lowrank": True, "rank", **group_options}, {"params", "param_names",
@@ -96,15 +98,22 @@ def param_group_names(groups_or_optimizer: Sequence[dict[str, Any]] | torch.opti
 
 
 def trainable_adapter_names(model: nn.Module) -> list[str]:
-    """Names of the LoRA adapters in ``model`` (from ``inject_lora``) whose ``lora_A`` or ``lora_B`` is trainable.
+    """Names of the adapter layers in ``model`` with a trainable adapter parameter: lit_lowrank's LoRA adapters
+    (``inject_lora``) and PEFT's adapter layers (``peft.get_peft_model``, any PEFT method), in ``named_modules`` order.
 
     Example:
+        >>> import peft
         >>> from lit_lowrank import LoRAConfig, inject_lora
         >>> trainable_adapter_names(inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"])))
         ['0']
+        >>> trainable_adapter_names(peft.get_peft_model(nn.Sequential(nn.Linear(4, 4)),
+        ...                                             peft.LoraConfig(r=2, target_modules=["0"])))
+        ['base_model.model.0']
     """
-    return [name for name, module in model.named_modules()
-            if isinstance(module, LoRAAdapter) and (module.lora_A.requires_grad or module.lora_B.requires_grad)]
+    ours = {name for name, module in model.named_modules()
+            if isinstance(module, LoRAAdapter) and (module.lora_A.requires_grad or module.lora_B.requires_grad)}
+    theirs = set(trainable_peft_layer_names(model))
+    return [name for name, _ in model.named_modules() if name in ours or name in theirs]
 
 
 def _reject_adapters(model: nn.Module) -> None:
@@ -113,8 +122,9 @@ def _reject_adapters(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} has {len(adapters)} trainable LoRA adapter(s) (e.g. {adapters[0]!r}): LoRA-Pre "
             "factors the momenta of full weight matrices, and with adapters every trainable tensor would get plain "
-            "AdamW (no low-rank group at all). HINT: for LoRA-Pre full-parameter training do not inject adapters "
-            "(YAML: `lora: null`); to train adapters use LoRAPro or torch.optim.AdamW instead of LoRA-Pre.")
+            "AdamW or the adapter factors themselves would be factored. HINT: for LoRA-Pre full-parameter training "
+            "do not add adapters (YAML: `lora: null`; no inject_lora, no peft.get_peft_model); to train adapters use "
+            "LoRAPro or torch.optim.AdamW instead of LoRA-Pre.")
 
 
 def _split(model: nn.Module, matches_include, matches_exclude) -> tuple[dict[str, list], dict[str, list]]:

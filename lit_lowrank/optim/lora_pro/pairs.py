@@ -1,5 +1,6 @@
-"""LoRA-Pro's adapter pairs as stacks: ``lora_A`` paired with ``lora_B`` through their module, layers of one shape
-stacked for batched solves, and the results written back (the only place that reads adapters as plain tensors)."""
+"""LoRA-Pro's adapter pairs as stacks: ``lora_A`` paired with ``lora_B`` through their module (lit_lowrank's adapters
+and PEFT's LoRA layers alike), layers of one shape stacked for batched solves, and the results written back (the only
+place that reads adapters as plain tensors)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,18 +11,25 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lit_lowrank.adapters.lora import LoRAAdapter
+from lit_lowrank.adapters.peft_layers import is_peft_lora_layer, peft_lora_factors
 from lit_lowrank.optim.sharding import full, local, local_part
 from lit_lowrank.optim.state import compute_dtype
 
 
 @dataclass(frozen=True, eq=False)
 class AdapterPair:
-    """One adapter's factors, paired through their module: ``W = W0 + scaling * B @ A``."""
+    """One adapter's factors, paired through their module: ``W = W0 + scaling * B @ A``.
+
+    ``unsupported`` says why LoRA-Pro cannot update this pair (DoRA, a PEFT convolution, ...; None when it can):
+    refused as soon as the pair is trainable and given to LoRA-Pro, never left to plain AdamW.
+    """
 
     name: str
     A: nn.Parameter
     B: nn.Parameter
     scaling: float
+    unsupported: str | None = None
 
     def batch_key(self) -> tuple:
         """Pairs with equal keys can be stacked and solved together."""
@@ -29,19 +37,53 @@ class AdapterPair:
 
 
 def all_adapter_pairs(model: nn.Module) -> list[AdapterPair]:
-    """Every adapter pair of ``model``, trainable or frozen, in ``named_modules`` order."""
-    from lit_lowrank.adapters import lora_modules
+    """Every adapter pair of ``model``, trainable or frozen, in ``named_modules`` order: lit_lowrank's adapters
+    (``inject_lora``) and PEFT's LoRA layers (``peft.get_peft_model``), one pair per PEFT adapter name.
 
-    return [AdapterPair(name, module.lora_A, module.lora_B, float(module.scaling))
-            for name, module in lora_modules(model)]
+    Example:
+        >>> import peft
+        >>> from lit_lowrank import LoRAConfig, inject_lora
+        >>> ours = inject_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+        >>> theirs = peft.get_peft_model(nn.Sequential(nn.Linear(4, 4)), peft.LoraConfig(r=2, target_modules=["0"]))
+        >>> [pair.name for pair in all_adapter_pairs(ours)], [pair.name for pair in all_adapter_pairs(theirs)]
+        (['0'], ['base_model.model.0[default]'])
+    """
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAAdapter):
+            problem = _dora_problem(name, module)
+            pairs.append(AdapterPair(name, module.lora_A, module.lora_B, float(module.scaling), problem))
+        elif is_peft_lora_layer(module):
+            pairs.extend(AdapterPair(factors.name, factors.A, factors.B, factors.scaling, factors.unsupported)
+                         for factors in peft_lora_factors(name, module))
+    return pairs
+
+
+def _dora_problem(name: str, module: nn.Module) -> str | None:
+    if not getattr(module, "use_dora", False):
+        return None
+    return (f"adapter {name!r} is DoRA (use_dora=True): LoRA-Pro's closed form is for plain LoRA, W0 + s B A, and DoRA "
+            "also rescales the weight by its magnitude vector. HINT: LoRAConfig(use_dora=False) to train it with "
+            "LoRA-Pro, or keep DoRA and use torch.optim.AdamW.")
 
 
 def adapter_pairs(model: nn.Module) -> list[AdapterPair]:
-    """The trainable adapter pairs of ``model`` in ``named_modules`` order."""
+    """The trainable adapter pairs of ``model`` in ``named_modules`` order. Raises a ValueError for a trainable pair
+    LoRA-Pro cannot update (DoRA, several active PEFT adapters, ...: :attr:`AdapterPair.unsupported`) or with one
+    trainable factor."""
     pairs = all_adapter_pairs(model)
     for pair in pairs:
         refuse_one_trainable_factor(pair)
+        if pair.A.requires_grad:
+            refuse_unsupported(pair)
     return [pair for pair in pairs if pair.A.requires_grad]
+
+
+def refuse_unsupported(pair: AdapterPair) -> None:
+    """Raise a ValueError for a pair that is not plain LoRA: LoRA-Pro's update would be wrong for it, and leaving it
+    to AdamW would silently train it without LoRA-Pro."""
+    if pair.unsupported is not None:
+        raise ValueError(pair.unsupported)
 
 
 def refuse_one_trainable_factor(pair: AdapterPair) -> None:
@@ -57,8 +99,9 @@ def refuse_one_trainable_factor(pair: AdapterPair) -> None:
 
 def pairs_in_group(model: nn.Module, tensors: list[torch.Tensor]) -> list[AdapterPair]:
     """The adapter pairs of ``model`` among ``tensors`` (a param group about to be added), in ``named_modules``
-    order. Raises a ValueError for a ``lora_A`` without its ``lora_B`` (or the reverse), or a pair with one
-    trainable factor: LoRA-Pro's closed form needs both, and a lone factor would silently get plain AdamW.
+    order. Raises a ValueError for a ``lora_A`` without its ``lora_B`` (or the reverse), a pair with one
+    trainable factor or one LoRA-Pro cannot update: LoRA-Pro's closed form needs both, and a lone factor would
+    silently get plain AdamW.
 
     Example:
         >>> from lit_lowrank import LoRAConfig, inject_lora
@@ -74,14 +117,16 @@ def pairs_in_group(model: nn.Module, tensors: list[torch.Tensor]) -> list[Adapte
         has_A, has_B = pair.A in members, pair.B in members
         if has_A != has_B:
             given, missing = ("lora_A", "lora_B") if has_A else ("lora_B", "lora_A")
+            names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
             raise ValueError(
                 f"{given} of adapter {pair.name!r} is in this param group without its {missing}; LoRA-Pro updates "
                 "the two factors of an adapter jointly (the constructor refuses one-sided adapters too). HINT: add "
-                f"both in one group, e.g. optimizer.add_param_group({{'params': [module.lora_A, module.lora_B]}}) "
-                f"with module = model.get_submodule({pair.name!r}), both with requires_grad=True."
+                f"both in one group, both with requires_grad=True: the parameters {names.get(id(pair.A))!r} and "
+                f"{names.get(id(pair.B))!r} of the model."
             )
         if has_A:
             refuse_one_trainable_factor(pair)
+            refuse_unsupported(pair)
             found.append(pair)
     return found
 
