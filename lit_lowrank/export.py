@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lit_lowrank.adapters.dora import DoRALinear, dora_merged_weight
 from lit_lowrank.adapters.inject import lora_modules
 from lit_lowrank.adapters.lora import MHA_PARTS, LoRAAdapter, LoRALinear, LoRAMultiheadAttention
 from lit_lowrank.adapters.peft_io import CONFIG_NAME, find_injection_root
@@ -145,7 +146,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     root = _deployed_module(model)
     wrappers = _wrappers(root)
-    adapter_keys = {f"{name}.{side}" for name, _ in lora_modules(root) for side in ("lora_A", "lora_B")}
+    adapter_keys = {f"{name}.{side}" for name, _ in lora_modules(root)
+                    for side in ("lora_A", "lora_B", "lora_magnitude_vector")}
     dtype = _float_dtype(root)
     replaced: dict[str, torch.Tensor] = {}
     for name, module in root.named_modules():
@@ -158,7 +160,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             base = replaced[key] if key in replaced else _full(weight)
             total = base.to(torch.float32, copy=True)
             for rows, delta in deltas:
-                total[rows] += delta.to(total.device)
+                if callable(delta):  # DoRA: the merged weight is a function of the base, not base + delta
+                    total[rows] = delta(total[rows])
+                else:
+                    total[rows] += delta.to(total.device)
             replaced[key] = total.to(base.dtype)
     state = {}
     for key, tensor in root.state_dict().items():
@@ -184,8 +189,17 @@ def _deployed_module(model: nn.Module) -> nn.Module:
 
 
 def _weight_deltas(name: str, wrapper: nn.Module):
-    """``(state key of a base weight, that weight, [(row slice, fp32 delta), ...])`` for one wrapper."""
+    """``(state key of a base weight, that weight, [(row slice, fp32 delta), ...])`` for one wrapper; for DoRA the
+    delta is a function from the fp32 base weight to the merged one."""
     if wrapper.merged:  # merge_lora already added the deltas to the base weights the model computes with
+        return
+    if isinstance(wrapper, DoRALinear):
+        parts = [_full(t) for t in (wrapper.lora_A, wrapper.lora_B, wrapper.lora_magnitude_vector)]
+
+        def fold(weight: torch.Tensor) -> torch.Tensor:
+            return dora_merged_weight(weight, *parts, wrapper.scaling, wrapper.fan_in_fan_out)[0]
+
+        yield _join(name, "base_layer.weight"), wrapper.base_layer.weight, [(slice(None), fold)]
         return
     if isinstance(wrapper, LoRALinear):
         delta = _delta(wrapper)
@@ -255,7 +269,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in: that of its first floating-point weight outside the adapters."""
-    adapters = {id(p) for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
+    adapters = {id(p) for _, m in lora_modules(model) for p in m.parameters(recurse=False)}
     return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in adapters),
                 torch.float32)
 

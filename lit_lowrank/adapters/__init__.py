@@ -1,7 +1,9 @@
-"""LoRA adapters: layers, injection into any model, PEFT-format I/O and merging."""
+"""LoRA and DoRA adapters: layers, injection into any model, PEFT-format I/O and merging."""
+from lit_lowrank.adapters.config import LoRAConfig
+from lit_lowrank.adapters.dora import DoRALinear
 from lit_lowrank.adapters.heads import TASK_HEAD_NAMES, task_heads
 from lit_lowrank.adapters.inits import LORA_INITS, register_lora_init
-from lit_lowrank.adapters.inject import LoRAConfig, adaptable_layers, inject_lora, lora_modules
+from lit_lowrank.adapters.inject import adaptable_layers, inject_lora, lora_modules
 from lit_lowrank.adapters.load import is_peft_loadable, load_adapter, read_adapter
 from lit_lowrank.adapters.lora import LoRAAdapter, LoRALinear, LoRAMultiheadAttention
 from lit_lowrank.adapters.peft_io import (
@@ -14,6 +16,7 @@ from lit_lowrank.adapters.peft_io import (
 from lit_lowrank.adapters.peft_meta import peft_task_type
 
 __all__ = [
+    "DoRALinear",
     "LORA_INITS",
     "LoRAAdapter",
     "LoRAConfig",

@@ -51,3 +51,12 @@ def gaussian_a_zero_b(adapter: nn.Module) -> None:
     """PEFT's ``init_lora_weights="gaussian"``: A ~ N(0, (1/r)^2), B = 0."""
     nn.init.normal_(adapter.lora_A, std=1.0 / adapter.r)
     nn.init.zeros_(adapter.lora_B)
+
+
+@register_lora_init("random")
+@torch.no_grad()
+def kaiming_uniform_a_and_b(adapter: nn.Module) -> None:
+    """PEFT's ``init_lora_weights=False``: A and B both as ``nn.Linear`` initialises its weight, so the adapter
+    changes the output from the start (for tests and debugging)."""
+    nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(adapter.lora_B, a=math.sqrt(5))

@@ -1,4 +1,6 @@
-"""``LoRAConfig`` and ``inject_lora``: choose target layers, wrap them with adapters, freeze the base.
+"""``inject_lora``: choose target layers, wrap them with adapters (LoRA or DoRA), freeze the base.
+
+The configuration, :class:`~lit_lowrank.adapters.config.LoRAConfig`, is defined in ``config.py`` and importable here.
 
 Target names follow PEFT: ``"all-linear"`` (every Linear-like layer except the output head / classifier),
 or a pattern in the one rule of :mod:`lit_lowrank.adapters.patterns` (a list of module names or suffixes, or a
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lit_lowrank.adapters.config import LoRAConfig, pattern_value
+from lit_lowrank.adapters.dora import DoRALinear
 from lit_lowrank.adapters.heads import HEAD_NAMES, _is_under, head_module_names, task_heads  # noqa: F401 (HEAD_NAMES: old home)
-from lit_lowrank.adapters.inits import LORA_INITS
 from lit_lowrank.adapters.lora import (
     MHA_PARTS,
     LoRAAdapter,
@@ -30,59 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Attribute on the module ``inject_lora`` was called on; ``save_adapter`` reads it back.
 INJECTION_RECORD = "lora_injection"
-
-
-@dataclass
-class LoRAConfig:
-    """Which layers get adapters and how they are shaped.
-
-    Args:
-        r: rank of each adapter pair.
-        alpha: scale numerator; the update is ``alpha / r * B @ A`` (``alpha / sqrt(r)`` with ``rslora``).
-        dropout: dropout on the adapter input (not applied to ``nn.MultiheadAttention`` adapters).
-        target_modules: ``"all-linear"``, or a pattern (:mod:`lit_lowrank.adapters.patterns`: a list of names or
-            name suffixes, or a regex matching whole module names); ``"default"``: the backbone's default targets,
-            resolved by the lit_lowrank tasks.
-        exclude_modules: names to leave alone, a pattern as well.
-        rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-        init: a name registered in :data:`lit_lowrank.adapters.inits.LORA_INITS` ("default", "gaussian", ...).
-        modules_to_save: modules trained fully and saved with the adapter (e.g. ``["classifier"]``). ``None``
-            (the default) picks the heads a task adds, as PEFT's task types do (see
-            :data:`~lit_lowrank.adapters.heads.TASK_HEAD_NAMES`: ``classifier``, ``score``, timm's ``head``);
-            ``[]`` keeps everything but the adapters frozen.
-
-    Example:
-        >>> LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]).scaling
-        2.0
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    exclude_modules: str | list[str] | None = None
-    rslora: bool = False
-    init: str = "default"
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in LORA_INITS:
-            raise ValueError(f"unknown LoRAConfig.init={self.init!r}; registered inits: {sorted(LORA_INITS)}")
-        if isinstance(self.modules_to_save, str):  # iterating a string would resolve its characters
-            raise ValueError(f"LoRAConfig.modules_to_save must be a list of names, got the string "
-                             f"{self.modules_to_save!r}. HINT: write [{self.modules_to_save!r}].")
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
-            raise ValueError("LoRAConfig.target_modules is empty; use 'all-linear' or name the layers")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r**0.5 if self.rslora else self.alpha / self.r
 
 
 @dataclass
@@ -161,12 +111,24 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> list[_Target]:
                     log.warning("LoRA target %r matched no layer in %s", key, type(model).__name__)
     excluded = config.exclude_modules
     chosen = [t for t in chosen if not (name_matches(t.name, excluded) or name_matches(t.owner, excluded))]
+    if config.transforms_some_layers:
+        if isinstance(spec, str):  # "all-linear" or a regex: PEFT refuses layers_to_transform there too
+            raise ValueError(f"LoRAConfig.layers_to_transform needs target_modules as a list of names, got "
+                             f"{spec!r}. HINT: list the layer names, e.g. ['q_proj', 'v_proj'].")
+        # PEFT filters only names matched as a suffix: a full name listed in target_modules is kept as it is
+        chosen = [t for t in chosen if t.name in spec or config.in_transformed_layer(t.name)]
     if not chosen:
         raise ValueError(
-            f"LoRAConfig(target_modules={spec!r}, exclude_modules={config.exclude_modules!r}) matched no layer "
-            f"of {type(model).__name__}. {describe_candidates(candidates)}"
+            f"LoRAConfig(target_modules={spec!r}, exclude_modules={config.exclude_modules!r}"
+            f"{_layers_text(config)}) matched no layer of {type(model).__name__}. {describe_candidates(candidates)}"
         )
     return chosen
+
+
+def _layers_text(config: LoRAConfig) -> str:
+    if not config.transforms_some_layers:
+        return ""
+    return f", layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r}"
 
 
 def describe_candidates(candidates: list[_Target], limit: int = 30) -> str:
@@ -205,13 +167,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             "twice would stack adapters. HINT: use a fresh model, or merge_lora(model, unload=True) first."
         )
     targets = select_targets(model, config)
-    for target in targets:
-        n_in, n_out = target.shape
-        if config.r > min(n_in, n_out):
-            raise ValueError(
-                f"LoRA rank r={config.r} is larger than layer {target.name!r} allows (in={n_in}, out={n_out}); "
-                f"r must be <= {min(n_in, n_out)}. HINT: lower LoRAConfig.r or exclude this layer."
-            )
+    _check_targets(targets, config)
     if config.modules_to_save is None:
         to_save = task_heads(model, adapted=[t.owner for t in targets])
         if to_save:
@@ -219,35 +175,71 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                      "LoRAConfig(modules_to_save=[]) keeps them frozen", to_save)
     else:
         to_save = _resolve_modules_to_save(model, config.modules_to_save)
+    _warn_unmatched_patterns(targets, config)
     if config.dropout > 0 and any(t.part for t in targets):
         log.warning("LoRA dropout=%s is not applied to nn.MultiheadAttention adapters (weight-delta form)",
                     config.dropout)
 
     for param in model.parameters():
         param.requires_grad_(False)
-    parts_by_attention: dict[str, list[str]] = defaultdict(list)
+    parts_by_attention: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+    wrapper = DoRALinear if config.dora else LoRALinear
     for target in targets:
+        rank, alpha = config.rank_for(target.name), config.alpha_for(target.name)
         if target.part:
-            parts_by_attention[target.owner].append(target.part)
+            parts_by_attention[target.owner][target.part] = (rank, alpha)
         else:
-            _replace(model, target.name,
-                     LoRALinear(target.module, config.r, config.alpha, config.dropout, config.rslora))
+            _replace(model, target.name, wrapper(target.module, rank, alpha, config.dropout, config.rslora))
     for owner, parts in parts_by_attention.items():
         attention = model.get_submodule(owner)
-        _replace(model, owner, LoRAMultiheadAttention(attention, parts, config.r, config.alpha, config.rslora))
+        _replace(model, owner, LoRAMultiheadAttention(attention, list(parts), config.r, config.alpha, config.rslora,
+                                                      part_shapes=parts))
     for _, adapter in lora_modules(model):
         if config.init != "default":
             adapter.reset_lora_parameters(config.init)
-        adapter.lora_A.requires_grad_(True)
-        adapter.lora_B.requires_grad_(True)
+        for param in adapter.parameters(recurse=False):  # lora_A, lora_B (and DoRA's lora_magnitude_vector)
+            param.requires_grad_(True)
     for name in to_save:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
     record = InjectionRecord(config, adapted=[name for name, _ in lora_modules(model)], modules_to_save=to_save)
     setattr(model, INJECTION_RECORD, record)
-    log.info("LoRA: %d adapters (r=%d) in %s; %d modules trained fully", len(record.adapted), config.r,
-             type(model).__name__, len(to_save))
+    log.info("LoRA: %d %s adapters (r=%d) in %s; %d modules trained fully", len(record.adapted),
+             "DoRA" if config.dora else "LoRA", config.r, type(model).__name__, len(to_save))
     return model
+
+
+def _check_targets(targets: list[_Target], config: LoRAConfig) -> None:
+    """Everything about the chosen layers that can fail, checked before the model is changed."""
+    for target in targets:
+        n_in, n_out = target.shape
+        rank = config.rank_for(target.name)
+        if rank > min(n_in, n_out):
+            source = "rank_pattern" if rank != config.r else "LoRAConfig.r"
+            raise ValueError(
+                f"LoRA rank r={rank} is larger than layer {target.name!r} allows (in={n_in}, out={n_out}); "
+                f"r must be <= {min(n_in, n_out)}. HINT: lower {source} or exclude this layer."
+            )
+        transposed = bool(target.part is None and linear_shape(target.module)[2])
+        if config.fan_in_fan_out is not None and config.fan_in_fan_out != transposed:
+            raise ValueError(
+                f"LoRAConfig(fan_in_fan_out={config.fan_in_fan_out}) does not fit layer {target.name!r} "
+                f"({type(target.module).__name__}, weight stored {'in x out' if transposed else 'out x in'}). "
+                "HINT: leave fan_in_fan_out unset (None): lit_lowrank reads it from each layer.")
+        if config.dora and (target.part or not target.module.weight.is_floating_point()):
+            kind = "nn.MultiheadAttention part" if target.part else "quantized layer"
+            raise ValueError(
+                f"DoRA is not implemented for {target.name!r}, a {kind} (PEFT has no DoRA for it either). HINT: "
+                "exclude it with exclude_modules, or use plain LoRA (dora=False).")
+
+
+def _warn_unmatched_patterns(targets: list[_Target], config: LoRAConfig) -> None:
+    # PEFT warns about the same keys: a typo in a pattern would otherwise silently keep the default rank
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name) or {}
+        for key in patterns:
+            if not any(pattern_value({key: True}, t.name, False) for t in targets):
+                log.warning("LoRAConfig.%s key %r matched no adapted layer and is ignored", field_name, key)
 
 
 def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:

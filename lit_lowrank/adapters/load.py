@@ -23,7 +23,11 @@ from lit_lowrank.adapters.patterns import name_matches
 from lit_lowrank.adapters.peft_io import CONFIG_NAME, PEFT_LOADABLE_KEY, PEFT_PREFIX, WEIGHTS_NAME
 
 _PAIR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight")
-_UNSUPPORTED_PEFT = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "rank_pattern", "alpha_pattern")
+#: DoRA's magnitude: PEFT saves ``<module>.lora_magnitude_vector`` (side "M" of the pair).
+_MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?")
+_UNSUPPORTED_PEFT = ("lora_bias", "use_qalora", "use_bdlora", "target_parameters", "trainable_token_indices",
+                     "layer_replication")
+_ATTRIBUTES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 #: Heads PEFT's task types train fully without listing them in modules_to_save.
 _IMPLIED_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                     "QUESTION_ANS": ["qa_outputs"]}
@@ -41,7 +45,7 @@ class AdapterFiles:
 
     directory: Path
     config: dict
-    pairs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    pairs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # sides "A", "B" (and DoRA's "M")
     others: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -54,8 +58,20 @@ class AdapterFiles:
 
     @property
     def scaling(self) -> float:
-        rank, alpha = self.config["r"], self.config["lora_alpha"]
-        return alpha / rank**0.5 if self.config.get("use_rslora") else alpha / rank
+        """The scaling of an adapter without a ``rank_pattern`` / ``alpha_pattern`` entry."""
+        return self.lora_config().scaling
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    def lora_config(self, **changes) -> LoRAConfig:
+        """The file's ``r``, ``lora_alpha``, patterns, ``use_rslora`` and ``use_dora`` as a LoRAConfig: PEFT's
+        per-layer rank and scaling rules in one place."""
+        config = self.config
+        return LoRAConfig(r=config["r"], alpha=config["lora_alpha"], rslora=bool(config.get("use_rslora", False)),
+                          rank_pattern=config.get("rank_pattern") or None,
+                          alpha_pattern=config.get("alpha_pattern") or None, dora=self.dora, **changes)
 
     def save_entries(self) -> list[str]:
         """``modules_to_save`` of the config plus the heads its PEFT task type trains implicitly."""
@@ -88,6 +104,11 @@ def _read_config(path: Path) -> dict:
     dropout = config.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        try:
+            LoRAConfig(**{key: config.get(key) or None})
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     to_save = config.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list) and all(isinstance(n, str) for n in to_save)):
         raise ValueError(f"{path}: 'modules_to_save' must be null or a list of module names, got {to_save!r}")
@@ -121,9 +142,11 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     files.config = _read_config(files.config_path)
     for key, tensor in _read_weights(files.weights_path).items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = _PAIR_KEY.fullmatch(name)
+        match, magnitude = _PAIR_KEY.fullmatch(name), _MAGNITUDE_KEY.fullmatch(name)
         if match:
             files.pairs.setdefault(match["module"], {})[match["side"]] = tensor
+        elif magnitude:
+            files.pairs.setdefault(magnitude["module"], {})["M"] = tensor
         elif ".lora_" in name:
             raise ValueError(f"{files.weights_path} holds {key!r}, an adapter kind lit_lowrank does not implement")
         else:
@@ -132,10 +155,16 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
         raise ValueError(f"{files.weights_path} holds no LoRA weights (keys '<module>.lora_A.weight' / "
                          "'<module>.lora_B.weight'). HINT: is this the right directory?")
     for name, pair in files.pairs.items():
-        if set(pair) != {"A", "B"}:
-            side = "B" if "A" in pair else "A"
-            raise ValueError(f"{files.weights_path}: adapter {name!r} has no lora_{side} tensor; "
+        missing = [side for side in "AB" if side not in pair]
+        if missing:
+            raise ValueError(f"{files.weights_path}: adapter {name!r} has no lora_{missing[0]} tensor; "
                              "the file is incomplete")
+        if ("M" in pair) != files.dora:
+            raise ValueError(
+                f"{files.weights_path}: adapter {name!r} " + ("has no lora_magnitude_vector, and "
+                f"{files.config_path} says use_dora: true" if files.dora else "holds a DoRA lora_magnitude_vector, "
+                f"and {files.config_path} does not say use_dora: true") + ". HINT: re-export the adapter; the "
+                "config and the weights belong to different adapters.")
     return files
 
 
@@ -172,10 +201,12 @@ class _Plan:
 
 
 def _check_pair_shapes(files: AdapterFiles, name: str, want_a: tuple, want_b: tuple) -> None:
-    for side, want in (("A", want_a), ("B", want_b)):
+    sides = (("A", want_a), ("B", want_b)) + ((("M", (want_b[0],)),) if files.dora else ())
+    for side, want in sides:
         got = tuple(files.pairs[name][side].shape)
         if got != tuple(want):
-            raise ValueError(f"{files.weights_path}: adapter {name!r}: lora_{side} has shape {got} in the file, "
+            label = "lora_magnitude_vector" if side == "M" else f"lora_{side}"
+            raise ValueError(f"{files.weights_path}: adapter {name!r}: {label} has shape {got} in the file, "
                              f"{tuple(want)} in the model. HINT: load into the same base model (and rank) it "
                              "was saved from.")
 
@@ -225,19 +256,22 @@ def _plan_fresh(files: AdapterFiles, model: nn.Module) -> _Plan:
     unknown = sorted(set(files.pairs) - set(layers))
     if unknown:
         raise _mismatch(files, model, [], unknown)
-    rank = files.config["r"]
+    file_config = files.lora_config()
     for name in files.pairs:
         n_in, n_out = layers[name].shape
+        rank = file_config.rank_for(name)
         _check_pair_shapes(files, name, (rank, n_in), (n_out, rank))
+        if files.dora and layers[name].part:
+            raise ValueError(f"{files.weights_path}: DoRA adapter {name!r} is on an nn.MultiheadAttention part, "
+                             "which lit_lowrank has no DoRA for. HINT: is this the right base model?")
     params = _saved_params(files, model)
     module_names = [name for name, _ in model.named_modules() if name]
     explicit = [e for e in files.config.get("modules_to_save") or [] if any(name_matches(n, [e]) for n in module_names)]
     loaded = [e for e in files.save_entries()
               if any(name_matches(p, [e]) for key in files.others for p in _module_prefixes(key))]
     exact = "|".join(re.escape(name) for name in sorted(files.pairs))
-    config = LoRAConfig(
-        r=rank, alpha=float(files.config["lora_alpha"]), dropout=float(files.config.get("lora_dropout") or 0.0),
-        target_modules=f"(?:{exact})", rslora=bool(files.config.get("use_rslora", False)),
+    config = files.lora_config(
+        dropout=float(files.config.get("lora_dropout") or 0.0), target_modules=f"(?:{exact})",
         modules_to_save=sorted(set(explicit + loaded)),  # never None: that would pick task heads of its own
     )
     return _Plan(config, files.pairs, params)
@@ -248,13 +282,19 @@ def _plan_existing(files: AdapterFiles, model: nn.Module) -> _Plan:
     missing, unexpected = sorted(set(adapters) - set(files.pairs)), sorted(set(files.pairs) - set(adapters))
     if missing or unexpected:
         raise _mismatch(files, model, missing, unexpected)
+    file_config = files.lora_config()
     for name, adapter in adapters.items():
+        if bool(getattr(adapter, "use_dora", False)) != files.dora:
+            kinds = ("DoRA", "plain LoRA") if files.dora else ("plain LoRA", "DoRA")
+            raise ValueError(f"{files.config_path} holds {kinds[0]} adapters, the model's adapter {name!r} is "
+                             f"{kinds[1]}. HINT: inject with dora={files.dora}, or load into a fresh model.")
         _check_pair_shapes(files, name, adapter.lora_A.shape, adapter.lora_B.shape)
-        if abs(files.scaling - adapter.scaling) > 1e-12 * max(1.0, files.scaling):
+        scaling = file_config.scaling_for(name)
+        if abs(scaling - adapter.scaling) > 1e-12 * max(1.0, scaling):
             raise ValueError(
-                f"{files.config_path}: adapter {name!r} has scaling {files.scaling:g} (r={files.config['r']}, "
-                f"alpha={files.config['lora_alpha']:g}), the model's is {adapter.scaling:g}. HINT: inject with the "
-                "adapter's r, alpha and rslora, or load into a fresh model.")
+                f"{files.config_path}: adapter {name!r} has scaling {scaling:g} (r={file_config.rank_for(name)}, "
+                f"alpha={file_config.alpha_for(name):g}), the model's is {adapter.scaling:g}. HINT: inject with the "
+                "adapter's r, alpha, rslora and patterns, or load into a fresh model.")
     return _Plan(None, files.pairs, _saved_params(files, model))
 
 
@@ -286,8 +326,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             # a merged wrapper's base weight takes the new delta in place of the old one
             with wrapper.replacing_factors() if isinstance(wrapper, Mergeable) else nullcontext():
                 for name, adapter in adapters:
-                    adapter.lora_A.copy_(plan.pairs[name]["A"].to(adapter.lora_A.dtype))
-                    adapter.lora_B.copy_(plan.pairs[name]["B"].to(adapter.lora_B.dtype))
+                    for side, tensor in plan.pairs[name].items():
+                        target = getattr(adapter, _ATTRIBUTES[side])
+                        target.copy_(tensor.to(target.dtype))
         for param, tensor in plan.params:
             param.copy_(tensor.to(param.dtype))
     return model

@@ -221,7 +221,7 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
     _qkv_same_embed_dim = False
 
     def __init__(self, base_layer: nn.MultiheadAttention, parts: Sequence[str], r: int, alpha: float,
-                 rslora: bool = False):
+                 rslora: bool = False, part_shapes: dict[str, tuple[int, float]] | None = None):
         super().__init__()
         if not base_layer._qkv_same_embed_dim:
             raise ValueError(
@@ -235,8 +235,10 @@ class LoRAMultiheadAttention(Mergeable, nn.Module):
         width = base_layer.embed_dim
         weight = base_layer.in_proj_weight
         for part in MHA_PARTS:
-            if part in parts:
-                pair = LoRAAdapter(width, width, r, alpha, rslora, dtype=_adapter_dtype(weight), device=weight.device)
+            if part in parts:  # part_shapes: (r, alpha) of parts that differ (LoRAConfig.rank_pattern / alpha_pattern)
+                rank, part_alpha = (part_shapes or {}).get(part, (r, alpha))
+                pair = LoRAAdapter(width, width, rank, part_alpha, rslora, dtype=_adapter_dtype(weight),
+                                   device=weight.device)
                 self._modules[part] = pair  # add_module would see base_layer's attribute through __getattr__
 
     def __getattr__(self, name: str):

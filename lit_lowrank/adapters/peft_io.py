@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lit_lowrank.adapters.config import PEFT_INITS
 from lit_lowrank.adapters.inject import (
     INJECTION_RECORD,
     InjectionRecord,
@@ -32,6 +34,11 @@ from lit_lowrank.atomic import foreign_files, replacing_directory
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
+#: DoRA's magnitude under PEFT's key ``<module>.lora_magnitude_vector`` (in a saved file; in memory PEFT adds
+#: ``.default.weight``).
+MAGNITUDE = "lora_magnitude_vector"
+#: ``init_lora_weights`` written for our inits that PEFT names too.
+PEFT_INIT_NAMES = {name: peft_value for peft_value, name in PEFT_INITS.items()}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: safetensors metadata key: "false" when the file holds adapters PEFT cannot place (nn.MultiheadAttention parts).
@@ -55,8 +62,33 @@ def _record(root: nn.Module) -> InjectionRecord:
         return record
     # Adapters without a record (e.g. built by hand): derive the shared hyper-parameters from them.
     first = next(module for _, module in lora_modules(root))
-    config = LoRAConfig(r=first.r, alpha=first.alpha, rslora=first.rslora, target_modules="all-linear")
+    config = LoRAConfig(r=first.r, alpha=first.alpha, rslora=first.rslora, target_modules="all-linear",
+                        dora=getattr(first, "use_dora", False))
     return InjectionRecord(config, adapted=[name for name, _ in lora_modules(root)])
+
+
+def _dora_flag(root: nn.Module) -> bool:
+    """Whether the adapters are DoRA adapters; adapter_config.json has one ``use_dora`` for all of them."""
+    kinds = {name: bool(getattr(module, "use_dora", False)) for name, module in lora_modules(root)}
+    if len(set(kinds.values())) > 1:
+        dora = next(name for name, flag in kinds.items() if flag)
+        plain = next(name for name, flag in kinds.items() if not flag)
+        raise ValueError(f"the model mixes DoRA adapters (e.g. {dora!r}) with plain LoRA ones (e.g. {plain!r}); "
+                         "PEFT's adapter_config.json has one use_dora for all. HINT: inject one kind only.")
+    return any(kinds.values())
+
+
+def _export_patterns(root: nn.Module, config: LoRAConfig) -> tuple[dict, dict]:
+    """``rank_pattern`` / ``alpha_pattern`` that give every adapter its own rank and alpha under PEFT's rule: the
+    config's patterns, after an exact entry for each adapter they do not describe (made by hand, or changed)."""
+    ranks, alphas = {}, {}
+    for name, adapter in lora_modules(root):
+        exact = re.escape(name)
+        if config.rank_for(name) != adapter.r:
+            ranks[exact] = adapter.r
+        if config.alpha_for(name) != adapter.alpha:
+            alphas[exact] = adapter.alpha
+    return {**ranks, **(config.rank_pattern or {})}, {**alphas, **(config.alpha_pattern or {})}
 
 
 def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,6 +108,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, adapter in lora_modules(root):
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _full_cpu(adapter.lora_A)
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _full_cpu(adapter.lora_B)
+        if getattr(adapter, "use_dora", False):  # PEFT's key: no ".weight"
+            state[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = _full_cpu(adapter.lora_magnitude_vector)
     for module_name in record.modules_to_save:
         for param_name, param in root.get_submodule(module_name).named_parameters():
             state[f"{PEFT_PREFIX}{module_name}.{param_name}"] = _full_cpu(param)
@@ -92,6 +126,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
     record = _record(root)
     config = record.config
     transposed = any(getattr(m, "fan_in_fan_out", False) for _, m in lora_modules(root))
+    rank_pattern, alpha_pattern = _export_patterns(root, config)
     return {
         "peft_type": "LORA",
         "task_type": peft_task_type(root),
@@ -103,12 +138,16 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
         "exclude_modules": None,
         "use_rslora": config.rslora,
         # PEFT knows only its own init names; the weights are loaded over any init anyway.
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": PEFT_INIT_NAMES.get(config.init, True),
         "fan_in_fan_out": transposed,
         "bias": "none",
         "modules_to_save": list(record.modules_to_save) or None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        # target_modules holds full names, which PEFT never filters by layer: these only say what was asked for
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "use_dora": _dora_flag(root),
         "inference_mode": True,
     }
 

@@ -1,4 +1,6 @@
 """Every documented bad input raises a clear error, and leaves the model as it was."""
+import json
+
 import pytest
 from tiny_models import tiny_llama
 from torch import nn
@@ -112,10 +114,17 @@ def test_attention_with_separate_kv_dims_is_refused():
 
 def test_load_rejects_unsupported_peft_features(tmp_path):
     save_adapter(inject_lora(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
-    config = (tmp_path / "adapter_config.json").read_text().replace('"rank_pattern": {}',
-                                                                   '"rank_pattern": {"q_proj": 4}')
-    (tmp_path / "adapter_config.json").write_text(config)
-    with pytest.raises(ValueError, match="rank_pattern"):
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(ValueError, match="does not implement: \\['lora_bias'\\]"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_load_checks_ranks_against_rank_pattern(tmp_path):
+    save_adapter(inject_lora(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": 4}}))
+    with pytest.raises(ValueError, match=r"lora_A has shape \(2, 32\) in the file, \(4, 32\) in the model"):
         load_adapter(tiny_llama(), tmp_path)
 
 
