@@ -28,3 +28,20 @@ def quantized_llama(directory, bits: int):
 
     config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"} if bits == 4 else {"load_in_8bit": True}
     return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config)
+
+
+def matmul_tolerance(bits: int) -> float:
+    """How far a dense copy's outputs may be from the quantized model's: 8-bit matmuls also round the activations,
+    and on CPUs with AVX512-BF16 bitsandbytes computes 4-bit matmuls in bfloat16 whatever the compute dtype."""
+    if bits == 8:
+        return 2e-2
+    try:
+        from bitsandbytes.backends.cpu.ops import has_avx512bf16
+    except ImportError:
+        return 1e-5
+    return 2e-2 if has_avx512bf16() else 1e-5
+
+
+#: Smallest hidden size for tiny quantized models: bitsandbytes' CPU 4-bit inference (AVX512-BF16 machines) packs
+#: weights in blocks of 64 inputs and fails on narrower layers.
+QUANTIZED_HIDDEN = 64
