@@ -17,7 +17,8 @@ class Backbone:
         model: the ``nn.Module``.
         lora_targets: sensible default ``LoRAConfig.target_modules`` for this architecture.
         tokenizer: a Hugging Face or open_clip tokenizer, when the model reads text.
-        preprocess: image transforms (timm data config / open_clip preprocess), when it reads images.
+        preprocess: an :class:`~lit_lowrank.backbones.image_preprocessing.ImagePreprocessing` (input size,
+            normalisation, resizing; timm's data config or open_clip's preprocess config), when it reads images.
 
     Example:
         >>> bb = Backbone(nn.Linear(2, 2), ["0"])

@@ -7,6 +7,7 @@ import timm
 from torch import nn
 
 from lit_lowrank.backbones.base import Backbone, unreachable
+from lit_lowrank.backbones.image_preprocessing import ImagePreprocessing
 
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
 
@@ -26,7 +27,11 @@ def timm_backbone(
     model_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Backbone:
-    """A timm model, its data config and default LoRA targets.
+    """A timm model, its image preprocessing and default LoRA targets.
+
+    ``preprocess`` is an :class:`~lit_lowrank.backbones.image_preprocessing.ImagePreprocessing` from timm's
+    ``resolve_data_config`` (input size, mean and std, interpolation, ``crop_pct`` of the pretrained config): the
+    image data modules build timm's transforms from it.
 
     Args:
         name: timm model name, e.g. ``vit_tiny_patch16_224``.
@@ -41,8 +46,8 @@ def timm_backbone(
     Example:
         >>> bb = timm_backbone("vit_tiny_patch16_224", img_size=32, num_classes=3,
         ...                    model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2))
-        >>> bb.lora_targets, bb.preprocess["input_size"]
-        (['qkv', 'proj', 'fc1', 'fc2'], (3, 32, 32))
+        >>> bb.lora_targets, bb.preprocess.input_size, bb.preprocess.mean, bb.preprocess.fixed_size
+        (['qkv', 'proj', 'fc1', 'fc2'], (32, 32), (0.5, 0.5, 0.5), True)
     """
     kwargs = {**(model_kwargs or {}), **kwargs}
     for key, value in (("num_classes", num_classes), ("img_size", img_size), ("checkpoint_path", checkpoint_path)):
@@ -61,4 +66,5 @@ def timm_backbone(
         size = kwargs["img_size"]
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         data_config["input_size"] = (data_config["input_size"][0], *size)
-    return Backbone(model, default_targets(model), preprocess=data_config)
+    return Backbone(model, default_targets(model),
+                    preprocess=ImagePreprocessing.from_timm_config(data_config, model, model_name=repr(name)))

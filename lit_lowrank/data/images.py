@@ -1,4 +1,8 @@
-"""Image classification and image-text data: scikit-learn digits, ImageFolder trees, CSVs of image + caption."""
+"""Image classification data: scikit-learn digits and ImageFolder trees (image-text pairs: :mod:`.image_text`).
+
+Both take the image size and normalisation of the model's backbone (see :mod:`lit_lowrank.data.from_model`);
+ImageFolder builds its transforms with the backbone's own library (timm or open_clip).
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,51 +12,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from lit_lowrank.data.common import SeededDataModule, column, label_ids, label_vocabulary, read_table
 from lit_lowrank.data.corpus import stable_fraction
+from lit_lowrank.data.image_loaders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClassificationLoaders,
+    ImageSamples,
+    Triple,
+    check_normalisation,
+)
+from lit_lowrank.data.image_text import ImageTextDataModule
 
-#: timm's default normalisation (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: OpenAI CLIP's normalisation (most open_clip models use it).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "DIGIT_NAMES", "DigitsDataModule", "IMAGENET_MEAN", "IMAGENET_STD",
+           "ImageFolderDataModule", "ImageTextDataModule"]
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-Triple = tuple[float, float, float]
-
-
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
-    """Resize the short side to ``image_size``, centre-crop a square, scale to [0, 1], normalise."""
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std are three per-channel values (std > 0), got mean={mean}, std={std}")
-
-
-class _Samples(Dataset):
-    """(path, label) pairs as ``{"images", "labels"}`` items, images loaded as RGB and transformed."""
-
-    def __init__(self, samples: list[tuple[str, int]], transform: Any) -> None:
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.samples[index]
-        return {"images": self.transform(default_loader(path)), "labels": label}
+#: DigitsDataModule's image size without a model to take one from.
+DIGITS_SIZE = 32
 
 
 class GreyToNormalisedRGB:
@@ -61,68 +42,24 @@ class GreyToNormalisedRGB:
     A plain object rather than a DataModule method, so worker processes can pickle it on any platform.
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.image_size = image_size
+    def __init__(self, image_size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         images = torch.stack([image for image, _ in items])
-        images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
         return {"images": (images.expand(-1, 3, -1, -1) - self.mean) / self.std,
                 "labels": torch.stack([label for _, label in items])}
 
 
-class _ClassificationLoaders(SeededDataModule):
-    """train/val/test/predict loaders over ``self.datasets`` (filled by ``setup``)."""
-
-    datasets: dict[str, Dataset]
-    collate: Any = None  # the loaders' collate_fn (None: PyTorch's default)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def _split_loader(self, split: str, shuffle: bool = False):
-        return self._loader(self._split(split), shuffle, self.collate)
-
-    def _split(self, split: str) -> Dataset:
-        if not self.datasets:
-            self._require(None, f"{split} split")
-        if split not in self.datasets:
-            key = {"validation": "val"}.get(split, split)
-            raise RuntimeError(f"{type(self).__name__} has no {split} split (predict uses the test split too). "
-                               f"HINT: set data.init_args.{key}_dir (ImageFolder) or {key}_file (image-text pairs)")
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._split_loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._split_loader("validation")
-
-    def test_dataloader(self):
-        return self._split_loader("test")
-
-    def predict_dataloader(self):
-        """The test split: there is no separate predict folder/file. Labels stay in the batches, so the
-        prediction file can show them next to the predictions; ``predict_step`` does not use them."""
-        return self._split_loader("test")
-
-    def predict_inputs(self) -> list[str]:
-        """What each predict example is, in loader order: its image path, or its position when it has none."""
-        dataset = self._split("test")
-        if isinstance(dataset, _Samples):
-            return [path for path, _ in dataset.samples]
-        if isinstance(dataset, _ImageText):
-            return list(dataset.paths)
-        return [str(i) for i in range(len(dataset))]
-
-
-class DigitsDataModule(_ClassificationLoaders):
+class DigitsDataModule(ClassificationLoaders):
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes, offline) as normalised 3-channel images.
 
     Pixels (0..16) are scaled to [0, 1], upsampled bilinearly to ``image_size`` per batch (so memory stays
-    small at 224), copied to 3 channels and normalised with ``mean``/``std``. Batches are
+    small at 224), copied to 3 channels and normalised with ``mean``/``std``: by default the input size and
+    normalisation of the model's backbone (see :mod:`lit_lowrank.data.from_model`); without a model 32 x 32 and
+    timm's defaults (ImageNet statistics). An ``image_size`` the model cannot take stops ``setup``. Batches are
     ``{"images": FloatTensor[B, 3, S, S], "labels": LongTensor[B]}``. ``class_names`` are the English words
     ``"zero"`` .. ``"nine"`` (label id = the digit), which read naturally in CLIP prompts.
 
@@ -132,10 +69,10 @@ class DigitsDataModule(_ClassificationLoaders):
     class, chosen with ``seed`` (few-shot runs over several seeds see different shots, the same test set).
 
     Args:
-        image_size: output height and width.
+        image_size: output height and width; by default the backbone's input size.
         train_per_class: keep only this many training images per class (few-shot); all when ``None``.
-        mean: per-channel normalisation mean (ImageNet by default, as timm models expect).
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean; by default the backbone's.
+        std: per-channel normalisation standard deviation; by default the backbone's.
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         seed: seeds the few-shot choice and the training order.
@@ -150,25 +87,25 @@ class DigitsDataModule(_ClassificationLoaders):
 
     def __init__(
         self,
-        image_size: int = 32,
+        image_size: int | None = None,
         train_per_class: int | None = None,
-        mean: Triple = IMAGENET_MEAN,
-        std: Triple = IMAGENET_STD,
+        mean: Triple | None = None,
+        std: Triple | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        _check_normalisation(mean, std)
+        check_normalisation(mean, std)
         if train_per_class is not None and train_per_class < 1:
             raise ValueError(f"train_per_class must be >= 1 (or None for all), got {train_per_class}")
         self.save_hyperparameters()
         self.image_size, self.train_per_class = image_size, train_per_class
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
         self.class_names = list(DIGIT_NAMES)
         self.datasets: dict[str, Dataset] = {}
         self.indices: dict[str, torch.Tensor] = {}
-        self.collate = GreyToNormalisedRGB(image_size, self.mean, self.std)
 
     @staticmethod
     def split_indices(
@@ -186,6 +123,11 @@ class DigitsDataModule(_ClassificationLoaders):
         return {split: sorted(indices) for split, indices in splits.items()}
 
     def setup(self, stage: str | None = None) -> None:
+        from lit_lowrank.backbones.image_preprocessing import ImagePreprocessing
+
+        fallback = ImagePreprocessing.timm_default().replace(DIGITS_SIZE)
+        size = self.choose_preprocessing(fallback, self.image_size, self.mean, self.std)
+        self.collate = GreyToNormalisedRGB(size.input_size, size.mean, size.std)
         if self.datasets:
             return
         from sklearn.datasets import load_digits
@@ -213,29 +155,49 @@ class DigitsDataModule(_ClassificationLoaders):
         self._split("test")  # says what is missing
         return [f"digits[{i}]" for i in self.indices["test"].tolist()]
 
-
-
-class ImageFolderDataModule(_ClassificationLoaders):
-    """Images in class folders (``root/<class>/<image>``, as torchvision's ImageFolder), resized and normalised.
+class ImageFolderDataModule(ClassificationLoaders):
+    """Images in class folders (``root/<class>/<image>``, as torchvision's ImageFolder), transformed as the model's
+    backbone expects.
 
     Class names are the sub-folders of ``train_dir``, sorted (torchvision's rule), known before ``setup``; the
     validation and test folders are read with the same class-to-id map (a class missing there is fine, an
     unknown one is an error). Without ``val_dir``, the training images with
     ``stable_fraction(<class>/<file>) < val_fraction`` are held out. Batches are
-    ``{"images": FloatTensor[B, 3, S, S], "labels": LongTensor[B]}``.
+    ``{"images": FloatTensor[B, 3, S, S], "labels": LongTensor[B]}`` (with mixup or cutmix, training labels are
+    soft: ``FloatTensor[B, num_classes]``, which the tasks' cross-entropy takes as they are).
+
+    Transforms are built in ``setup`` by the backbone's own library from its preprocessing (see
+    :mod:`lit_lowrank.data.from_model`): timm's ``create_transform`` from its data config (input size, mean and
+    std, interpolation, ``crop_pct``), or open_clip's ``image_transform``. The values given here replace the
+    backbone's; an ``image_size`` the model cannot take stops ``setup``. Without a model: timm's defaults (224,
+    ImageNet statistics, bicubic, ``crop_pct`` 0.875). Training augmentation is the library's own: ``augment``
+    gives timm's standard training transform (random resized crop, horizontal flip, colour jitter), to which
+    ``auto_augment`` adds RandAugment/AutoAugment and ``random_erasing`` random erasing; ``mixup_alpha`` and
+    ``cutmix_alpha`` apply ``timm.data.Mixup`` to training batches (an odd-sized last batch stays unmixed: Mixup
+    pairs images; the task's ``label_smoothing`` still applies).
 
     Args:
         train_dir: folder of class folders for training.
         val_dir: same layout, for validation; by default ``val_fraction`` of ``train_dir``.
         test_dir: same layout, for testing; ``predict`` runs on it too (there is no separate predict folder).
-        image_size: images are resized (short side) and centre-cropped to this square.
-        mean: per-channel normalisation mean (ImageNet by default, as timm models expect).
-        std: per-channel normalisation standard deviation.
-        augment: random resized crops and horizontal flips for training images.
+        image_size: input height and width; by default the backbone's.
+        mean: per-channel normalisation mean; by default the backbone's.
+        std: per-channel normalisation standard deviation; by default the backbone's.
+        augment: the library's training transform for training images (else they get the evaluation transform).
         val_fraction: share of ``train_dir`` held out when there is no ``val_dir``.
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         seed: seeds the training order.
+        interpolation: resize interpolation (``bicubic``, ``bilinear``, ...); by default the backbone's.
+        crop_pct: evaluation resize to ``image_size / crop_pct`` before the centre crop; by default the backbone's.
+        auto_augment: timm's auto-augment policy, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment) or ``original``
+            (AutoAugment); needs ``augment``.
+        random_erasing: probability of timm's random erasing per training image; needs ``augment``.
+        mixup_alpha: timm's mixup on training batches when above 0.
+        cutmix_alpha: timm's cutmix on training batches when above 0 (alternating with mixup when both are set).
+        augment_kwargs: further options of the library's training transform (timm: keywords of
+            ``timm.data.create_transform`` such as ``scale``, ``color_jitter`` or ``hflip``; open_clip: its
+            ``AugmentationCfg``); needs ``augment``.
 
     Example:
         >>> import tempfile, os
@@ -251,6 +213,8 @@ class ImageFolderDataModule(_ClassificationLoaders):
         >>> dm.setup("fit")
         >>> next(iter(dm.train_dataloader()))["images"].shape
         torch.Size([4, 3, 8, 8])
+        >>> dm.preprocessing.model_name, dm.preprocessing.crop_pct  # no model: timm's defaults
+        ("timm's defaults", 0.875)
     """
 
     def __init__(
@@ -258,25 +222,45 @@ class ImageFolderDataModule(_ClassificationLoaders):
         train_dir: str,
         val_dir: str | None = None,
         test_dir: str | None = None,
-        image_size: int = 224,
-        mean: Triple = IMAGENET_MEAN,
-        std: Triple = IMAGENET_STD,
+        image_size: int | None = None,
+        mean: Triple | None = None,
+        std: Triple | None = None,
         augment: bool = False,
         val_fraction: float = 0.1,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        augment_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        _check_normalisation(mean, std)
+        check_normalisation(mean, std)
         if val_dir is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1) when there is no val_dir, got {val_fraction}")
+        needs_augment = [name for name, value in (("auto_augment", auto_augment), ("random_erasing", random_erasing),
+                                                  ("augment_kwargs", augment_kwargs)) if value]
+        if needs_augment and not augment:
+            raise ValueError(f"{needs_augment} change the training transform, which augment: false leaves out. "
+                             "HINT: set data.init_args.augment: true")
+        if min(mixup_alpha, cutmix_alpha, random_erasing) < 0:
+            raise ValueError("mixup_alpha, cutmix_alpha and random_erasing must be >= 0")
         self.save_hyperparameters()
         self.dirs = {"train": train_dir, "validation": val_dir, "test": test_dir}
         self.image_size, self.augment, self.val_fraction = image_size, augment, val_fraction
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.interpolation, self.crop_pct = interpolation, crop_pct
+        self.auto_augment, self.random_erasing = auto_augment, random_erasing
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.augment_kwargs = dict(augment_kwargs or {})
         self._class_names: list[str] | None = None
         self.datasets: dict[str, Dataset] = {}
+        self.mixup: Any = None
 
     @property
     def class_names(self) -> list[str]:
@@ -299,18 +283,39 @@ class ImageFolderDataModule(_ClassificationLoaders):
         mapping = {name: i for i, name in enumerate(self.class_names)}
         return make_dataset(str(root), mapping, extensions=IMG_EXTENSIONS, allow_empty=split != "train")
 
+    def augmentation(self, library: str) -> dict[str, Any] | None:
+        """Options of the library's training transform; None without ``augment`` (the evaluation transform)."""
+        if not self.augment:
+            return None
+        options = dict(self.augment_kwargs)
+        if self.auto_augment:
+            options["auto_augment"] = self.auto_augment
+        if self.random_erasing:
+            options["re_prob"] = self.random_erasing
+            if library == "open_clip":
+                options.setdefault("use_timm", True)  # open_clip erases through timm's transform only
+        return options
+
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        evaluate = eval_transform(self.image_size, self.mean, self.std)
-        train_transform = evaluate
-        if self.augment:
-            train_transform = transforms.Compose([
-                transforms.RandomResizedCrop(self.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ])
+        from lit_lowrank.backbones.image_preprocessing import ImagePreprocessing
+
+        preprocessing = self.choose_preprocessing(ImagePreprocessing.timm_default(), self.image_size, self.mean,
+                                                  self.std, interpolation=self.interpolation, crop_pct=self.crop_pct)
+        evaluate = preprocessing.transform()
+        augmentation = self.augmentation(preprocessing.library)
+        transforms = {"train": evaluate if augmentation is None else preprocessing.transform(augmentation)}
+        if self.mixup_alpha or self.cutmix_alpha:
+            from timm.data import Mixup
+
+            # label_smoothing=0: the task's own label_smoothing applies to the mixed targets
+            self.mixup = Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha, label_smoothing=0.0,
+                               num_classes=self.num_classes)
+        if not self.datasets:
+            self.datasets = {split: ImageSamples(items, None) for split, items in self._split_samples().items()}
+        for split, dataset in self.datasets.items():  # also when set up before: the model may have changed
+            dataset.transform = transforms.get(split, evaluate)
+
+    def _split_samples(self) -> dict[str, list[tuple[str, int]]]:
         samples = {split: self._samples(split) for split, folder in self.dirs.items() if folder}
         if self.dirs["validation"] is None:
             root = Path(self.dirs["train"])
@@ -321,165 +326,12 @@ class ImageFolderDataModule(_ClassificationLoaders):
             if not samples["validation"] or not samples["train"]:
                 raise ValueError(f"train_dir has too few images ({len(held_out)}) to hold out "
                                  f"val_fraction={self.val_fraction}. HINT: give val_dir")
-        self.datasets = {split: _Samples(items, train_transform if split == "train" else evaluate)
-                         for split, items in samples.items()}
+        return samples
 
-
-class _ImageText(Dataset):
-    def __init__(self, paths: list[str], tokens: torch.Tensor, labels: list[int] | None, transform: Any) -> None:
-        self.paths, self.tokens, self.labels, self.transform = paths, tokens, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {"images": self.transform(default_loader(self.paths[index])), "texts": self.tokens[index]}
-        if self.labels is not None:
-            item["labels"] = self.labels[index]
-        return item
-
-
-class ImageTextDataModule(_ClassificationLoaders):
-    """Image-caption pairs from ``.csv``/``.tsv``/``.jsonl`` files, captions tokenised for open_clip.
-
-    Image paths are relative to the folder of the file that lists them (absolute paths work too). Batches are
-    ``{"images": FloatTensor[B, 3, S, S], "texts": LongTensor[B, context_length]}`` plus ``"labels":
-    LongTensor[B]`` when the files have the ``label_field`` column; label ids then follow
-    :func:`~lit_lowrank.data.common.label_vocabulary` (numeric order for integer labels, string order otherwise).
-    Captions are tokenised once in ``setup``. open_clip's own training CSVs name the columns ``filepath`` and
-    ``title`` and are tab-separated: set ``image_field``/``text_field`` and use a ``.tsv`` name.
-
-    Args:
-        train_file: training pairs.
-        val_file: validation pairs (needed by ``fit``, which validates).
-        test_file: test pairs; ``predict`` runs on them too (there is no separate predict file).
-        image_field: column with the image path.
-        text_field: column with the caption.
-        label_field: optional column with a class label; ignored when the files do not have it.
-        class_names: every class, in label-id order; by default found in the files' label column.
-        tokenizer: an open_clip model name (``ViT-B-32``, ...) whose tokenizer to use (``open_clip.get_tokenizer``);
-            by default open_clip's CLIP BPE tokenizer (``SimpleTokenizer``).
-        context_length: tokens per caption (padded or truncated); by default 77, or the named model's own.
-        image_size: images are resized (short side) and centre-cropped to this square.
-        mean: per-channel normalisation mean (OpenAI CLIP's by default).
-        std: per-channel normalisation standard deviation.
-        batch_size: pairs per batch.
-        num_workers: DataLoader worker processes.
-        seed: seeds the training order.
-
-    Example:
-        >>> import tempfile, os
-        >>> from PIL import Image
-        >>> root = tempfile.mkdtemp()
-        >>> for i in range(4):
-        ...     Image.new("RGB", (9, 9)).save(os.path.join(root, f"{i}.png"))
-        >>> _ = open(os.path.join(root, "pairs.csv"), "w").write(
-        ...     "image,caption\\n" + "".join(f"{i}.png,a black square number {i}\\n" for i in range(4)))
-        >>> dm = ImageTextDataModule(os.path.join(root, "pairs.csv"), context_length=12, image_size=8, batch_size=4)
-        >>> dm.setup("test")  # no val_file: fine outside fit
-        >>> batch = next(iter(dm.train_dataloader()))
-        >>> sorted(batch), batch["images"].shape, batch["texts"].shape
-        (['images', 'texts'], torch.Size([4, 3, 8, 8]), torch.Size([4, 12]))
-    """
-
-    def __init__(
-        self,
-        train_file: str,
-        val_file: str | None = None,
-        test_file: str | None = None,
-        image_field: str = "image",
-        text_field: str = "caption",
-        label_field: str = "label",
-        class_names: list[str] | None = None,
-        tokenizer: str | None = None,
-        context_length: int | None = None,
-        image_size: int = 224,
-        mean: Triple = CLIP_MEAN,
-        std: Triple = CLIP_STD,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(batch_size, num_workers, seed)
-        _check_normalisation(mean, std)
-        self.save_hyperparameters()
-        self.files = {"train": train_file, "validation": val_file, "test": test_file}
-        self.image_field, self.text_field, self.label_field = image_field, text_field, label_field
-        self.tokenizer_name, self.context_length = tokenizer, context_length
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self._class_names = list(class_names) if class_names else None
-        self._tables: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
-        self._tokenizer: Any = None
-        self.datasets: dict[str, Dataset] = {}
-
-    def _table(self, split: str) -> tuple[list[dict[str, Any]], list[str]]:
-        if split not in self._tables:
-            self._tables[split] = read_table(self.files[split])
-        return self._tables[split]
-
-    @property
-    def has_labels(self) -> bool:
-        """Whether the training file has the ``label_field`` column (then batches carry ``"labels"``)."""
-        return self.label_field in self._table("train")[1]
-
-    @property
-    def class_names(self) -> list[str]:
-        """Class name of each label id; empty when the files have no label column."""
-        if self._class_names is None:
-            values: list[Any] = []
-            for split, path in self.files.items():
-                if path and self.has_labels:
-                    rows, columns = self._table(split)
-                    values += column(rows, columns, self.label_field, path, "label_field")
-            self._class_names = label_vocabulary(values) if values else []
-        return self._class_names
-
-    @property
-    def tokenizer(self):
-        """The open_clip tokenizer: ``tokenizer(list_of_str) -> LongTensor[N, context_length]``."""
-        if self._tokenizer is None:
-            import open_clip
-
-            if self.tokenizer_name is None:
-                self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length or 77)
-            else:
-                if (not self.tokenizer_name.startswith("hf-hub:")
-                        and open_clip.get_model_config(self.tokenizer_name) is None):
-                    # open_clip would quietly fall back to CLIP's tokenizer, hiding a typo
-                    raise ValueError(f"{self.tokenizer_name!r} is not an open_clip model name. HINT: choose one of "
-                                     "open_clip.list_models() (e.g. 'ViT-B-32'), or leave tokenizer unset for "
-                                     "CLIP's BPE tokenizer")
-                try:
-                    self._tokenizer = open_clip.get_tokenizer(self.tokenizer_name, context_length=self.context_length)
-                except Exception as error:  # an HF tokenizer (hf-hub: models) that cannot be downloaded
-                    first_line = (str(error).splitlines() or [""])[0][:200]
-                    raise OSError(f"could not build the open_clip tokenizer of {self.tokenizer_name!r}: the model hub "
-                                  f"is unreachable or does not have it ({type(error).__name__}: {first_line}). HINT: "
-                                  "name a model of open_clip.list_models(), or leave tokenizer unset for CLIP's BPE "
-                                  "tokenizer (offline)") from error
-        return self._tokenizer
-
-    def _pairs(self, split: str) -> _ImageText:
-        path = self.files[split]
-        rows, columns = self._table(split)
-        images = column(rows, columns, self.image_field, path, "image_field")
-        captions = [str(c) for c in column(rows, columns, self.text_field, path, "text_field")]
-        folder = Path(path).parent
-        paths = [str(folder / p) for p in images]  # an absolute p stays absolute
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) listed in {path!r} do not exist, e.g. {missing[:3]}. "
-                                    "HINT: image paths are relative to the folder of the file that lists them")
-        labels = None
-        if self.has_labels:
-            labels = label_ids(column(rows, columns, self.label_field, path, "label_field"), self.class_names,
-                               repr(path))
-        tokens = self.tokenizer(captions) if captions else torch.empty(0, self.context_length or 77, dtype=torch.long)
-        return _ImageText(paths, tokens.long(), labels, eval_transform(self.image_size, self.mean, self.std))
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if stage in (None, "fit") and not self.files["validation"]:
-            raise ValueError("fit validates, so ImageTextDataModule needs val_file=... (pairs for validation)")
-        self.datasets = {split: self._pairs(split) for split, path in self.files.items() if path}
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Mix training batches (``mixup_alpha``/``cutmix_alpha``); everything else passes unchanged."""
+        trainer = self.trainer
+        if (self.mixup is not None and trainer is not None and trainer.training
+                and len(batch["labels"]) % 2 == 0):
+            batch["images"], batch["labels"] = self.mixup(batch["images"], batch["labels"])
+        return batch

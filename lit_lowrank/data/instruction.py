@@ -16,8 +16,9 @@ from lit_lowrank.data.chat_format import (
     uses_chat_template,
 )
 from lit_lowrank.data.codec import TokenCodec, load_kept_token_ids
-from lit_lowrank.data.common import DEFAULT_TOKENIZER, LazyTokenizer, ListDataset, SeededDataModule
+from lit_lowrank.data.common import LazyTokenizer, ListDataset, SeededDataModule
 from lit_lowrank.data.corpus import DEFAULT_PACKAGES, docstring_classification, stable_fraction
+from lit_lowrank.data.hf_datasets import load_hf_splits
 from lit_lowrank.data.instruction_batches import EvaluationCollator, PackedCollator, SupervisedCollator, pack
 from lit_lowrank.data.instruction_rows import (
     BadRow,
@@ -29,10 +30,11 @@ from lit_lowrank.data.instruction_rows import (
     split_bad_rows,
 )
 from lit_lowrank.data.prompts import Prompt, PromptCollator
-from lit_lowrank.data.text import DatasetUnavailableError
 from lit_lowrank.data.user_files import listing
 
 SPLITS = ("train", "validation", "test", "predict")
+
+HF_HINT = "use local files instead (train_file=..., .jsonl or .csv)"
 
 
 class InstructionDataModule(LazyTokenizer, SeededDataModule):
@@ -73,12 +75,19 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         system_prompt: system message put first in every example that has none; empty for none.
         template: ``auto`` (the tokenizer's chat template when it has one, else the plain template), ``chat``
             (require the tokenizer's) or ``plain``.
-        hf_dataset: a Hugging Face dataset name or local folder (used instead of the files); needs the ``datasets``
-            package and the hub or a local cache.
+        hf_dataset: a Hugging Face dataset name, a local dataset folder, or ``json``/``csv``/``parquet`` with
+            ``hf_data_files`` (used instead of the files); needs the ``datasets`` package, and for a hub name the
+            hub or a local cache. Rows are read as from files: a null field counts as missing (Arrow gives every
+            row every column), so pairs and chats mix.
         hf_config: the dataset's configuration name (e.g. ``main`` for ``openai/gsm8k``).
-        hf_splits: our split -> the dataset's split, by default ``train``/``validation``/``test`` where they exist.
+        hf_data_files: local data files of ``hf_dataset`` (a path, a list, or ``{split: path}``), as
+            ``datasets.load_dataset(data_files=...)`` takes them.
+        hf_splits: our split -> the dataset's split, which may be sliced (``{train: "train[:90%]", validation:
+            "train[90%:]"}``); by default ``train``/``validation``/``test`` where they exist.
         val_fraction: share of the training examples held out when there is no validation file or split.
-        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
+            has none: the bundled MiniLM). A transformers tokenizer, hub name or local folder, given here must give
+            the backbone tokenizer's ids (see :class:`~lit_lowrank.data.common.LazyTokenizer`).
         vocabulary: the compacted vocabulary of a model pre-trained with ``TextBlocksDataModule(max_vocab=...)``:
             its checkpoint (the vocabulary is saved in it) or a ``.json`` list of token ids; ``None`` when the
             model reads the tokenizer's own ids.
@@ -121,9 +130,10 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         template: Literal["auto", "chat", "plain"] = "auto",
         hf_dataset: str | None = None,
         hf_config: str | None = None,
+        hf_data_files: str | list[str] | dict[str, str | list[str]] | None = None,
         hf_splits: dict[str, str] | None = None,
         val_fraction: float = 0.1,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         vocabulary: str | None = None,
         max_length: int = 512,
         packing: bool = False,
@@ -147,6 +157,7 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
         self.fields = Fields(prompt_field, response_field, messages_field, system_prompt or None)
         self.template, self.vocabulary = template, vocabulary
         self.hf_dataset, self.hf_config, self.hf_splits = hf_dataset, hf_config, hf_splits
+        self.hf_data_files = hf_data_files
         self.val_fraction, self.tokenizer_name = val_fraction, tokenizer
         self.max_length, self.packing, self.bad_rows_policy = max_length, packing, bad_rows
         self._tokenizer: Any = None
@@ -175,6 +186,8 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
             self._load_hf()  # download once, on one process
 
     def setup(self, stage: str | None = None) -> None:
+        if self.follow_model_tokenizer(tokenized=bool(self.examples) or self.predict_prompts is not None):
+            self._codec = None
         if self.examples or self.predict_prompts is not None:
             return
         raw = self.read_examples()
@@ -230,24 +243,18 @@ class InstructionDataModule(LazyTokenizer, SeededDataModule):
                                  "or set bad_rows='error' to stop at them")
 
     def _load_hf(self) -> dict[str, tuple]:
-        try:
-            import datasets
-        except ImportError as error:
-            raise DatasetUnavailableError(f"hf_dataset={self.hf_dataset!r} needs the `datasets` package. HINT: "
-                                          "`pip install datasets`, or use local files (train_file=...)") from error
-        try:
-            loaded = datasets.load_dataset(self.hf_dataset, self.hf_config)
-        except Exception as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-            raise DatasetUnavailableError(
-                f"could not load the Hugging Face dataset {self.hf_dataset!r} (config {self.hf_config!r}): the hub is "
-                f"unreachable, the name is wrong, or it is not cached here ({type(error).__name__}). HINT: use local "
-                "files instead (train_file=..., .jsonl or .csv)") from error
-        wanted = self.hf_splits or {s: s for s in ("train", "validation", "test") if s in loaded}
-        missing = [name for name in wanted.values() if name not in loaded]
-        if missing:
-            raise KeyError(f"{self.hf_dataset!r} has no split {missing} (it has {sorted(loaded)}). HINT: fix hf_splits")
+        wanted = self.hf_splits
+        if not wanted:  # the standard splits the dataset has
+            loaded = load_hf_splits(self.hf_dataset, self.hf_config, self.hf_data_files, hint=HF_HINT)
+            wanted = {split: split for split in ("train", "validation", "test") if split in loaded}
+            if not wanted:
+                raise KeyError(f"{self.hf_dataset!r} has none of the splits train, validation, test (it has "
+                               f"{sorted(loaded)}). HINT: map ours to its splits with hf_splits")
+            loaded = {split: loaded[split] for split in wanted}
+        else:
+            loaded = load_hf_splits(self.hf_dataset, self.hf_config, self.hf_data_files, wanted, HF_HINT)
         return {ours: (f"{self.hf_dataset}/{theirs}",
-                       [(f"{self.hf_dataset}/{theirs} row {i}", dict(row)) for i, row in enumerate(loaded[theirs])])
+                       [(f"{self.hf_dataset}/{theirs} row {i}", dict(row)) for i, row in enumerate(loaded[ours])])
                 for ours, theirs in wanted.items()}
 
     def _split(self, split: str) -> list[EncodedExample]:
@@ -295,7 +302,9 @@ class DocstringInstructionDataModule(InstructionDataModule):
         packages: standard-library packages, the possible answers.
         cap_per_class: most paragraphs per package over the three splits (70% train, 15% validation, 15% test).
         min_words: shortest paragraph kept, in words.
-        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
+            has none: the bundled MiniLM). A transformers tokenizer, hub name or local folder, given here must give
+            the backbone tokenizer's ids (see :class:`~lit_lowrank.data.common.LazyTokenizer`).
         vocabulary: a compacted vocabulary (checkpoint or ``.json``), as in :class:`InstructionDataModule`.
         max_length: longest tokenised example (p90 of the paragraphs is ~60 MiniLM tokens).
         template: ``auto``, ``chat`` or ``plain``, as in :class:`InstructionDataModule`.
@@ -319,7 +328,7 @@ class DocstringInstructionDataModule(InstructionDataModule):
         packages: Sequence[str] = DEFAULT_PACKAGES,
         cap_per_class: int = 100,
         min_words: int = 8,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         vocabulary: str | None = None,
         max_length: int = 128,
         template: Literal["auto", "chat", "plain"] = "auto",

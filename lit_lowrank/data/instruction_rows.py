@@ -108,6 +108,9 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]
 def to_example(row: dict[str, Any], where: str, fields: Fields) -> InstructionExample | BadRow:
     """The example a row holds, or why it holds none.
 
+    A row whose messages field is missing, null or empty text is a prompt/response pair: a Hugging Face dataset
+    (Arrow) gives every row every column, null where a row has none, and a CSV file an empty cell.
+
     Example:
         >>> to_example({"prompt": "Add 2 and 2.", "response": ""}, "train.jsonl:3", Fields())
         BadRow(location='train.jsonl:3', reason="'response' is empty")
@@ -115,8 +118,10 @@ def to_example(row: dict[str, Any], where: str, fields: Fields) -> InstructionEx
         (Message(role='system', content='Be brief.'), Message(role='user', content='Hi'),
          Message(role='assistant', content='Hello'))
     """
-    if fields.messages in row:
+    if not _absent(row.get(fields.messages)):
         messages = _chat_messages(row[fields.messages], fields)
+    elif fields.messages in row and _absent(row.get(fields.prompt)):
+        messages = f"neither {fields.prompt!r} nor {fields.messages!r} has a value"
     else:
         messages = _pair_messages(row, fields)
     if isinstance(messages, str):
@@ -124,6 +129,10 @@ def to_example(row: dict[str, Any], where: str, fields: Fields) -> InstructionEx
     if fields.system_prompt and messages[0].role != "system":
         messages = [Message("system", fields.system_prompt), *messages]
     return InstructionExample(tuple(messages), where)
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _text(value: Any, name: str, may_be_empty: bool = True) -> str | None:

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from lit_lowrank.data.common import (
-    DEFAULT_TOKENIZER,
     LazyTokenizer,
     ListDataset,
     SeededDataModule,
@@ -42,7 +41,7 @@ class TokenizeCollator:
 class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
     """Loaders and tokenizer shared by the text classification DataModules (subclasses fill ``self.splits``)."""
 
-    def __init__(self, tokenizer: str, max_length: int, batch_size: int, num_workers: int, seed: int) -> None:
+    def __init__(self, tokenizer: str | None, max_length: int, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__(batch_size, num_workers, seed)
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
@@ -109,7 +108,9 @@ class TextClassificationDataModule(_ClassificationDataModule):
         label_field: column holding the label (a string or an integer).
         class_names: every class, in label-id order; by default found in the files as described above.
         val_fraction: share of ``train_file`` held out when there is no ``val_file``.
-        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
+            has none: the bundled MiniLM). A transformers tokenizer, hub name or local folder, given here must give
+            the backbone tokenizer's ids (see :class:`~lit_lowrank.data.common.LazyTokenizer`).
         max_length: longest tokenised text; longer ones are truncated.
         batch_size: examples per batch.
         num_workers: DataLoader worker processes.
@@ -137,7 +138,7 @@ class TextClassificationDataModule(_ClassificationDataModule):
         label_field: str = "label",
         class_names: list[str] | None = None,
         val_fraction: float = 0.1,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -167,6 +168,7 @@ class TextClassificationDataModule(_ClassificationDataModule):
         return self._class_names
 
     def setup(self, stage: str | None = None) -> None:
+        self.follow_model_tokenizer(tokenized=False)  # text is tokenised per batch
         if self.splits:
             return
         for split, path in self.files.items():
@@ -204,7 +206,9 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
         fractions: train, validation and test shares of each class's paragraphs (sum to 1). A paragraph's split
             depends on its text and these shares only (see
             :func:`~lit_lowrank.data.corpus.docstring_classification`).
-        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline).
+        tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
+            has none: the bundled MiniLM). A transformers tokenizer, hub name or local folder, given here must give
+            the backbone tokenizer's ids (see :class:`~lit_lowrank.data.common.LazyTokenizer`).
         max_length: longest tokenised paragraph; longer ones are truncated.
         batch_size: examples per batch.
         num_workers: DataLoader worker processes.
@@ -225,7 +229,7 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
         packages: Sequence[str] = DEFAULT_PACKAGES,
         cap_per_class: int | None = 100,
         min_words: int = 8,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -252,6 +256,7 @@ class DocstringClassificationDataModule(_ClassificationDataModule):
         return UNCAPPED if self.cap_per_class is None else self.cap_per_class
 
     def setup(self, stage: str | None = None) -> None:
+        self.follow_model_tokenizer(tokenized=False)  # text is tokenised per batch
         if self.splits:
             return
         task = docstring_classification(self.packages, self._cap(), self.min_words, self.fractions)

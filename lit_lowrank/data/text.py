@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from lit_lowrank.data.byte_tokenizer import BYTES, ByteTokenizer
 from lit_lowrank.data.codec import TokenCodec
-from lit_lowrank.data.common import DEFAULT_TOKENIZER, LazyTokenizer, ListDataset, SeededDataModule
+from lit_lowrank.data.common import LazyTokenizer, ListDataset, SeededDataModule
 from lit_lowrank.data.corpus import (
     CORPUS_VALIDATION_FRACTION,
     python_source_corpus,
@@ -24,6 +24,7 @@ from lit_lowrank.data.corpus import (
     source_split_key,
     stable_fraction,
 )
+from lit_lowrank.data.hf_datasets import DatasetUnavailableError, load_hf_splits  # noqa: F401 (re-exported)
 from lit_lowrank.data.prompts import Prompt, PromptCollator
 from lit_lowrank.data.user_files import BadRow, listing, read_utf8_text, utf8_hint
 
@@ -35,10 +36,6 @@ STDLIB_SOURCE = "python-source"
 
 #: File patterns read from a folder given as ``source``.
 TEXT_PATTERNS = ("*.txt", "*.md")
-
-
-class DatasetUnavailableError(OSError):
-    """A dataset could not be loaded (the hub is unreachable, or the ``datasets`` package is missing)."""
 
 
 class TokenBlocks(Dataset):
@@ -91,29 +88,20 @@ def read_text_documents(source: str | Sequence[str]) -> list[tuple[str, str]]:
     return documents
 
 
-def read_hf_documents(name: str, config: str | None, text_field: str) -> dict[str, list[tuple[str, str]]]:
-    """(id, text) rows of each split of a Hugging Face dataset, via the ``datasets`` library."""
+def read_hf_documents(name: str, config: str | None, text_field: str, data_files: Any = None,
+                      splits: dict[str, str] | None = None) -> dict[str, list[tuple[str, str]]]:
+    """(id, text) rows of each split of a Hugging Face dataset, via the ``datasets`` library (see
+    :func:`~lit_lowrank.data.hf_datasets.load_hf_splits` for ``data_files`` and ``splits``)."""
     hint = ("use local files instead: source='path/to/folder_or_file.txt' (plain text; a folder is searched for "
             f"*.txt and *.md), or source={EMBEDDED!r} for the embedded corpus")
-    try:
-        import datasets
-    except ImportError as error:
-        raise DatasetUnavailableError(f"hf_dataset={name!r} needs the `datasets` package, which is not installed. "
-                                      f"HINT: `pip install datasets`, or {hint}") from error
-    try:
-        loaded = datasets.load_dataset(name, config)
-    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-        raise DatasetUnavailableError(
-            f"could not load the Hugging Face dataset {name!r} (config {config!r}): the dataset hub is unreachable "
-            f"from here, the name is wrong, or it is not in the local cache ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}). HINT: {hint}") from error
-    splits = {}
-    for split, rows in loaded.items():
+    splits_loaded = load_hf_splits(name, config, data_files, splits, hint)
+    documents = {}
+    for split, rows in splits_loaded.items():
         if text_field not in rows.column_names:
             raise KeyError(f"the {split!r} split of {name!r} has no column {text_field!r} (its columns: "
                            f"{rows.column_names}). HINT: set text_field= to one of those")
-        splits[split] = [(f"hf:{split}:{i}", text) for i, text in enumerate(rows[text_field]) if text]
-    return splits
+        documents[split] = [(f"hf:{split}:{i}", text) for i, text in enumerate(rows[text_field]) if text]
+    return documents
 
 
 class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
@@ -152,7 +140,9 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
             or text files, folders (``*.txt``/``*.md``, recursively) or globs; one or a list. Write ``./python`` for
             a folder called ``python``.
         val_source: files/folders/globs for validation; by default a fixed share of ``source`` (see above).
-        tokenizer: transformers tokenizer, hub name or local folder (the default is bundled and works offline), or
+        tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
+            has none: the bundled MiniLM; see :class:`~lit_lowrank.data.common.LazyTokenizer`). Else a transformers
+            tokenizer, hub name or local folder, which must give the backbone tokenizer's ids when it has one; or
             ``"bytes"``: UTF-8 bytes as ids 0..255 and EOS 256 between documents
             (:class:`~lit_lowrank.data.ByteTokenizer`; no files, vocabulary 257).
         block_size: tokens per block.
@@ -160,9 +150,14 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         val_fraction: share of documents held out for validation when there is no ``val_source``.
         max_train_blocks: keep only this many training blocks (a seeded random choice), for quick runs.
         max_val_blocks: keep only the first this many validation blocks.
-        hf_dataset: a Hugging Face dataset name (used instead of ``source``); needs the ``datasets`` package and
-            a reachable hub or a local cache. Its ``validation`` split is used when it has one.
+        hf_dataset: a Hugging Face dataset name, a local dataset folder, or ``json``/``csv``/``parquet`` with
+            ``hf_data_files`` (used instead of ``source``); needs the ``datasets`` package, and for a hub name a
+            reachable hub or a local cache. Its ``validation`` split is used when it has one.
         hf_config: the dataset's configuration name (e.g. ``wikitext-2-raw-v1``).
+        hf_data_files: local data files of ``hf_dataset`` (a path, a list, or ``{split: path}``), as
+            ``datasets.load_dataset(data_files=...)`` takes them.
+        hf_splits: which splits to read as ``train`` and ``validation``, e.g. ``{train: "train[:95%]", validation:
+            "train[95%:]"}`` (slices as ``datasets`` writes them); by default the dataset's own.
         text_field: the text column of ``hf_dataset``.
         max_vocab: keep only the ``max_vocab - 1`` most frequent token ids of the training blocks (ties broken by
             id) and renumber them ``1..max_vocab - 1`` by that order; every other id becomes 0. A small model
@@ -195,7 +190,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         self,
         source: str | list[str] = EMBEDDED,
         val_source: str | list[str] | None = None,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         block_size: int = 128,
         batch_size: int = 16,
         val_fraction: float = CORPUS_VALIDATION_FRACTION,
@@ -203,6 +198,8 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         max_val_blocks: int | None = None,
         hf_dataset: str | None = None,
         hf_config: str | None = None,
+        hf_data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        hf_splits: dict[str, str] | None = None,
         text_field: str = "text",
         max_vocab: int | None = None,
         exclude: list[str] | None = None,
@@ -218,12 +215,17 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
             raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        unknown = sorted(set(hf_splits or {}) - {"train", "validation"})
+        if unknown:
+            raise ValueError(f"hf_splits maps our splits ['train', 'validation'] to the dataset's; {unknown} is not "
+                             "one of ours")
         self.save_hyperparameters()
         self.source, self.val_source = source, val_source
         self.tokenizer_name = tokenizer
         self.block_size, self.val_fraction = block_size, val_fraction
         self.max_train_blocks, self.max_val_blocks = max_train_blocks, max_val_blocks
         self.hf_dataset, self.hf_config, self.text_field = hf_dataset, hf_config, text_field
+        self.hf_data_files, self.hf_splits = hf_data_files, hf_splits
         self.max_vocab = max_vocab
         self.exclude = list(exclude or [])
         self.test_source, self.predict_prompts = test_source, predict_prompts
@@ -234,13 +236,9 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
         self.val_blocks: torch.Tensor | None = None
         self.test_blocks: torch.Tensor | None = None
 
-    @property
-    def tokenizer(self):
-        """The tokenizer: a :class:`ByteTokenizer` for ``tokenizer="bytes"``, else the transformers one (loaded on
-        first use)."""
-        if self._tokenizer is None and self.tokenizer_name == BYTES:
-            self._tokenizer = ByteTokenizer()
-        return super().tokenizer
+    def load_named_tokenizer(self, name: str) -> Any:
+        """A :class:`ByteTokenizer` for ``"bytes"``, else the transformers tokenizer called ``name``."""
+        return ByteTokenizer() if name == BYTES else super().load_named_tokenizer(name)
 
     @property
     def vocab_size(self) -> int:
@@ -263,9 +261,14 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
 
     def prepare_data(self) -> None:
         if self.hf_dataset:
-            read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)  # download once, on one process
+            self._read_hf()  # download once, on one process
+
+    def _read_hf(self) -> dict[str, list[tuple[str, str]]]:
+        return read_hf_documents(self.hf_dataset, self.hf_config, self.text_field, self.hf_data_files, self.hf_splits)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.follow_model_tokenizer(tokenized=self.train_blocks is not None):
+            self._codec = None
         if self.train_blocks is not None:
             return
         train_docs, val_docs, val_given = self._documents()
@@ -292,7 +295,7 @@ class TextBlocksDataModule(LazyTokenizer, SeededDataModule):
     def _documents(self) -> tuple[list[str], list[str], bool]:
         """Training texts, validation texts, and whether the validation texts were given (not a share of training)."""
         if self.hf_dataset:
-            splits = read_hf_documents(self.hf_dataset, self.hf_config, self.text_field)
+            splits = self._read_hf()
             if "train" not in splits:
                 raise KeyError(f"{self.hf_dataset!r} has no 'train' split (it has {sorted(splits)})")
             if "validation" in splits:

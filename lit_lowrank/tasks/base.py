@@ -26,6 +26,10 @@ DEFAULT_TARGETS = "default"
 class LowRankTask(L.LightningModule):
     """Base class of the tasks: ``backbone -> adapters -> task -> optimizer``, each swappable from YAML.
 
+    ``tokenizer`` and ``preprocess`` are the backbone's; the data modules of :mod:`lit_lowrank.data` take them from
+    the task in ``setup`` (see :mod:`lit_lowrank.data.from_model`), so the data is tokenised and transformed as the
+    model expects.
+
     Args:
         backbone: the model and its companions, e.g. from :func:`lit_lowrank.backbones.transformers_backbone`.
         lora: adapters to inject; ``None`` trains the whole backbone (full fine-tuning or pre-training).

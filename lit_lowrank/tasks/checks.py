@@ -65,7 +65,7 @@ def check_vocabulary(model: nn.Module, datamodule: Any) -> None:
         return
     raise ValueError(
         f"the data ({type(datamodule).__name__}) produces token ids up to {vocab - 1} (vocabulary {vocab}) but the "
-        f"model's input embedding has only {rows} rows. HINT: use the model's own tokenizer "
-        "(`data.init_args.tokenizer`), cap the data's vocabulary where it can (`data.init_args.max_vocab: "
-        f"{rows}`), or, for a model built from a config, set `model.init_args.backbone.init_args.config.vocab_size: "
-        f"{vocab}`")
+        f"model's input embedding has only {rows} rows. HINT: use the model's own tokenizer (give the backbone its "
+        "tokenizer and leave `data.init_args.tokenizer` unset), cap the data's vocabulary where it can "
+        f"(`data.init_args.max_vocab: {rows}`), or, for a model built from a config, set "
+        f"`model.init_args.backbone.init_args.config.vocab_size: {vocab}`")

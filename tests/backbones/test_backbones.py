@@ -66,13 +66,13 @@ def test_timm_and_open_clip_defaults():
     vit = timm_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                         num_classes=4)
     inject_lora(vit.model, LoRAConfig(r=2, target_modules=vit.lora_targets))
-    assert len(list(lora_modules(vit.model))) == 8 and vit.preprocess["input_size"] == (3, 32, 32)
+    assert len(list(lora_modules(vit.model))) == 8 and vit.preprocess.input_size == (32, 32)
     clip = open_clip_backbone(embed_dim=16,
                               vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
                               text_cfg=dict(context_length=12, width=32, heads=2, layers=2))
     inject_lora(clip.model, LoRAConfig(r=2, target_modules=clip.lora_targets))
     assert len(list(lora_modules(clip.model))) == 2 * 2 * 4
     tokens = clip.tokenizer(["a photo of a cat", "a photo of a dog"])
-    image = clip.preprocess.transforms[-1](torch.rand(3, 32, 32))  # the normalisation step
+    image = clip.preprocess.transform().transforms[-1](torch.rand(3, 32, 32))  # the normalisation step
     features = clip.model.encode_text(tokens)
     assert features.shape == (2, 16) and image.shape == (3, 32, 32)

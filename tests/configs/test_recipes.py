@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import CONFIGS, ROOT, SHORT, TINY_BERT
+from cli_runs import CONFIGS, MINILM, ROOT, SHORT, TINY_BERT
 from cli_runs import hf as _hf
 from cli_runs import override as _override
 from distributed_exit import finished
@@ -47,26 +47,28 @@ def _labelled_csv(root: Path) -> Path:
 
 
 RECIPES = {
-    "quickstart.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {"cap_per_class": 12}),
-    "finetune_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {"cap_per_class": 12}),
-    "minilm_classify_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT), {
+    "quickstart.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT, MINILM), {"cap_per_class": 12}),
+    "finetune_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT, MINILM), {"cap_per_class": 12}),
+    "minilm_classify_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_BERT, MINILM), {
         "train_file": str(_labelled_csv(tmp)), "batch_size": 8}),
     "pretrain_lora_pre.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA), {
         "max_train_blocks": 32, "max_val_blocks": 4}),
-    "llama_finetune_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA), {
-        "tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "block_size": 32, "max_train_blocks": 16,
-        "max_val_blocks": 4}),
+    "llama_finetune_lora_pro.yaml": lambda tmp: _override(tmp, _hf(TINY_LLAMA, MINILM), {
+        "block_size": 32, "max_train_blocks": 16, "max_val_blocks": 4}),
     "vit_classify_lora_pro.yaml": lambda tmp: _override(tmp, TINY_VIT, {
-        "train_dir": str(_digit_files(tmp) / "images" / "train"), "val_dir": str(tmp / "images" / "val"),
-        "image_size": 32}),
+        "train_dir": str(_digit_files(tmp) / "images" / "train"), "val_dir": str(tmp / "images" / "val")}),
     "digits_vit_lora_pre_muon.yaml": lambda tmp: _override(tmp, {
         "model_kwargs": {"patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2}}),
     "clip_fewshot_lora_pro.yaml": lambda tmp: _override(tmp, {
         "name": None, "pretrained": None, "embed_dim": 16,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
         "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}},
-        {"image_size": 32, "train_per_class": 4, "batch_size": 16}),
+        {"train_per_class": 4, "batch_size": 16}),
 }
+
+
+#: Recipes whose model is built from a config (no tokenizer of its own): the data module names the tokenizer.
+TOKENIZED_BY_THE_DATA = {"pretrain_lora_pre.yaml"}
 
 
 def test_every_recipe_is_covered():
@@ -81,6 +83,13 @@ def test_recipe_runs_with_a_tiny_backbone(name, tmp_path, monkeypatch):
     cli = LowRankCLI(args=["fit", "--config", str(CONFIGS / name), *RECIPES[name](tmp_path), *SHORT])
     assert cli.trainer.global_step == 2
     assert cli.trainer.callback_metrics, "nothing was logged"
+    # the backbone decides: the data module read with its tokenizer and transformed images as it says
+    data, task = cli.datamodule, cli.model
+    if task.preprocess is not None:
+        assert data.preprocessing == task.preprocess, "the recipe overrides the backbone's image preprocessing"
+    if task.tokenizer is not None and hasattr(data, "tokenizer"):  # CLIP on digits: the task's prompts only
+        assert data.tokenizer is task.tokenizer, "the recipe's data module does not use the backbone's tokenizer"
+    assert task.preprocess is not None or task.tokenizer is not None or name in TOKENIZED_BY_THE_DATA
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-mixed"])
@@ -167,7 +176,7 @@ def test_a_finished_run_destroys_its_process_group(tmp_path, monkeypatch):
     # Left to interpreter exit, gloo's threads can abort a finished DDP run (exit -6): main() closes the group.
     import torch.distributed as dist
 
-    import lit_lowrank.cli as cli
+    import lit_lowrank.cli.entry as cli
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     monkeypatch.setattr(cli, "LowRankCLI", lambda args: None)  # a run that finished
