@@ -1,5 +1,5 @@
 """What every optimizer of this package does the same way with its state: the dtype it computes and keeps state
-in, its byte count, and a ``load_state_dict`` that keeps the saved dtypes."""
+in (also when a checkpoint is loaded), its byte count, and the gradient limit beyond which a step is skipped."""
 from __future__ import annotations
 
 import math
@@ -49,19 +49,34 @@ def tensor_bytes(value: Tensor) -> int:
     return local(value).nbytes
 
 
-def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """After ``torch.optim.Optimizer.load_state_dict(state_dict)``: give every state tensor its saved dtype back.
+COUNTERS = ("step", "skipped_steps")
+"""State keys that count steps: loaded as float32 on the parameter's device, whatever the parameter's dtype."""
 
-    torch casts floating state to its parameter's dtype, which would turn the float32 state of a bf16 model (the
-    LoRA-Pre factors, LoRAPro's moments) into bf16; here each state tensor is an own copy of the saved one, moved to
-    its parameter's device only, so a resumed run continues bit for bit.
+
+def loaded_state_value(param: Tensor, key: Any, value: Tensor) -> Tensor:
+    """A state tensor of a loaded ``state_dict``, as this package keeps it for ``param``: an own copy on ``param``'s
+    device, floating values in the state dtype :func:`compute_dtype` of ``param`` (float32 for a bf16 or float32
+    model, float64 for a float64 one), counters (:data:`COUNTERS`) as float32.
+
+    That is torch's policy (``Optimizer._process_value_according_to_param_policy``: state follows its parameter;
+    ``step`` stays float32 as for ``capturable`` optimizers), except that 16-bit parameters keep float32 state, as
+    in every step of these optimizers. A float32 checkpoint thus resumes a model cast to float64, and the float32
+    state of a bf16 model is not rounded to bf16.
+
+    Example:
+        >>> param = torch.zeros(2, dtype=torch.bfloat16)
+        >>> loaded_state_value(param, "exp_avg", torch.zeros(2, dtype=torch.float64)).dtype
+        torch.float32
+        >>> loaded_state_value(param.double(), "exp_avg", torch.zeros(2)).dtype
+        torch.float64
+        >>> loaded_state_value(param.double(), "step", torch.tensor(3.0)).dtype
+        torch.float32
     """
-    params = [param for group in optimizer.param_groups for param in group["params"]]
-    saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
-    for param, saved_id in zip(params, saved_ids):
-        for key, value in state_dict["state"].get(saved_id, {}).items():
-            if isinstance(value, Tensor):
-                optimizer.state[param][key] = value.to(device=param.device, copy=True)
+    if key in COUNTERS:
+        return value.to(device=param.device, dtype=torch.float32, copy=True)
+    if value.is_floating_point() and param.is_floating_point():
+        return value.to(device=param.device, dtype=compute_dtype(param.dtype), copy=True)
+    return value.to(device=param.device, copy=True)
 
 
 def gradient_limit(state_dtype: torch.dtype) -> float:

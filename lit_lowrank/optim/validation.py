@@ -49,7 +49,14 @@ def check_number(owner: str, name: str, value: Any, interval: Interval, *, examp
     ``tensor_ok``). The message names ``owner``, ``name``, the value and the interval, then ``hint`` (default: an
     ``example`` value)."""
     number = value
-    if tensor_ok and isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point():
+    if isinstance(value, Tensor):
+        if not tensor_ok:  # torch's wording ("lr as a Tensor is not supported for ...")
+            raise ValueError(f"{owner}: {name} as a Tensor is not supported (got {value!r}). HINT: pass a Python "
+                             f"float, {name}=float(...); LR schedulers work with float learning rates.")
+        if value.ndim != 0 or not value.is_floating_point():
+            raise ValueError(f"{owner}: Tensor {name} must be 1-element and 0-d, floating; got shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}. HINT: pass e.g. "
+                             f"{name}=torch.tensor(1e-3).")
         number = float(value)  # one read of a scalar, when the optimizer is built or a group added
     is_real = isinstance(number, numbers.Real) and not isinstance(number, bool)
     if is_real and math.isfinite(number) and number in interval:
@@ -122,6 +129,9 @@ def group_tensors(group: dict[str, Any]) -> tuple[list[Tensor], list[str] | None
     items = group["params"] = [params] if isinstance(params, Tensor) else list(params)
     tensors = [item[1] if isinstance(item, tuple) else item for item in items]
     names = [item[0] for item in items if isinstance(item, tuple)] or group.get("param_names")
+    if names and len(names) != len(tensors):  # torch's wording (Optimizer.add_param_group)
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing. HINT: pass "
+                         "model.named_parameters() or (name, tensor) pairs for every tensor, or no names at all.")
     return tensors, (list(names) if names else None)
 
 

@@ -52,6 +52,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         chunk_rows: rows of the transient ``m_t, v_t`` formed at a time; None: automatic (docs/design.md).
         seed: base of the per-parameter seeds of the random initial factors (``None``: ``torch.initial_seed()``);
             each parameter's seed is kept in its state, so a resumed run continues exactly.
+        maximize: step along ``+gradient`` (per group ``maximize``), as in ``torch.optim.AdamW``.
 
     Example:
         >>> import torch
@@ -82,6 +83,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         seed: int | None = None,
         debias_second_moment: bool = True,
         update_bound: Literal["v_floor", "adam_floor", "rms_clip", "none"] = "v_floor",
+        maximize: bool = False,
     ) -> None:
         validate_use_triton(use_triton, type(self).__name__)
         self.use_triton = use_triton
@@ -99,6 +101,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             "lowrank": True,
             "debias_second_moment": debias_second_moment,
             "update_bound": update_bound,
+            "maximize": maximize,
         }
         super().__init__(params, defaults, seed=seed)
 

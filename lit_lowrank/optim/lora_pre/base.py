@@ -1,5 +1,6 @@
 """What LoRAPreAdamW and LoRAPreMuon share: param-group handling, the full-rank policy, per-parameter seeds,
-a plain AdamW path for non-matrix tensors, exact state accounting and a dtype-preserving ``load_state_dict``."""
+a plain AdamW path for non-matrix tensors and exact state accounting (torch's contracts, loading state included:
+:mod:`lit_lowrank.optim.torch_contract`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from lit_lowrank.optim.adamw import adamw_foreach_update_, adamw_masked_update_
 from lit_lowrank.optim.lora_pre.factors import Workspace, auto_chunk_rows, derive_seed, init_factor_pairs
 from lit_lowrank.optim.lora_pre.hyperparameters import check_seed
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
-from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, tensor_bytes
+from lit_lowrank.optim.torch_contract import TorchContractOptimizer
 from lit_lowrank.optim.validation import group_tensors, refuse_duplicate_params
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def host_count(state: dict[str, Any], key: str) -> int:
     return value
 
 
-class LowRankOptimizerBase(Optimizer):
+class LowRankOptimizerBase(TorchContractOptimizer):
     """Shared machinery of the LoRA-Pre optimizers (not meant to be used directly).
 
     Subclasses define ``_factor_names`` (the state keys of one parameter's factors), ``_prepare_group`` (fill
@@ -65,10 +66,15 @@ class LowRankOptimizerBase(Optimizer):
 
     _factor_names: tuple[str, ...] = ()
     _device_side_skip: bool | None = None
+    _pickled_attributes = ("_base_seed", "_param_index", "_param_names", "use_triton", "_device_side_skip")
     #: Tells :func:`lit_lowrank.optim.build_optimizer` to pass the model, which is grouped by lowrank_param_groups.
     accepts_module = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int | None) -> None:
+        if params is None:  # torch's error type and wording (it would fail on list(None))
+            raise TypeError(f"{type(self).__name__}: params argument given to the optimizer should be an iterable of "
+                            "Tensors or dicts (or the nn.Module), but got None. HINT: pass model.parameters(), "
+                            "param groups or the model.")
         if isinstance(params, nn.Module):
             from lit_lowrank.optim.lora_pre.groups import lowrank_param_groups
 
@@ -209,13 +215,18 @@ class LowRankOptimizerBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._maximizing():
+            self._step_all()
+        return loss
+
+    def _step_all(self) -> None:
         stepped = [[param for param in group["params"] if param.grad is not None] for group in self.param_groups]
         params = sum(stepped, [])
         if self._skips_on_device(params):
             ok = self._finite_on_device(params)
             for group, group_params in zip(self.param_groups, stepped):
                 self._step_group(group, group_params, ok)
-            return loss
+            return
         finite = self._finite(params)
         for group, group_params in zip(self.param_groups, stepped):
             for param in group_params:
@@ -223,7 +234,6 @@ class LowRankOptimizerBase(Optimizer):
                     state = self.state[param]
                     state["skipped_steps"] = host_count(state, "skipped_steps") + 1
             self._step_group(group, [param for param in group_params if finite[param]], None)
-        return loss
 
     def _skips_on_device(self, params: list[Tensor]) -> bool:
         """Whether this step decides its skips on the device (see the class docstring)."""
@@ -284,7 +294,8 @@ class LowRankOptimizerBase(Optimizer):
         """Parameter updates skipped so far because of a non-finite or too large gradient (summed over parameters;
         kept in the state, so it survives a checkpoint). :class:`~lit_lowrank.callbacks.OptimizerStateMonitor` logs it.
         Device-side counts are read here (one read per device): a query, not part of the step."""
-        counts = [state["skipped_steps"] for state in self.state.values() if "skipped_steps" in state]
+        counts = [state["skipped_steps"] for state in self.state.values()
+                  if isinstance(state, dict) and "skipped_steps" in state]  # torch allows other entries
         by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
         for count in counts:
             if isinstance(count, Tensor):
@@ -345,20 +356,9 @@ class LowRankOptimizerBase(Optimizer):
         adamw_masked_update_([local(param).detach() for param in params], grads, local_states, ok, **hyper)
 
     # ------------------------------------------------------------------------------------------ state & I/O
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups.
-        return {
-            **super().__getstate__(),
-            "_base_seed": self._base_seed,
-            "_param_index": self._param_index,
-            "_param_names": self._param_names,
-            "use_triton": getattr(self, "use_triton", "auto"),
-            "_device_side_skip": self._device_side_skip,
-        }
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._workspace = Workspace()
+        self._workspace = Workspace()  # scratch buffers, not state
         self._grad_absmax = {}
 
     def state_bytes(self) -> StateBytes:
@@ -385,12 +385,6 @@ class LowRankOptimizerBase(Optimizer):
                             dense += nbytes
             per_group.append(group_bytes)
         return StateBytes(total=factors + dense, per_group=tuple(per_group), factors=factors, dense=dense)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict()``, keeping each state tensor's saved dtype (float32 factors of a
-        bf16 model stay float32: :func:`~lit_lowrank.optim.state.restore_saved_dtypes`)."""
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
 
 
 def split_by_matrix(params: Iterable[Any]) -> tuple[list[Any], list[Any]]:

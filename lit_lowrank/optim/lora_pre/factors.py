@@ -101,7 +101,10 @@ def damped_pinvs(factors: Sequence[Tensor], damping: float, out: Tensor, workspa
         stacked = torch.empty(shape, dtype=torch.float64, device=factors[0].device)
     else:
         stacked = workspace.get("pinv_float64", shape, torch.float64, factors[0].device)
-    torch.stack(factors, out=stacked)
+    # One copy per factor, not torch.stack(out=): inductor cannot lower stack into `out` from transposed views
+    # (torch.compile of LoRAPreMuon.step failed), and on CPU the copies were faster (7 vs 11 us at 16 x 1024).
+    for index, factor in enumerate(factors):
+        stacked[index].copy_(factor)
     gram = torch.bmm(stacked, stacked.transpose(1, 2))
     if shards is not None:
         shards.sum_(gram)

@@ -20,10 +20,11 @@ DAMPING = Interval(0.0, 1.0, low_open=True, high_open=False)
 
 
 def check_common_hyperparameters(owner: str, group: dict[str, Any], default_betas: tuple[float, float]) -> None:
-    """Raise a ValueError (TypeError for a non-bool ``lowrank``) naming ``owner`` for an invalid lr, betas, eps,
-    weight decay, rank, damping, factor update, full-rank policy or chunk size of a param group."""
+    """Raise a ValueError (TypeError for a non-bool ``lowrank`` or ``maximize``) naming ``owner`` for an invalid lr,
+    betas, eps, weight decay, rank, damping, factor update, full-rank policy or chunk size of a param group."""
     check_adam_hyperparameters(owner, group, default_betas=default_betas)
     check_flag(owner, "lowrank", group["lowrank"])
+    check_flag(owner, "maximize", group["maximize"])
     check_integer(owner, "rank", group["rank"], 1, example=16)
     check_number(owner, "damping", group["damping"], DAMPING, hint="pass e.g. damping=1e-6 (the default): it keeps "
                  "the factors' Gram matrices invertible; 0 would divide by zero at step 1.")

@@ -47,7 +47,9 @@ class LoRAPreMuon(LowRankOptimizerBase):
     - ``params`` as an ``nn.Module`` is grouped by :func:`~lit_lowrank.optim.lowrank_param_groups`.
     - A group with ``lowrank=True`` must hold 2-D tensors only; ``lowrank=False`` groups are AdamW, their
       ``lr``, ``betas``, ``eps`` and ``weight_decay`` defaulting to ``adamw_lr``, ``adamw_betas``, ... (so LR
-      schedulers scale them like any group's ``lr``).
+      schedulers scale them like any group's ``lr``). This differs from torch's convention, where a group without
+      ``lr`` gets the constructor's ``lr``, on purpose: Muon's ``lr`` (~0.02) would be ~60x too large for AdamW.
+      It holds for groups added later too, and for copies (deep copies and pickles keep the ``adamw_*`` values).
     - A plain list of tensors, or a group without a ``lowrank`` key, is split in two groups: its 2-D tensors
       (Muon) and the rest (AdamW); keys set in such a group apply to both halves.
 
@@ -68,6 +70,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             logged) | ``"factored"`` (keep factors, logged), for matrices with ``rank >= min(p, q)``.
         seed: base of the per-parameter seeds of the initial ``A ~ N(0, 0.02^2)`` (``torch.initial_seed()``
             when ``None``); seeds are kept in the state.
+        maximize: step along ``+gradient`` (per group ``maximize``, AdamW groups too).
 
     Example:
         >>> import torch
@@ -82,6 +85,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
     """
 
     _factor_names = ("B", "A")
+    _pickled_attributes = (*LowRankOptimizerBase._pickled_attributes, "_adamw_defaults")
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
         use_triton: bool | Literal["auto"] = "auto",
         full_rank: Literal["error", "dense", "factored"] = "error",
         seed: int | None = None,
+        maximize: bool = False,
     ) -> None:
         validate_use_triton(use_triton, type(self).__name__, missing_kernel="lora_pre_muon")
         self.use_triton = use_triton
@@ -127,6 +132,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             "full_rank": full_rank,
             "betas": as_tuple(adamw_betas),
             "eps": adamw_eps,
+            "maximize": maximize,
         }
         super().__init__(params, defaults, seed=seed)
 

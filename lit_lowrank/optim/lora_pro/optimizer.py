@@ -1,4 +1,5 @@
-"""LoRA-Pro for models with LoRA adapters: the :class:`LoRAPro` optimizer and :func:`apply_lora_pro_`.
+"""LoRA-Pro for models with LoRA adapters: the :class:`LoRAPro` optimizer (and :func:`apply_lora_pro_`, its
+efficient mode as a gradient rewrite, from :mod:`lit_lowrank.optim.lora_pro.rewrite`).
 
 Adapters are found through :func:`lit_lowrank.adapters.lora_modules` and A is paired with B through
 their module, never through parameter order. Layers that share (r, shapes, dtype, device, scaling) are
@@ -42,14 +43,17 @@ from lit_lowrank.optim.lora_pro.plans import (
     steppable_grads,
     within_limit,
 )
+from lit_lowrank.optim.lora_pro.rewrite import apply_lora_pro_
 from lit_lowrank.optim.lora_pro.update import full_mode_update
 from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, local_part, process_group
-from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, restore_saved_dtypes, tensor_bytes
+from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, tensor_bytes
+from lit_lowrank.optim.torch_contract import TorchContractOptimizer
 from lit_lowrank.optim.validation import (
     POSITIVE,
     Interval,
     as_tuple,
     check_adam_hyperparameters,
+    check_flag,
     check_number,
     group_tensors,
     refuse_duplicate_params,
@@ -60,53 +64,12 @@ __all__ = ["LoRAPro", "apply_lora_pro_", "equivalent_gradient", "lora_pro_gradie
 MODES = ("efficient", "full")
 
 
-@torch.no_grad()
-def apply_lora_pro_(model: nn.Module, damping: float = 1e-8) -> int:
-    """Replace the gradients of every adapter pair by LoRA-Pro's ``(dA, dB)``, in place.
-
-    This is LoRA-Pro's efficient mode as a gradient rewrite, so any optimizer (SGD, AdamW, 8-bit ones)
-    can follow it. Call it after ``backward`` (and after ``GradScaler.unscale_``) and **before** gradient
-    clipping, so clipping sees the gradients the optimizer will use. Do not combine it with
-    :class:`LoRAPro`, which rewrites the gradients itself. Layers with a non-finite gradient get NaN in
-    both ``dA`` and ``dB``, so a scaler or skip logic still sees them; nothing raises.
-
-    Returns:
-        The number of adapter pairs rewritten (pairs without gradients are left alone).
-
-    Example:
-        >>> import torch, torch.nn as nn
-        >>> from lit_lowrank import LoRAConfig, inject_lora
-        >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), LoRAConfig(r=2))
-        >>> net(torch.randn(4, 8)).square().sum().backward()
-        >>> apply_lora_pro_(net)
-        2
-        >>> norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)  # clip after the rewrite
-    """
-    rewritten = 0
-    pairs = [pair for pair in adapter_pairs(model) if pair.A.grad is not None or pair.B.grad is not None]
-    for batch in batches(pairs):
-        stack = read_factors(batch)
-        A, B_t, grad_A, grad_B_t = stack.in_compute_dtype()
-        dA, dB_t = closed_form(gram_spectrum(A, B_t, damping), A, B_t, grad_A, grad_B_t, batch[0].scaling)
-        skipped = ~stack.ok.view(-1, 1, 1)
-        dA.masked_fill_(skipped, float("nan"))
-        dB_t.masked_fill_(skipped, float("nan"))
-        for pair in batch:
-            for param in (pair.A, pair.B):
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-        write_rows([pair.A.grad for pair in batch], dA)
-        write_rows([pair.B.grad for pair in batch], dB_t.mT)
-        rewritten += len(batch)
-    return rewritten
-
-
 def _local_states(states: list[dict]) -> list[dict]:
     """The AdamW states with their moments as local shards (``step`` stays the same shared tensor)."""
     return [{"step": s["step"], "exp_avg": local(s["exp_avg"]), "exp_avg_sq": local(s["exp_avg_sq"])} for s in states]
 
 
-class LoRAPro(torch.optim.Optimizer):
+class LoRAPro(TorchContractOptimizer):
     """LoRA-Pro (Wang et al., ICLR 2025): adapter updates whose weight change best matches full fine-tuning.
 
     Give it the model after :func:`lit_lowrank.inject_lora`; it pairs each ``lora_A`` with its ``lora_B`` by module.
@@ -123,6 +86,12 @@ class LoRAPro(torch.optim.Optimizer):
             before ``step``: clipping must see what the optimizer uses.
         use_triton: full mode's fused kernel, ``"auto"`` / ``True`` / ``False`` as in
             :mod:`lit_lowrank.kernels.dispatch`; efficient mode has none.
+        maximize: step along ``+gradient`` (per group ``maximize``), as in ``torch.optim.AdamW``.
+
+    The optimizer is tied to its model (it pairs adapters through it; it holds only a weak reference): copy or
+    pickle them together, ``copy.deepcopy((model, optimizer))``, and the copy steps the copied model exactly as the
+    original steps its own. A copy of the optimizer alone steps copies of the adapters and carries a copy of the
+    model only as long as something else holds it (:meth:`add_param_group` then says the model is gone).
 
     Every hyper-parameter must be finite and in range (:mod:`lit_lowrank.optim.validation`; ``lr`` may be a 0-d
     tensor), also in groups added later; :meth:`add_param_group` gives adapter pairs the LoRA-Pro update (gradual
@@ -142,6 +111,7 @@ class LoRAPro(torch.optim.Optimizer):
 
     #: Tells :func:`lit_lowrank.optim.build_optimizer` to pass the model, not its parameters.
     accepts_module = True
+    _pickled_attributes = ("mode", "use_triton", "max_grad_norm", "pairs")
 
     def __init__(
         self,
@@ -154,6 +124,7 @@ class LoRAPro(torch.optim.Optimizer):
         damping: float = 1e-8,
         use_triton: str | bool = "auto",
         max_grad_norm: float | None = None,
+        maximize: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -170,7 +141,7 @@ class LoRAPro(torch.optim.Optimizer):
         self.mode = mode
         self.use_triton = use_triton
         self.max_grad_norm = max_grad_norm
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damping=damping)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damping=damping, maximize=maximize)
         self._check_group(defaults)
         defaults["betas"] = as_tuple(betas)
         trainable = adapter_pairs(model)  # refuses adapters with one trainable factor
@@ -216,9 +187,15 @@ class LoRAPro(torch.optim.Optimizer):
         model = self._model()
         if model is None:
             raise RuntimeError(f"{owner}.add_param_group needs the model the optimizer was built for, to pair each "
-                               "lora_A with its lora_B, but it no longer exists. HINT: build a new LoRAPro(model).")
+                               "lora_A with its lora_B, but it no longer exists (a copy or pickle of the optimizer "
+                               "alone keeps none). HINT: copy or pickle the model with it, copy.deepcopy((model, "
+                               "optimizer)), or build a new LoRAPro(model).")
         pairs = pairs_in_group(model, tensors)
         group["lora_pro"] = self.mode if pairs else None
+        if "lr" not in group and isinstance(self.defaults["lr"], torch.Tensor):
+            # An own lr tensor per group: schedulers fill each group's in place, and ReduceLROnPlateau would scale a
+            # shared one once per group (torch.optim.AdamW shares it: with two groups its lr drops by factor^2).
+            group["lr"] = self.defaults["lr"].clone()
         super().add_param_group(group)
         self.pairs.extend(pairs)
 
@@ -226,6 +203,7 @@ class LoRAPro(torch.optim.Optimizer):
         """Refuse invalid hyper-parameters (:mod:`lit_lowrank.optim.validation`) with a ValueError that names them."""
         owner = type(self).__name__
         check_adam_hyperparameters(owner, group, tensor_lr=True)
+        check_flag(owner, "maximize", group["maximize"])
         check_number(owner, "damping", group["damping"], Interval(0.0, 1.0), example=1e-8,
                      hint="pass a small relative cut-off such as damping=1e-8 (at 1 every eigenvalue is cut).")
         decay = float(group["lr"]) * group["weight_decay"]
@@ -242,6 +220,11 @@ class LoRAPro(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._maximizing():
+            self._step_all()
+        return loss
+
+    def _step_all(self) -> None:
         group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
         for pair in self.pairs:
             if group_of.get(pair.A) != group_of.get(pair.B):
@@ -262,7 +245,7 @@ class LoRAPro(torch.optim.Optimizer):
                 if p.grad is not None and p not in adapter_params:
                     by_kind[(p.device, compute_dtype(p))].append(p)
             others.extend(OtherPlan(params, group, *steppable_grads(params)) for params in by_kind.values())
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None and (plans or others):
             self._clip_(plans, others)
         for plan in plans:
             self._apply_full(plan) if self.mode == "full" else self._apply_efficient(plan)
@@ -271,7 +254,6 @@ class LoRAPro(torch.optim.Optimizer):
             adamw_masked_update_([local(p) for p in plan.params], plan.grads, _local_states(states), plan.ok,
                                  **self._hyper(plan.group))
         self._count_skips(plans, others)  # after the updates, which create the states
-        return loss
 
     def _clip_(self, plans: list, others: list) -> None:
         """Scale every direction by ``min(1, max_grad_norm / total_norm)``, on the device (no host sync).
@@ -303,7 +285,8 @@ class LoRAPro(torch.optim.Optimizer):
         """Updates skipped so far because of non-finite or too large gradients (one per adapter or other parameter
         and step; :mod:`lit_lowrank.optim.lora_pro.plans`). Kept in the state, so it survives a checkpoint. Reading it
         waits for the device."""
-        counters = [s["skipped_steps"] for s in self.state.values() if "skipped_steps" in s]
+        counters = [s["skipped_steps"] for s in self.state.values()
+                    if isinstance(s, dict) and "skipped_steps" in s]  # torch allows other entries
         return int(torch.stack(counters).sum().item()) if counters else 0
 
     def state_bytes(self) -> StateBytes:
@@ -403,12 +386,29 @@ class LoRAPro(torch.optim.Optimizer):
         write_local([p.B for p in batch], new_B_t.mT)
         write_rows([s["step"] for s in states], step)
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _check_loaded_state_dict(self, state_dict: dict) -> None:
         saved_modes = {group.get("lora_pro") for group in state_dict["param_groups"]} - {None}
         if saved_modes - {self.mode}:
             raise ValueError(
                 f"this state was saved by LoRAPro(mode={saved_modes.pop()!r}) but the optimizer runs "
                 f"mode={self.mode!r}; their states differ. HINT: create the optimizer with the same mode to resume."
             )
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)  # fp32 moments of bf16 adapters stay fp32
+
+    def __getstate__(self) -> dict:
+        # The model itself, not a weak reference (which cannot be pickled): copied or pickled together with the
+        # optimizer, the copy pairs the copied adapters (copy and pickle share objects through their memo).
+        return {**super().__getstate__(), "_model": self._model()}
+
+    def __setstate__(self, state: dict) -> None:
+        model = state.pop("_model", _KEEP)
+        super().__setstate__(state)
+        if model is not _KEEP:  # unpickled or copied, not load_state_dict (which passes state and groups only)
+            self._model = _no_model if model is None else weakref.ref(model)
+
+
+_KEEP = object()
+
+
+def _no_model() -> None:
+    """The weak reference of a copy whose model was gone when it was copied."""
+    return None
