@@ -72,7 +72,8 @@ def _local_states(states: list[dict]) -> list[dict]:
 class LoRAPro(TorchContractOptimizer):
     """LoRA-Pro (Wang et al., ICLR 2025): adapter updates whose weight change best matches full fine-tuning.
 
-    Give it the model after :func:`lit_lowrank.inject_lora`; it pairs each ``lora_A`` with its ``lora_B`` by module.
+    Give it the model after :func:`lit_lowrank.inject_lora` (or a PEFT LoRA model); it pairs each ``lora_A`` with its
+    ``lora_B`` by module.
     The adapters form the first param group, every other trainable parameter (heads, ``modules_to_save``) a second
     one stepped by plain AdamW. The math, the two modes and where we differ from the paper: ``docs/lora-pro.md``.
 
@@ -148,7 +149,8 @@ class LoRAPro(TorchContractOptimizer):
         if not trainable:
             raise ValueError(
                 f"{type(model).__name__} has no trainable LoRA adapters. "
-                "HINT: call lit_lowrank.inject_lora(model, LoRAConfig(...)) before creating LoRAPro."
+                "HINT: call lit_lowrank.inject_lora(model, LoRAConfig(...)) before creating LoRAPro, or give it a "
+                "peft.get_peft_model(model, LoraConfig(...)) model whose adapters are trainable (not inference_mode)."
             )
         # add_param_group finds the adapter pairs of each group through the model (the constructor's groups too).
         self._model = weakref.ref(model)
