@@ -19,6 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from lit_lowrank.atomic import replacing_file
+from lit_lowrank.cli.lightning_private import chosen_checkpoint_io
 
 _ZIP_START = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
 _PICKLE_START = b"\x80"  # its older format: a pickle (protocol 2 or later)
@@ -67,6 +68,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         1
     """
 
+    _preloaded: tuple[Path, dict[str, Any]] | None = None
+
+    def preload(self, path, checkpoint: dict[str, Any]) -> None:
+        """Answer the next load of ``path`` with ``checkpoint`` instead of reading the file: the CLI has already read
+        it to compare its settings with the command's (:class:`lit_lowrank.cli.resume.ResumeCheckpoint`)."""
+        self._preloaded = (Path(str(path)).resolve(), checkpoint)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         fs, local_path = url_to_fs(str(path))
         if storage_options is not None or not isinstance(fs, LocalFileSystem):
@@ -76,6 +84,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None and "://" not in str(path) and Path(str(path)).resolve() == preloaded[0]:
+            return preloaded[1]
         try:
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except Exception as error:
@@ -91,7 +102,7 @@ def use_by_default(strategy) -> bool:
     back to Lightning's plain ``TorchCheckpointIO``; True if it did. A configured plugin, or a strategy with a
     CheckpointIO of its own kind (XLA), is left alone; a wrapper without an inner one (``AsyncCheckpointIO()``) gets
     this one inside."""
-    chosen = strategy._checkpoint_io  # the public property would create the default in its place
+    chosen = chosen_checkpoint_io(strategy)  # the public property would create the default in its place
     if isinstance(chosen, _WrappingCheckpointIO):
         if chosen.checkpoint_io is not None:
             return False

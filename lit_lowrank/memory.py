@@ -1,9 +1,11 @@
 """Per-GPU training memory without a GPU: weights, gradients, optimizer state and adapters, for every method.
 
-The model is built on the meta device (shapes, no storage); each method's state tensors are listed with the shapes
-and dtypes its optimizer creates (checked against real optimizer steps in ``tests/test_memory.py``) and counted
-per rank under DDP (everything replicated) or FSDP2 (``fully_shard``: row shards). ``lit-lowrank memory ...``
-prints the table (:mod:`lit_lowrank.memory_cli`).
+The model is built on the meta device (shapes, no storage) and each method's real optimizer takes one step on it, so
+the state counted is the state that optimizer creates (and its ``state_bytes()`` reports); only GaLore, whose
+optional galore-torch has no ``state_bytes()``, is counted by formula. Every tensor is then counted per rank under
+DDP (everything replicated) or FSDP2 (``fully_shard``: row shards). ``tests/test_memory.py`` checks the numbers
+against real optimizer steps. ``lit-lowrank memory ...``
+prints the table (:mod:`lit_lowrank.cli.memory_command`).
 """
 from __future__ import annotations
 
@@ -221,69 +223,107 @@ def _tensors(config, method, rank, dtype, lora_targets, sharded_full, auto_class
 
 
 def _list_tensors(model: nn.Module, method: str, rank: int, lora_targets, sharded_full: bool) -> list[_Tensor]:
-    """Every per-rank tensor that ``method`` keeps for ``model``, mirroring what each optimizer allocates."""
-    from lit_lowrank.optim.state import compute_dtype
-
-    out: list[_Tensor] = []
-
-    def add(kind: str, shape, dtype: torch.dtype, sharded: bool = True, copies: int = 1) -> None:
-        out.extend([_Tensor(kind, tuple(shape), dtype.itemsize, sharded)] * copies)
-
-    adapter_methods = ("lora", "lora_pro_efficient", "lora_pro_full")
-    if method in adapter_methods:
+    """Every per-rank tensor that ``method`` keeps for the meta ``model``: its parameters and gradients, and the state
+    that the method's real optimizer creates in one step on meta tensors (shapes and dtypes, no storage)."""
+    adapter_ids: set[int] = set()
+    if method in ("lora", "lora_pro_efficient", "lora_pro_full"):
         from lit_lowrank import LoRAConfig, inject_lora
         from lit_lowrank.adapters import lora_modules
 
         with torch.device("meta"):
             inject_lora(model, LoRAConfig(r=rank, alpha=2 * rank, target_modules=lora_targets))
-        adapter_of = {id(m.lora_A): m for _, m in lora_modules(model)}
-        adapter_ids = adapter_of.keys() | {id(m.lora_B) for _, m in lora_modules(model)}
-    else:
-        adapter_of, adapter_ids = {}, set()
-    factored = _factored(model, method, rank)
-    for _, param in model.named_parameters():  # shared (tied) tensors are listed once, as optimizers see them
-        shape, dtype = tuple(param.shape), param.dtype
-        add("adapters" if id(param) in adapter_ids else "weights", shape, dtype)
-        if not param.requires_grad:
-            continue
-        add("gradients", shape, dtype)
-        if method in ("adamw", "lora"):  # torch.optim.AdamW: moments in the parameter's dtype, a float32 step
-            add("moments", shape, dtype, copies=2)
-            add("counters", (), torch.float32)
-        elif method.startswith("lora_pro"):
-            if method == "lora_pro_full" and id(param) in adapter_of:  # the m x n moments live in lora_A's state
-                m, n = adapter_of[id(param)].lora_B.shape[0], shape[1]
-                add("weight_moments", (m, n), compute_dtype(param), sharded_full, copies=2)
-            elif method == "lora_pro_efficient" or id(param) not in adapter_ids:
-                add("moments", shape, compute_dtype(param), copies=2)
-            if method == "lora_pro_efficient" or id(param) in adapter_of or id(param) not in adapter_ids:
-                add("counters", (), torch.float32, copies=2)  # step and skipped_steps (lora_B has none in full)
-        elif id(param) in factored:
-            (p, q), pairs = shape, 2 if method == "lora_pre_adam" else 1
-            if method == "galore":  # proj_type "std": project the longer side; galore's step is a Python int
-                k = min(rank, p, q)
-                add("projected", (k, q) if p >= q else (p, k), dtype, sharded=False)
-                add("projected", (p, k) if p >= q else (k, q), dtype, sharded=False, copies=2)
+        adapter_ids = {id(m.lora_A) for _, m in lora_modules(model)} | {id(m.lora_B) for _, m in lora_modules(model)}
+    out: list[_Tensor] = []
+    for param in model.parameters():  # shared (tied) tensors are listed once, as optimizers see them
+        out.append(_Tensor("adapters" if id(param) in adapter_ids else "weights", tuple(param.shape),
+                           param.dtype.itemsize, True))
+        if param.requires_grad:
+            out.append(_Tensor("gradients", tuple(param.shape), param.dtype.itemsize, True))
+    if method == "galore":
+        return out + _galore_state(model, rank)
+    optimizer = _meta_step(_build_optimizer(model, method, rank))
+    return out + _state_tensors(optimizer, sharded_full)
+
+
+def _build_optimizer(model: nn.Module, method: str, rank: int) -> torch.optim.Optimizer:
+    """The optimizer that ``method`` trains with, with its defaults (as ``tests/test_memory.py`` steps them)."""
+    if method in ("adamw", "lora"):
+        return torch.optim.AdamW([param for param in model.parameters() if param.requires_grad])
+    if method.startswith("lora_pro"):
+        from lit_lowrank.optim import LoRAPro
+
+        return LoRAPro(model, mode=method.removeprefix("lora_pro_"))
+    from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon
+
+    return (LoRAPreAdamW if method == "lora_pre_adam" else LoRAPreMuon)(model, rank=rank)
+
+
+def _meta_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` after one step on meta gradients: it creates all its state then (shapes only, instantly)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    return optimizer
+
+
+# State keys of the m x n moments of LoRA-Pro full mode (in lora_A's state); FSDP placement: lora_pro_full_sharded.
+_WEIGHT_MOMENTS = ("weight_exp_avg", "weight_exp_avg_sq")
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, sharded_full: bool) -> list[_Tensor]:
+    """``optimizer``'s state tensors, each with its FSDP2 placement, checked against ``optimizer.state_bytes()``."""
+    factor_names = getattr(optimizer, "_factor_names", ())
+    left, right = factor_names[0::2], factor_names[1::2]  # LoRA-Pre keeps (left, right) pairs: left split by rows
+    out: list[_Tensor] = []
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                continue  # Python ints (LoRA-Pre's host step counters, seeds) take no device memory
+            shape, itemsize = tuple(value.shape), value.dtype.itemsize
+            if not shape:
+                out.append(_Tensor("counters", shape, itemsize, False))
+            elif key in left or key in right:
+                out.append(_Tensor("factors", shape, itemsize, key in left))
+            elif key in _WEIGHT_MOMENTS:
+                out.append(_Tensor("weight_moments", shape, itemsize, sharded_full))
+            elif shape == tuple(param.shape):  # Adam(W) moments follow their parameter's sharding
+                out.append(_Tensor("moments", shape, itemsize, True))
             else:
-                add("factors", (p, rank), compute_dtype(dtype), copies=pairs)
-                add("factors", (rank, q), compute_dtype(dtype), sharded=False, copies=pairs)
-        else:  # the AdamW part of LoRA-Pre (float32 moments) and of GaLore (moments in the parameter's dtype)
-            add("moments", shape, dtype if method == "galore" else compute_dtype(dtype), copies=2)
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} keeps state {key!r} of shape {shape} for a parameter of shape "
+                    f"{tuple(param.shape)}, which the memory estimate cannot place under FSDP. HINT: teach "
+                    "lit_lowrank.memory._state_tensors how this tensor is sharded.")
+    if hasattr(optimizer, "state_bytes"):
+        reported, listed = optimizer.state_bytes().total, sum(tensor.bytes_per_rank(1) for tensor in out)
+        if reported != listed:
+            raise RuntimeError(f"{type(optimizer).__name__}.state_bytes() reports {reported} bytes, its state "
+                               f"tensors hold {listed}. HINT: make state_bytes() count every state tensor.")
     return out
 
 
-def _factored(model: nn.Module, method: str, rank: int) -> set[int]:
-    """ids of the matrices that LoRA-Pre / GaLore compress (the low-rank group of ``lowrank_param_groups``)."""
-    if method not in ("lora_pre_adam", "lora_pre_muon", "galore"):
-        return set()
+def _galore_state(model: nn.Module, rank: int) -> list[_Tensor]:
+    """GaLore's state by formula: galore-torch is optional and has no ``state_bytes()``; this is what its
+    ``GaLoreAdamW`` (``proj_type="std"``) allocates in a step, checked against it in ``tests/test_memory.py``.
+
+    Each matrix of the low-rank group (``lowrank_param_groups``) keeps a projection matrix of its longer side and two
+    projected moments, whole on every rank (galore projects the whole gradient; its step is a Python int). Every
+    other trainable parameter keeps two AdamW moments shaped and typed like it.
+    """
     from lit_lowrank.optim import lowrank_param_groups
 
-    groups = lowrank_param_groups(model, rank=rank)
-    matrices = [(name, param) for group in groups if group["lowrank"]
-                for name, param in zip(group["param_names"], group["params"])]
-    for name, param in matrices:
-        if method != "galore" and rank >= min(param.shape):
-            raise ValueError(
-                f"rank {rank} >= min{tuple(param.shape)} of {name}: LoRA-Pre refuses it (full_rank='error', its "
-                f"default), since such factors save nothing. HINT: use a rank below {min(param.shape)}.")
-    return {id(param) for _, param in matrices}
+    matrices = {id(param) for group in lowrank_param_groups(model, rank=rank) if group["lowrank"]
+                for param in group["params"]}
+    out: list[_Tensor] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        shape, itemsize = tuple(param.shape), param.dtype.itemsize
+        if id(param) in matrices:
+            (p, q), k = shape, min(rank, *shape)
+            projection, moment = ((k, q), (p, k)) if p >= q else ((p, k), (k, q))
+            out += [_Tensor("projected", projection, itemsize, False)]
+            out += [_Tensor("projected", moment, itemsize, False)] * 2
+        else:
+            out += [_Tensor("moments", shape, itemsize, True)] * 2
+    return out

@@ -8,9 +8,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lowrank import LoRAConfig, inject_lora, memory
 from lit_lowrank.cli import main as cli_main
+from lit_lowrank.cli.memory_command import main as memory_main
 from lit_lowrank.memory import METHODS, OptimizerState, estimate_memory
-from lit_lowrank.memory_cli import main as memory_main
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, LoRAPro, lowrank_param_groups
+from lit_lowrank.optim.state import StateBytes
 
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
@@ -50,9 +51,8 @@ def measured_state(optimizer) -> OptimizerState:
     return OptimizerState(**found)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("method", METHODS)
-def test_estimate_equals_one_real_step(method, dtype):
+def one_real_step(method, dtype):
+    """The TINY model (on CPU, with values) and ``method``'s optimizer after one training step."""
     torch.manual_seed(0)
     config = {key: value for key, value in TINY.items() if key != "model_type"}
     model = LlamaForCausalLM(LlamaConfig(**config)).to(memory.DTYPES[dtype])
@@ -60,18 +60,58 @@ def test_estimate_equals_one_real_step(method, dtype):
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
+    return model, optimizer
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_estimate_equals_one_real_step(method, dtype):
+    model, optimizer = one_real_step(method, dtype)
     estimate = estimate_memory(TINY, method, rank=RANK, dtype=dtype)
     assert estimate.optimizer_state == measured_state(optimizer)
-    if hasattr(optimizer, "state_bytes"):
-        exact, estimated = optimizer.state_bytes(), estimate.optimizer_state
-        # dense: every state tensor but LoRA-Pre's factors (LoRAPro's m x n moments and 0-d counters included)
-        assert (exact.total, exact.factors, exact.dense) == (
-            estimated.total, estimated.factors, estimated.total - estimated.factors)
     assert estimate.gradients == sum(p.grad.nbytes for p in model.parameters() if p.requires_grad)
     assert estimate.adapters == sum(p.nbytes for name, p in model.named_parameters() if ".lora_" in name)
     assert estimate.weights + estimate.adapters == sum(p.nbytes for p in model.parameters())
     assert estimate.total == estimate.weights + estimate.adapters + estimate.gradients + estimate.optimizer_state.total
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["lora_pro_efficient", "lora_pro_full", "lora_pre_adam", "lora_pre_muon"])
+def test_estimate_equals_state_bytes_of_one_real_step(method, dtype):
+    _, optimizer = one_real_step(method, dtype)
+    exact, estimated = optimizer.state_bytes(), estimate_memory(TINY, method, rank=RANK, dtype=dtype).optimizer_state
+    # dense: every state tensor but LoRA-Pre's factors (LoRAPro's m x n moments and 0-d counters included)
+    assert (exact.total, exact.factors, exact.dense) == (
+        estimated.total, estimated.factors, estimated.total - estimated.factors)
+
+
+class FakeStateOptimizer(torch.optim.SGD):
+    """One zero tensor of shape ``extra_dims + param.shape`` per parameter; ``state_bytes()`` says ``reported``."""
+
+    def __init__(self, params, extra_dims, reported):
+        super().__init__(params, lr=0.1)
+        self.extra_dims, self.reported = extra_dims, reported
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["sketch"] = torch.zeros(*self.extra_dims, *param.shape, device=param.device)
+
+    def state_bytes(self):
+        return StateBytes(total=self.reported, per_group=(self.reported,), factors=0, dense=self.reported)
+
+
+def test_state_that_cannot_be_placed_or_disagrees_with_state_bytes_is_refused():
+    def listed(extra_dims, reported):
+        layer = torch.nn.Linear(4, 2, device="meta")  # 8 + 2 float32 entries: 40 bytes of state shaped like them
+        optimizer = memory._meta_step(FakeStateOptimizer(layer.parameters(), extra_dims, reported))
+        return memory._state_tensors(optimizer, sharded_full=True)
+
+    assert [(t.kind, t.shape) for t in listed((), 40)] == [("moments", (2, 4)), ("moments", (2,))]
+    with pytest.raises(RuntimeError, match=r"'sketch' of shape \(3, 2, 4\).*HINT"):
+        listed((3,), 3 * 40)
+    with pytest.raises(RuntimeError, match="reports 41 bytes, its state tensors hold 40.*HINT"):
+        listed((), 41)
 
 
 @pytest.mark.parametrize("method", ["adamw", "lora_pre_muon"])

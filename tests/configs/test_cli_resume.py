@@ -2,12 +2,14 @@
 rate resumes with ``--resume_with_changed lr`` and then really trains with it); evaluation says which it used."""
 from pathlib import Path
 
+import lightning.fabric.plugins.io.torch_io as torch_io
 import pytest
+import torch
 import yaml
 from cli_runs import SHORT, tiny_quickstart
 
 from lit_lowrank.cli import LowRankCLI
-from lit_lowrank.cli_errors import CLIConfigError
+from lit_lowrank.cli.errors import CLIConfigError
 
 OPTIMIZER = "--model.init_args.optimizer.init_args"
 MORE_STEPS = ["--trainer.max_steps=4", "--trainer.max_epochs=3", "--test_after_fit=false"]
@@ -73,8 +75,25 @@ def test_evaluating_a_checkpoint_says_it_uses_the_checkpoints_settings(trained, 
 
 
 def test_arguments_the_checkpoint_predates_are_not_differences():
-    from lit_lowrank.cli_resume import differences
+    from lit_lowrank.cli.resume import differences
 
     command = {"_class_path": "Task", "lr": 0.1, "gradient_checkpointing": False, "lora": {"r": 8}}
     older = {"_class_path": "Task", "lr": 0.1, "lora": {"r": 4}}
     assert differences(command, older) == {"model.init_args.lora.r": (8, 4)}
+
+
+def test_the_checkpoint_is_read_once(trained, monkeypatch):
+    # the CLI compares the checkpoint's settings with the command's, then Lightning restores from the same dict
+    tmp, ckpt = trained
+    reads, load, pl_load = [], torch.load, torch_io.pl_load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, Path)):  # pl_load (counted itself) passes an open file
+            reads.append(str(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(torch_io, "pl_load", lambda path, *a, **k: reads.append(str(path)) or pl_load(path, *a, **k))
+    cli = _fit(tmp, monkeypatch, ckpt)
+    assert cli.trainer.global_step == 4 and cli.resume is not None and cli.resume.checkpoint is None
+    assert [read for read in reads if read.endswith(Path(ckpt).name)] == [ckpt]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lit_lowrank.cli.lightning_private import set_default_root_dir
+
 
 def next_version(root: Path) -> int:
     taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
@@ -37,5 +39,4 @@ class VersionedRunDir(Callback):
         self.run_dir = root / f"version_{version}"
         if trainer.is_global_zero:  # reserve the number against a run started next to this one
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Trainer has no setter for default_root_dir; log_dir and ModelCheckpoint read this attribute.
-        trainer._default_root_dir = str(self.run_dir)
+        set_default_root_dir(trainer, str(self.run_dir))
