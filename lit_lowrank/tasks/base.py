@@ -207,6 +207,6 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def _built_by_cli() -> bool:
     """True while LightningCLI instantiates the module (it then supplies the parsed config as hparams)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    from lit_lowrank.cli.lightning_private import given_hyperparameters  # Lightning's private APIs live there
 
-    return _given_hyperparameters.get() is not None
+    return given_hyperparameters() is not None
