@@ -27,7 +27,7 @@ import ctypes.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,6 +129,22 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 @contextmanager
+def _committed(staging: Path, target: Path, swap: Callable[[Path, Path], None]) -> Iterator[Path]:
+    """Yield ``staging``; when the block succeeds flush it, ``swap`` it in for ``target`` and remove leftovers of
+    earlier interrupted writes; when it fails remove ``staging`` and leave ``target`` alone."""
+    try:
+        yield staging
+        _fsync_tree(staging)
+        swap(staging, target)
+        _fsync(target.parent)  # the rename itself survives a power cut
+    except BaseException:
+        _remove(staging)
+        raise
+    for leftover in partial_siblings(target):
+        _remove(leftover)
+
+
+@contextmanager
 def replacing_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; when the block ends without error it becomes ``target``.
 
@@ -146,16 +162,8 @@ def replacing_directory(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export should look like any other folder
-    try:
-        yield staging
-        _fsync_tree(staging)
-        _swap_in(staging, target)
-        _fsync(target.parent)  # the rename itself survives a power cut
-    except BaseException:
-        _remove(staging)
-        raise
-    for leftover in partial_siblings(target):
-        _remove(leftover)
+    with _committed(staging, target, _swap_in) as path:
+        yield path
 
 
 @contextmanager
@@ -177,13 +185,5 @@ def replacing_file(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     staging = Path(name)
     staging.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
-    try:
-        yield staging
-        _fsync_tree(staging)
-        os.replace(staging, target)
-        _fsync(target.parent)  # the rename itself survives a power cut
-    except BaseException:
-        _remove(staging)
-        raise
-    for leftover in partial_siblings(target):
-        _remove(leftover)
+    with _committed(staging, target, os.replace) as path:
+        yield path

@@ -118,6 +118,27 @@ class LazyTokenizer(FollowsModel):
         return True
 
 
+class SplitLoaders:
+    """``train/val/test/predict_dataloader`` from the data module's ``_split_loader(split, shuffle=...)``.
+
+    Predict uses the test split: there is no separate predict file or folder. Labels stay in the batches, so a
+    prediction file can show them next to the predictions; ``predict_step`` does not use them. List it before the
+    LightningDataModule base, whose hooks it replaces.
+    """
+
+    def train_dataloader(self):
+        return self._split_loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._split_loader("validation")
+
+    def test_dataloader(self):
+        return self._split_loader("test")
+
+    def predict_dataloader(self):
+        return self._split_loader("test")
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A random order drawn from ``seed + epoch``: new every epoch, and the same for epoch k whether or not the
     run was interrupted before it (the Trainer calls ``set_epoch``; a resumed run continues with the right order).

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
-from lit_lowrank.data.common import SeededDataModule
+from lit_lowrank.data.common import SeededDataModule, SplitLoaders
 from lit_lowrank.data.from_model import FollowsModel, choose_image_preprocessing
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class ImageSamples(Dataset):
         return {"images": self.transform(default_loader(path)), "labels": label}
 
 
-class ClassificationLoaders(FollowsModel, SeededDataModule):
+class ClassificationLoaders(SplitLoaders, FollowsModel, SeededDataModule):
     """train/val/test/predict loaders over ``self.datasets`` (filled by ``setup``), and the image preprocessing
     of the model's backbone."""
 
@@ -79,20 +79,6 @@ class ClassificationLoaders(FollowsModel, SeededDataModule):
             raise RuntimeError(f"{type(self).__name__} has no {split} split (predict uses the test split too). "
                                f"HINT: set data.init_args.{key}_dir (ImageFolder) or {key}_file (image-text pairs)")
         return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._split_loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._split_loader("validation")
-
-    def test_dataloader(self):
-        return self._split_loader("test")
-
-    def predict_dataloader(self):
-        """The test split: there is no separate predict folder/file. Labels stay in the batches, so the
-        prediction file can show them next to the predictions; ``predict_step`` does not use them."""
-        return self._split_loader("test")
 
     def predict_inputs(self) -> list[str]:
         """What each predict example is, in loader order: its image path, or its position when it has none."""

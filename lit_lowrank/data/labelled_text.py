@@ -10,6 +10,7 @@ from lit_lowrank.data.common import (
     LazyTokenizer,
     ListDataset,
     SeededDataModule,
+    SplitLoaders,
     column,
     label_ids,
     label_vocabulary,
@@ -38,7 +39,7 @@ class TokenizeCollator:
         return batch
 
 
-class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
+class _ClassificationDataModule(SplitLoaders, LazyTokenizer, SeededDataModule):
     """Loaders and tokenizer shared by the text classification DataModules (subclasses fill ``self.splits``)."""
 
     def __init__(self, tokenizer: str | None, max_length: int, batch_size: int, num_workers: int, seed: int) -> None:
@@ -68,20 +69,6 @@ class _ClassificationDataModule(LazyTokenizer, SeededDataModule):
             raise RuntimeError(f"{type(self).__name__} has no {split} split (predict uses the test split too). "
                                "HINT: set data.init_args.test_file")
         return self.splits[split]
-
-    def train_dataloader(self):
-        return self._split_loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._split_loader("validation")
-
-    def test_dataloader(self):
-        return self._split_loader("test")
-
-    def predict_dataloader(self):
-        """The test split: there is no separate predict file. Labels stay in the batches, so the prediction file
-        can show them next to the predictions; ``predict_step`` does not use them."""
-        return self._split_loader("test")
 
     def predict_inputs(self) -> list[str]:
         """The text of each predict example, in loader order (for :class:`~lit_lowrank.callbacks.PredictionWriter`)."""
