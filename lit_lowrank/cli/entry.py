@@ -6,6 +6,7 @@ import sys
 from lit_lowrank.checkpoint_io import DamagedCheckpointError
 from lit_lowrank.cli.app import LowRankCLI
 from lit_lowrank.cli.errors import CLIConfigError, report
+from lit_lowrank.errors import ConfigurationError
 
 
 def main(args: list | None = None) -> None:
@@ -30,7 +31,7 @@ def main(args: list | None = None) -> None:
         sys.exit(memory_main(argv[1:]))
     try:
         LowRankCLI(args=args)
-    except (CLIConfigError, DamagedCheckpointError) as error:
+    except (CLIConfigError, ConfigurationError, DamagedCheckpointError) as error:
         report(error)
         sys.exit(2)
     close_process_group()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_lowrank.data.tokenizer_match import tokenizer_differences, tokenizer_name
+from lit_lowrank.errors import ConfigurationError
 
 if TYPE_CHECKING:  # the backbones package imports transformers, timm and open_clip: only when needed
     from lit_lowrank.backbones.image_preprocessing import ImagePreprocessing
@@ -69,7 +70,7 @@ def choose_tokenizer(model: Any | None, requested: str | None, load: Callable[[s
     if own is not None:
         problems = tokenizer_differences(chosen, own)
         if problems:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{option}={requested!r} is not the tokenizer of the model's backbone ({tokenizer_name(own)}): "
                 f"{'; '.join(problems)}. The model reads its own tokenizer's ids. HINT: leave {option} unset (null): "
                 f"the backbone's tokenizer is then used; or build the backbone with this one "
@@ -83,7 +84,7 @@ def _check_not_foreign_to_pretrained(model: Any | None, chosen: Any, option: str
     source = getattr(getattr(getattr(model, "model", None), "config", None), "name_or_path", None)
     if not source or _loaded_from(chosen, source):
         return
-    raise ValueError(
+    raise ConfigurationError(
         f"the model was loaded pretrained from {source!r}, but its backbone has no tokenizer (tokenizer: false) and "
         f"{option} is not set: the data would be tokenised with the fallback {tokenizer_name(chosen)}, whose ids "
         f"mean nothing to it. HINT: drop `tokenizer: false` from {BACKBONE_TOKENIZER.rsplit('.', 1)[0]} (the "
@@ -114,7 +115,7 @@ def choose_image_preprocessing(model: Any | None, fallback: ImagePreprocessing, 
     base = own if isinstance(own, ImagePreprocessing) else fallback
     height, width = base.input_size
     if image_size is not None and base.fixed_size and (image_size, image_size) != (height, width):
-        raise ValueError(
+        raise ConfigurationError(
             f"data.init_args.image_size={image_size}, but {base.model_name} takes {height}x{width} images only (its "
             f"patch grid is fixed). HINT: leave data.init_args.image_size unset: the backbone's size {height} is then "
             f"used; or build the model for {image_size} (timm: model.init_args.backbone.init_args.img_size: "
