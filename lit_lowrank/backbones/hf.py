@@ -9,6 +9,7 @@ from typing import Any
 import transformers
 
 from lit_lowrank.backbones.base import Backbone, unreachable
+from lit_lowrank.backbones.gguf import as_plain_model, gguf_load_kwargs
 
 #: Default LoRA targets by ``config.model_type`` (the projections LoRA papers adapt).
 DEFAULT_TARGETS: dict[str, list] = {
@@ -46,6 +47,7 @@ def transformers_backbone(
     tokenizer: bool | str = True,
     model_kwargs: dict[str, Any] | None = None,
     quantization_config: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
 ) -> Backbone:
     """A transformers model with its tokenizer and default LoRA targets.
 
@@ -62,6 +64,10 @@ def transformers_backbone(
             ``{"load_in_8bit": true}``: the fields of transformers' ``BitsAndBytesConfig`` (a dict with another
             ``quant_method`` goes to ``from_pretrained`` as it is). Needs ``name_or_path``. Adapters on quantized
             layers train in fp32; :func:`lit_lowrank.export_merged` writes the dequantized, merged model.
+        gguf_file: a ``.gguf`` file in the folder ``name_or_path``: weights (de-quantised to ``model_kwargs``'
+            ``dtype``, float32 by default), config, tokenizer and chat template all come from it (needs the ``gguf``
+            package). :func:`lit_lowrank.backbones.gguf.packaged_gguf` gives ``(folder, file)`` of the pip-installed
+            SmolLM2-135M-Instruct. The model saves and exports as a plain transformers model.
 
     Example:
         >>> bb = transformers_backbone(config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
@@ -76,6 +82,11 @@ def transformers_backbone(
         raise ValueError(f"unknown transformers auto class {auto_class!r}; e.g. AutoModelForCausalLM, "
                          "AutoModelForSequenceClassification, AutoModel")
     kwargs = dict(model_kwargs or {})
+    if gguf_file is not None:
+        if name_or_path is None or quantization_config is not None:
+            raise ValueError("gguf_file is a file in the folder name_or_path, and is loaded de-quantised. HINT: pass "
+                             "name_or_path=<folder> with gguf_file, and no quantization_config.")
+        kwargs.update(gguf_load_kwargs(resolve_name(name_or_path), gguf_file))
     if quantization_config is not None:
         kwargs["quantization_config"] = _quantization(quantization_config)
     if name_or_path is None and "quantization_config" in kwargs:
@@ -92,12 +103,14 @@ def transformers_backbone(
     else:
         path = resolve_name(name_or_path)
         model = _from_pretrained(model_cls, path, name_or_path, {**kwargs, **(config or {})})
+        model = as_plain_model(model) if gguf_file is not None else model
     tok = None
     if tokenizer:
         tok_source = name_or_path if tokenizer is True else tokenizer
         if tok_source is None:
             raise ValueError("tokenizer=True needs name_or_path; pass tokenizer=<name or folder> or tokenizer=False")
-        tok = _from_pretrained(transformers.AutoTokenizer, resolve_name(tok_source), tok_source, {})
+        tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None and tokenizer is True else {}
+        tok = _from_pretrained(transformers.AutoTokenizer, resolve_name(tok_source), tok_source, tok_kwargs)
     return Backbone(model, DEFAULT_TARGETS.get(model.config.model_type, "all-linear"), tokenizer=tok)
 
 
