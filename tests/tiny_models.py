@@ -7,6 +7,20 @@ from __future__ import annotations
 import torch
 
 
+def with_random_adapters(model, targets="all-linear", seed: int = 0):
+    """``model`` with rank-4 adapters (and any other trainable tensor) drawn from ``seed``, B not zero, so that a
+    delta counted twice or lost shows in the outputs; two seeds give two different adapters over the same base."""
+    from lit_lowrank import LoRAConfig, inject_lora
+
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
 def tiny_llama(vocab_size: int = 128, layers: int = 2, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 

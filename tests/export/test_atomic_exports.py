@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import transformers.modeling_utils
-from tiny_models import _tokens, tiny_llama, tiny_vit
+from tiny_models import _tokens, tiny_llama, tiny_vit, with_random_adapters
 from transformers import AutoModelForCausalLM
 
 import lit_lowrank.adapters.peft_io
@@ -22,21 +22,11 @@ peft = pytest.importorskip("peft")
 IDS = _tokens()
 
 
-def adapted(model, seed, targets="all-linear"):
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llamas():
     """A base and two differently adapted copies of it, told apart by their outputs."""
     base = tiny_llama().eval()
-    return base, adapted(copy.deepcopy(base), seed=1), adapted(copy.deepcopy(base), seed=2)
+    return base, with_random_adapters(copy.deepcopy(base), seed=1), with_random_adapters(copy.deepcopy(base), seed=2)
 
 
 def logits(model):
@@ -150,7 +140,7 @@ def test_a_failed_state_dict_export_leaves_the_previous_one(tmp_path, monkeypatc
     from safetensors.torch import load_file
 
     base = tiny_vit().eval()
-    first, second = (adapted(copy.deepcopy(base), seed, ["qkv", "fc1"]) for seed in (1, 2))
+    first, second = (with_random_adapters(copy.deepcopy(base), ["qkv", "fc1"], seed) for seed in (1, 2))
     export_merged(first, tmp_path / "out")
     monkeypatch.setattr(lit_lowrank.export, "save_file", half_then_disk_full(lit_lowrank.export.save_file))
     with pytest.raises(OSError, match="No space left"):

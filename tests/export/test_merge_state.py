@@ -6,26 +6,15 @@ import copy
 import open_clip
 import pytest
 import torch
-from tiny_models import _tokens, tiny_clip, tiny_llama
+from tiny_models import _tokens, tiny_clip, tiny_llama, with_random_adapters
 from transformers import AutoModelForCausalLM
 
-from lit_lowrank import LoRAConfig, export_merged, inject_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
+from lit_lowrank import export_merged, load_adapter, merge_lora, save_adapter, unmerge_lora
 from lit_lowrank.adapters import LoRALinear, LoRAMultiheadAttention
 from lit_lowrank.export import MODEL_FILE
 
 peft = pytest.importorskip("peft")
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-def adapted(model, targets="all-linear", seed=0):
-    """``model`` with random adapters (B not zero), so that counting a delta twice shows in the outputs."""
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def logits(model, ids):
@@ -44,7 +33,7 @@ def wrappers(model):
 
 @pytest.mark.parametrize("merged", ["all", "one layer"])
 def test_the_export_of_a_merged_transformers_model_equals_it(tmp_path, merged):
-    model, ids = adapted(tiny_llama()), _tokens()
+    model, ids = with_random_adapters(tiny_llama()), _tokens()
     expected = logits(model, ids)  # the adapters computed on the side, nothing merged yet
     if merged == "all":
         merge_lora(model)
@@ -57,7 +46,7 @@ def test_the_export_of_a_merged_transformers_model_equals_it(tmp_path, merged):
 
 
 def test_the_export_of_a_merged_attention_model_equals_it(tmp_path):
-    model = adapted(tiny_clip(), CLIP_TARGETS)
+    model = with_random_adapters(tiny_clip(), CLIP_TARGETS)
     images, texts = torch.randn(2, 3, 32, 32), _tokens(1000, 2, 16)
     expected = clip_features(model, images, texts)
     merge_lora(model)
@@ -70,10 +59,10 @@ def test_the_export_of_a_merged_attention_model_equals_it(tmp_path):
 
 def test_load_adapter_into_a_merged_model_computes_the_loaded_adapter(tmp_path):
     base, ids = tiny_llama(), _tokens()
-    save_adapter(adapted(copy.deepcopy(base), seed=1), tmp_path / "adapter")
+    save_adapter(with_random_adapters(copy.deepcopy(base), seed=1), tmp_path / "adapter")
     expected = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval(), ids)
 
-    model = merge_lora(adapted(copy.deepcopy(base), seed=2))  # other adapters, merged
+    model = merge_lora(with_random_adapters(copy.deepcopy(base), seed=2))  # other adapters, merged
     load_adapter(model, tmp_path / "adapter")
     assert all(wrapper.merged for wrapper in wrappers(model))  # still merged: forward uses the base weights only
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
@@ -89,11 +78,11 @@ def test_load_adapter_into_a_merged_model_computes_the_loaded_adapter(tmp_path):
 def test_load_adapter_into_merged_attention_adapters(tmp_path):
     base = tiny_clip()
     images, texts = torch.randn(2, 3, 32, 32), _tokens(1000, 2, 16)
-    source = adapted(copy.deepcopy(base), CLIP_TARGETS, seed=1)
+    source = with_random_adapters(copy.deepcopy(base), CLIP_TARGETS, seed=1)
     save_adapter(source, tmp_path / "adapter")
     expected = clip_features(source, images, texts)
 
-    model = merge_lora(adapted(copy.deepcopy(base), CLIP_TARGETS, seed=2))
+    model = merge_lora(with_random_adapters(copy.deepcopy(base), CLIP_TARGETS, seed=2))
     load_adapter(model, tmp_path / "adapter")
     torch.testing.assert_close(clip_features(model, images, texts), expected, rtol=1e-5, atol=1e-5)
     unmerge_lora(model)
