@@ -2,32 +2,10 @@
 torch's size mismatch (Lightning loads the model's weights before it restores callbacks)."""
 import lightning as L
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from tiny_lightning import Regressor, regression_loader
 
 from lit_lowrank import LoRAConfig
 from lit_lowrank.callbacks import LoRAAdapters
-
-
-class Regressor(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-    def test_step(self, batch, batch_idx):
-        self.log("test_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
-
-
-def _loader():
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
 
 
 def _trainer(root, rank, steps):
@@ -40,7 +18,7 @@ def _trainer(root, rank, steps):
 @pytest.fixture
 def rank_2_checkpoint(tmp_path):
     trainer = _trainer(tmp_path / "first", rank=2, steps=4)
-    trainer.fit(Regressor(), _loader())
+    trainer.fit(Regressor(), regression_loader())
     trainer.save_checkpoint(tmp_path / "rank2.ckpt")
     return tmp_path / "rank2.ckpt"
 
@@ -52,17 +30,18 @@ EXPECTED = (r"checkpoint's adapters have rank 2 \(net\.0\.lora_A: 2 x 4\), this 
 def test_fit_resumed_at_another_rank_names_both_ranks(tmp_path, rank_2_checkpoint):
     module = Regressor()
     with pytest.raises(ValueError, match=EXPECTED):  # torch's size mismatch is a RuntimeError
-        _trainer(tmp_path / "resumed", rank=4, steps=8).fit(module, _loader(), ckpt_path=rank_2_checkpoint)
+        _trainer(tmp_path / "resumed", rank=4, steps=8).fit(module, regression_loader(), ckpt_path=rank_2_checkpoint)
     # The check is gone with the trainer: a later load_state_dict meets torch's own rules again.
     assert not module._load_state_dict_pre_hooks
 
 
 def test_test_from_a_checkpoint_of_another_rank_too(tmp_path, rank_2_checkpoint):
     with pytest.raises(ValueError, match=EXPECTED):
-        _trainer(tmp_path / "tested", rank=4, steps=8).test(Regressor(), _loader(), ckpt_path=rank_2_checkpoint)
+        trainer = _trainer(tmp_path / "tested", rank=4, steps=8)
+        trainer.test(Regressor(), regression_loader(), ckpt_path=rank_2_checkpoint)
 
 
 def test_the_same_rank_resumes(tmp_path, rank_2_checkpoint):
     trainer = _trainer(tmp_path / "resumed", rank=2, steps=8)
-    trainer.fit(Regressor(), _loader(), ckpt_path=rank_2_checkpoint)
+    trainer.fit(Regressor(), regression_loader(), ckpt_path=rank_2_checkpoint)
     assert trainer.global_step == 8

@@ -3,9 +3,7 @@ import dataclasses
 
 import lightning as L
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from tiny_lightning import Regressor, regression_loader
 
 from lit_lowrank import LoRAConfig
 from lit_lowrank.callbacks import LoRAAdapters
@@ -13,25 +11,11 @@ from lit_lowrank.callbacks import LoRAAdapters
 CONFIG = LoRAConfig(r=2, alpha=4, target_modules=["0", "2"], exclude_modules=None, modules_to_save=["4"])
 
 
-class Regressor(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
-
-
 def _fit(root, callback, ckpt_path=None, steps=4):  # 4 steps: one epoch
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
                         default_root_dir=root, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(Regressor(), loader, ckpt_path=ckpt_path)
+    trainer.fit(Regressor(), regression_loader(), ckpt_path=ckpt_path)
     return trainer
 
 
