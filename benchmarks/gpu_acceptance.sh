@@ -12,6 +12,9 @@
 #   fit_bf16_true   the same in bf16-true
 #   fsdp_smoke      configs/pretrain_lora_pre.yaml + configs/strategy/fsdp.yaml (FSDP2 on 1 GPU; LoRA-Pre's
 #                   sharded kernel path, lora_pre_adam), bf16-mixed, 30 steps
+#   launch_count    the CUDA kernels of one LoRAPreAdamW(use_triton=True).step() for models of L = 4 and L = 16
+#                   same-shape matrices (torch.profiler): printed per step, failed if they grow with L (the step is
+#                   batched: one launch per pass and batch) or the LoRA-Pre passes did not run as Triton kernels
 #   kernels_gpu     benchmarks/kernels_gpu.py on one ragged Llama-1B shape (timings, errors against torch)
 # The fits go through benchmarks/gpu_acceptance_fit.py: a fit fails if its kernel never launched, fell back to
 # torch or failed its self-check. OUT/summary.md says PASS/FAIL per stage; the exit status is 1 if any failed.
@@ -106,13 +109,15 @@ fit() {  # fit NAME CAP EXPECTED_KERNEL CONFIGS... [-- EXTRA ARGS]
 QUICK=(--config "$REPO/configs/quickstart.yaml" --model.init_args.optimizer.init_args.mode full
        --trainer.limit_test_batches 4)
 
-run_stage kernel_tests 180 "$REPO" bash -c kernel_tests
+run_stage kernel_tests 160 "$REPO" bash -c kernel_tests
 fit fit_bf16_mixed 90 lora_pro_full "${QUICK[@]}" --config "$REPO/configs/precision/bf16-mixed.yaml"
 fit fit_bf16_true 60 lora_pro_full "${QUICK[@]}" --config "$REPO/configs/precision/bf16-true.yaml"
 fit fsdp_smoke 90 lora_pre_adam --config "$REPO/configs/pretrain_lora_pre.yaml" \
     --config "$REPO/configs/strategy/fsdp.yaml" --config "$REPO/configs/precision/bf16-mixed.yaml" \
     --trainer.strategy.init_args.data_parallel_size 1 --trainer.val_check_interval 15
-run_stage kernels_gpu 150 "$REPO" "$PY" benchmarks/kernels_gpu.py --out "$OUT/kernels_gpu" \
+run_stage launch_count 40 "$REPO" "$PY" benchmarks/gpu_acceptance_fit.py --launch-counts 4 16
+grep -E "^(launches per step|FAILED)" "$OUT/launch_count.log" 2>/dev/null | sed 's/^/    /'
+run_stage kernels_gpu 130 "$REPO" "$PY" benchmarks/kernels_gpu.py --out "$OUT/kernels_gpu" \
     --shapes 2048x5461 --ranks 16 128 --repeats 20 --warmup 3
 
 {

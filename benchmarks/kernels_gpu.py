@@ -9,12 +9,13 @@ Rows (one per kernel, shape, rank and adapter dtype; L layers of the shape per s
 - ``lora_pro_full_torch``: the same update on the torch reference path (``use_triton=False``).
 - ``adamw_fused`` with dtype bfloat16: ``AdamW(fused=True)`` on bf16 parameters (bf16 moments: torch's fused
   AdamW keeps state in the parameters' dtype); the baseline of the bf16 LoRA-Pre rows.
-- ``lora_pre_adam_step``: a whole LoRA-Pre Adam step of L p x q parameters of ``dtype`` (fp32 factors),
-  ``lora_pre_adam_update_(use_triton=True)``: damped pseudo-inverses and factor updates in torch, the p x q work
-  in the two passes of ``lit_lowrank.kernels.lora_pre_adam`` (fp32 dots as ``tf32x3``); ``..._tf32``: the same
-  with plain tf32 dots; ``lora_pre_adam_passes``: the two kernel passes alone (pseudo-inverses precomputed), i.e.
-  what is left when the small torch ops cost nothing (CUDA graphs, or a multi-tensor glue); ``lora_pre_adam_torch``:
-  the torch reference (``use_triton=False``).
+- ``lora_pre_adam_step``: a whole LoRA-Pre Adam step of a batch of L p x q parameters of ``dtype`` (fp32
+  factors), ``lora_pre_adam_step_(use_triton=True)`` as the optimizer runs it on a GPU (step counts and skip flags
+  on the device, nothing read on the host): two batched damped pseudo-inverses and the factor updates in torch,
+  the p x q work in the two batched passes of ``lit_lowrank.kernels.lora_pre_adam`` (fp32 dots as ``tf32x3``; one
+  launch per pass whatever L is); ``lora_pre_adam_torch``: the same step on the torch backend
+  (``use_triton=False``); ``lora_pre_adam_passes``: the two kernel passes alone (pseudo-inverses precomputed), i.e.
+  what is left when the small torch ops cost nothing (CUDA graphs); ``..._tf32``: the same with plain tf32 dots.
 
 ``dtype`` is the adapters' dtype: the factors are rounded to it, then converted to fp32 as the optimizer
 does before these calls (state is fp32 either way), so it changes values, not the work.
@@ -31,10 +32,11 @@ whatever the L2 misses of the factors' re-reads cost. ``ratio`` divides by the f
 and, for LoRA-Pre, of the same parameter dtype (fp32 otherwise). ``% peak`` divides GB/s by the HBM bandwidth from
 NVIDIA's datasheets (``PEAK_GBPS``; ``--peak-gbps`` overrides). ``max rel err`` compares the kernel's
 new moments with the torch reference on the same inputs (fp32 ``tf32x3`` dots on NVIDIA); for LoRA-Pre, the
-step's parameter displacement and new factors against the torch path's after one step from the same state.
-The dispatcher's self-check (``lit_lowrank.kernels.dispatch``, on by default on GPUs) also runs once per shape,
-rank and dtype through ``use_triton=True``; its verdicts are printed and written at the end, and the script exits 1
-if one failed (the fused calls timed above bypass the dispatcher, so they time the kernel even then).
+parameters' displacements and new factors (step rows), or the passes' outputs (pass rows), against the torch
+backend's from the same state. The dispatcher's self-check (``lit_lowrank.kernels.dispatch``, on by default on
+GPUs) runs once per key through ``use_triton=True``; its verdicts are printed and written at the end, and the
+script exits 1 if one failed (the LoRA-Pro kernel rows and the LoRA-Pre pass rows bypass the dispatcher, so they
+time the kernels even then; a LoRA-Pre step row whose check failed would time torch).
 
 Adding a kernel: write ``bench_<name>(shape, r, dtype, args) -> list[Row]`` and append it to ``BENCHES``; the
 table, CSV and ratio column pick it up.
@@ -48,6 +50,7 @@ present" and exits 0 without writing anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -235,76 +238,88 @@ def lora_pre_inputs(shape, r, dtype, layers, seed=0):
     return params, grads, factors
 
 
+def max_rel_err(pairs) -> float:
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)) for a, b in pairs)
+
+
 def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
     from lit_lowrank.kernels import lora_pre_adam
-    from lit_lowrank.optim.lora_pre.adam_scalars import adam_step_constants
-    from lit_lowrank.optim.lora_pre.adam_update import damped_pinv_pair, lora_pre_adam_update_
+    from lit_lowrank.optim.lora_pre.adam_passes import AdamHyper
+    from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_step_
+    from lit_lowrank.optim.lora_pre.batch import MatrixBatch
     from lit_lowrank.optim.lora_pre.factors import Workspace
 
     m, n = shape
     L = args.layers
     params, grads, factors = lora_pre_inputs(shape, r, dtype, L)
-    hyper = dict(step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scale=0.25, damping=1e-6,
-                 factor_update="alternating", debias_second_moment=False)
+    hyper = AdamHyper(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scale=0.25, damping=1e-6,
+                      factor_update="alternating", debias_second_moment=False)
     size = params[0].element_size()
     essential = L * ((2 * size + 2 * grads[0].element_size()) * m * n + 4.0 * 12 * (m + n) * r)
     tag, dtype_name = f"{m}x{n}", str(dtype).replace("torch.", "")
-    workspace = Workspace()
 
-    def fused(i, param, factor_list, precision=None):
-        lora_pre_adam.lora_pre_adam_update_(param, grads[i], *factor_list, workspace=workspace, precision=precision,
-                                            **hyper)
+    def batch_of(params, factors, workspace):  # the device-side skip, as LoRAPreAdamW steps on a GPU
+        steps, oks = torch.full((L,), 10.0, device=DEVICE), torch.ones(L, dtype=torch.bool, device=DEVICE)
+        return MatrixBatch.gather(params, grads, factors, step=steps, ok=oks, workspace=workspace)
 
-    def reference(i, param, factor_list):
-        lora_pre_adam_update_(param, grads[i], *factor_list, chunk_rows=m, workspace=workspace, use_triton=False,
-                              **hyper)
+    def step_error() -> float:
+        """Parameters' displacements and new factors, kernel vs torch backend, one step from the same state."""
+        after = {}
+        for use_triton in (True, False):
+            copies, workspace = [W.clone() for W in params], Workspace()
+            batch = batch_of(copies, [[f.clone() for f in matrix] for matrix in factors], workspace)
+            lora_pre_adam_step_(batch, hyper, workspace, use_triton)
+            after[use_triton] = [*(W.float() - W0.float() for W, W0 in zip(copies, params)), batch.left, batch.right]
+        return max_rel_err(zip(after[True], after[False]))
 
-    def error(precision):
-        """Max relative error of the parameter's displacement and of the new factors, kernel vs torch, one step."""
-        mine = (params[0].clone(), [f.clone() for f in factors[0]])
-        ref = (params[0].clone(), [f.clone() for f in factors[0]])
-        fused(0, mine[0], mine[1], precision)
-        reference(0, ref[0], ref[1])
-        pairs = [(mine[0].float() - params[0].float(), ref[0].float() - params[0].float()), *zip(mine[1], ref[1])]
-        return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in pairs)
-
-    # The dispatcher's path once, on copies: its self-check at this shape (reported by main()).
-    lora_pre_adam_update_(params[0].clone(), grads[0], *[f.clone() for f in factors[0]], chunk_rows=m,
-                          workspace=Workspace(), use_triton=True, **hyper)
     rows = []
-    for name, precision in (("lora_pre_adam_step", None), ("lora_pre_adam_step_tf32", "tf32")):
-        err = error(precision)
-
-        def step(precision=precision):
-            for i in range(L):
-                fused(i, params[i], factors[i], precision)
-
-        ms = cuda_ms(step, args.warmup, args.repeats)
+    for name, use_triton in (("lora_pre_adam_step", True), ("lora_pre_adam_torch", False)):
+        err = step_error() if use_triton else float("nan")  # also the dispatcher's self-check at this key
+        workspace = Workspace()
+        batch = batch_of(params, factors, workspace)
+        ms = cuda_ms(lambda: lora_pre_adam_step_(batch, hyper, workspace, use_triton), args.warmup, args.repeats)
         rows.append(Row(name, tag, r, dtype_name, L, ms, essential, max_rel_err=err,
+                        config=pre_config(lora_pre_adam, r) if use_triton else "", baseline_dtype=dtype_name))
+    rows += bench_lora_pre_passes(batch, hyper, essential, tag, r, dtype_name, args)
+    return rows
+
+
+def bench_lora_pre_passes(batch, hyper, essential, tag, r, dtype_name, args) -> list[Row]:
+    """The two batched kernel passes alone, from precomputed pseudo-inverses, against the torch backend's passes."""
+    from lit_lowrank.kernels import lora_pre_adam
+    from lit_lowrank.optim.lora_pre.adam_passes import TorchAdamPasses
+    from lit_lowrank.optim.lora_pre.adam_scalars import adam_rates, adam_step_constants
+    from lit_lowrank.optim.lora_pre.batch import stacked_pinvs
+    from lit_lowrank.optim.lora_pre.factors import Workspace
+
+    workspace = Workspace()
+    right_pinvs = stacked_pinvs(batch.right, "right_pinv", hyper.damping, workspace).clone()
+    left_pinvs = stacked_pinvs(batch.left.mT, "left_pinv", hyper.damping, workspace).clone()
+    c = adam_step_constants(step=10, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                            scale=hyper.scale, debias_second_moment=hyper.debias_second_moment)  # the default bound
+    options = dict(kappa=adam_rates(hyper.beta1, hyper.beta2)[0], decay=1.0 - hyper.lr * hyper.weight_decay,
+                   host_scalars=(c.rho, c.step_size, c.eps_hat, c.floor), scratch=workspace.get)
+
+    def passes(params, precision):
+        left = lora_pre_adam.first_pass(params, batch.grads, batch.left, batch.right, right_pinvs,
+                                        precision=precision, **options)
+        return left, lora_pre_adam.second_pass(batch.grads, left_pinvs, precision=precision,
+                                               scratch=workspace.get)
+
+    def error(precision) -> float:
+        mine, ref = [W.clone() for W in batch.params], [W.clone() for W in batch.params]
+        got = [t.clone() for t in passes(mine, precision)]
+        torch_passes = TorchAdamPasses(dataclasses.replace(batch, params=ref), hyper, Workspace())
+        want = [torch_passes.first_pass(right_pinvs), torch_passes.second_pass(left_pinvs)]
+        moved = [(a.float() - W.float(), b.float() - W.float()) for a, b, W in zip(mine, ref, batch.params)]
+        return max_rel_err([*moved, *zip(got, want)])
+
+    rows = []
+    for name, precision in (("lora_pre_adam_passes", None), ("lora_pre_adam_passes_tf32", "tf32")):
+        err = error(precision)
+        ms = cuda_ms(lambda: passes(batch.params, precision), args.warmup, args.repeats)
+        rows.append(Row(name, tag, r, dtype_name, batch.size, ms, essential, max_rel_err=err,
                         config=pre_config(lora_pre_adam, r), baseline_dtype=dtype_name))
-
-    # The two passes alone, from precomputed pseudo-inverses (the torch glue's small ops excluded).
-    c = adam_step_constants(step=hyper["step"], lr=hyper["lr"], beta1=0.9, beta2=0.999, eps=1e-8, scale=0.25,
-                            debias_second_moment=False)
-    pinvs = [(damped_pinv_pair(A, V_A, "right", 1e-6, Workspace()).clone(),
-              damped_pinv_pair(B.T, V_B.T, "left", 1e-6, Workspace()).clone()) for B, A, V_B, V_A in factors]
-
-    def passes():
-        for i in range(L):
-            lora_pre_adam.first_pass(params[i], grads[i], *factors[i], pinvs[i][0], kappa=c.kappa, rho=c.rho,
-                                     step_size=c.step_size, eps_hat=c.eps_hat, decay=1.0 - 1e-6, workspace=workspace,
-                                     floor=c.floor)  # the default update bound, as in the steps above
-            lora_pre_adam.second_pass(grads[i], pinvs[i][1], workspace=workspace)
-
-    ms = cuda_ms(passes, args.warmup, args.repeats)
-    rows.append(Row("lora_pre_adam_passes", tag, r, dtype_name, L, ms, essential, baseline_dtype=dtype_name))
-
-    def torch_step():
-        for i in range(L):
-            reference(i, params[i], factors[i])
-
-    ms = cuda_ms(torch_step, args.warmup, args.repeats)
-    rows.append(Row("lora_pre_adam_torch", tag, r, dtype_name, L, ms, essential, baseline_dtype=dtype_name))
     return rows
 
 

@@ -340,7 +340,8 @@ def pretrain_setting(args) -> Setting:
     dm = quality.data_module(args.smoke, 0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    methods = quality.cost_methods()
+    # full-rank Muon (torch.optim.Muon + AdamW): the reference LoRA-Pre Muon's step is compared with
+    methods = quality.cost_methods() + [method for method in ("muon",) if quality.installed(method)]
     models, optimizers, labels = {}, {}, {}
     for method in methods + (["galore_svd"] if "galore" in methods else []):
         kind = "galore" if method == "galore_svd" else method

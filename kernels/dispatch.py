@@ -18,11 +18,11 @@ A kernel module is a file next to this one that imports triton at its top and de
 Tests set ``TRITON_INTERPRET=1`` before importing it (``tests/kernels/conftest.py``); see
 :func:`built_by_interpreter` for kernels that call ``tl.sum``-like helpers.
 
-Both optimizers wire their kernel the same way: one private function beside the torch path in their update
-module (``_kernel_step`` in ``lit_lowrank.optim.lora_pre.adam_update``, ``_kernel_projections`` in
-``lit_lowrank.optim.lora_pro.update``) that checks eligibility with :func:`should_use_kernel`, defines the
-``launch`` and its torch ``reference``, keys a :class:`SelfCheck` and calls :func:`run_with_fallback`; it returns None
-(``_kernel_step``: False) when the torch path must run. Its shape::
+Both optimizers wire their kernels the same way, in ``lit_lowrank.optim`` (kernel modules import nothing from it):
+a function beside the torch path (``kernel_passes`` in ``lit_lowrank.optim.lora_pre.adam_kernel``, one
+:func:`run_with_fallback` per pass of a batch; ``_kernel_projections`` in ``lit_lowrank.optim.lora_pro.update``)
+checks eligibility with :func:`should_use_kernel`, defines the ``launch`` and its torch ``reference``, keys a
+:class:`SelfCheck` and calls :func:`run_with_fallback`; it returns None when the torch path must run. Its shape::
 
     def _kernel_update(use_triton, x, state):
         if not should_use_kernel(use_triton, x, state, kernel=KERNEL):
@@ -31,8 +31,9 @@ module (``_kernel_step`` in ``lit_lowrank.optim.lora_pre.adam_update``, ``_kerne
                           reference=lambda copies: torch_update(x, copies[0]), names=["state"])
         return run_with_fallback(KERNEL, lambda kernel: kernel.fused_update(x, state), check=check)
 
-A kernel of more than one launch that writes its inputs passes ``undo=`` (the tensors to restore if a later
-launch fails to compile), as ``lora_pre_adam``'s two-pass step does.
+A launch that writes its inputs and can fail after writing (several kernels in one launch function) passes
+``undo=``: the tensors to restore if it fails to compile. LoRA-Pre Adam's two passes are dispatched one by one
+instead: only the first writes, and a failure of the second hands that pass, which writes nothing, to torch.
 
 Launches must stay free of host syncs (no ``.item()``, grid sizes from shapes only) so a step can be
 captured in a CUDA graph once the kernel has been compiled and autotuned by a first, uncaptured call.
@@ -78,6 +79,7 @@ __all__ = [
     "should_use_kernel",
     "triton_available",
     "validate_use_triton",
+    "verified",
 ]
 
 UseTriton = str | bool
@@ -417,6 +419,11 @@ def run_with_fallback(kernel: str, launch: Callable[[object], T],
         return None
     _verified.add(kernel)
     return result
+
+
+def verified(kernel: str) -> bool:
+    """Whether ``kernel`` completed a launch in this process (its later failures are bugs, and propagate)."""
+    return kernel in _verified
 
 
 def reset() -> None:

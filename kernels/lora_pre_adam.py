@@ -1,28 +1,39 @@
-"""Fused LoRA-Pre Adam step: the parameter update and the factors' skinny products in two passes over ``g``.
+"""Fused LoRA-Pre Adam passes: a batch of L same-shape matrices' parameter updates and the factors' skinny
+products, in two launches whatever L is.
 
-The torch reference is :func:`lit_lowrank.optim.lora_pre.adam_update.lora_pre_adam_update_`; this module's
-:func:`lora_pre_adam_update_` takes the same arguments and gives the same results to fp32 rounding (the
-reductions run in another order). ``m_t`` and ``v_t`` are formed a register tile at a time and never stored.
-With the reference's algebra (``kappa = beta1 / (1 - beta1)``, ``rho = sqrt(beta2 / (1 - beta2))``, constants
-folded into ``step_size`` and ``eps_hat``: :func:`~lit_lowrank.optim.lora_pre.adam_scalars.adam_step_constants`):
+A leaf: this module imports torch, triton and :mod:`lit_lowrank.kernels.dispatch` only. The step around the two
+passes (pseudo-inverses, factor updates, the skip flag, FSDP2 sums) is the optimizer's
+(``lit_lowrank.optim.lora_pre``), which calls :func:`first_pass` and :func:`second_pass` as its Triton backend
+and checks them against its torch backends. ``m_t`` and ``v_t`` are formed a register tile at a time and never
+stored. With the optimizer's algebra (``kappa = beta1 / (1 - beta1)``, ``rho = sqrt(beta2 / (1 - beta2))``,
+constants folded into ``step_size`` and ``eps_hat``), for each layer ``l`` of the batch:
 
-**Pass 1** (:func:`_first_pass`; grid: row blocks x column slots; a program owns BLOCK_M rows and a slot of
-COL_TILES consecutive BLOCK_N-column tiles, visited in order). Per tile:
+**Pass 1** (:func:`_first_pass`; grid: row blocks x column slots x layers; a program owns BLOCK_M rows of one
+layer and a slot of COL_TILES consecutive BLOCK_N-column tiles, visited in order). Per tile:
 
 1. ``g A_pinv^T`` and ``|g| V_A_pinv^T`` added to two BLOCK_M x R_PAD fp32 accumulators (R_PAD: r padded to a
    power of two >= 16 for ``tl.dot``), i.e. split-K partial sums over the slot's columns;
 2. ``m = g + kappa * (B A)`` and ``root_v = hypot(|g|, rho * (V_B V_A)) + eps_hat`` (K = r in BLOCK_R chunks);
-   ``hypot`` is formed without squares, which overflow fp32 for |g| > 1.8e19, as in the reference; with an
+   ``hypot`` is formed without squares, which overflow fp32 for |g| > 1.8e19, as in the torch path; with an
    update bound (``FLOOR``) ``root_v = max(hypot(...), floor * |m|) + eps_hat``, in registers (no extra pass);
-3. ``W <- W * (1 - lr wd)`` rounded to W's dtype (the reference's in-place ``mul_``), then
+3. ``W <- W * (1 - lr wd)`` rounded to W's dtype (the torch path's in-place ``mul_``), then
    ``W <- W + (-step_size * m) / root_v`` (IEEE division, like ``addcdiv_``), stored in W's dtype.
 
-The accumulators go to ``left_partials[slot]``; torch sums the slots (``torch.sum``: a fixed order, no atomics),
-updates ``B`` and ``V_B`` and forms ``B_pinv = damped_pinv(B_new^T)`` (from the old ``B`` for Jacobi).
+The accumulators go to ``partials[slot, :, l]``; one ``torch.sum`` over the slots gives ``(2, L, p, r)``.
 
-**Pass 2** (:func:`_second_pass`, reads only ``g``; grid: column blocks x row slots): ``B_pinv g`` and
+**Pass 2** (:func:`_second_pass`, reads only ``g``; grid: column blocks x row slots x layers): ``B_pinv g`` and
 ``V_B_pinv |g|`` (R_PAD x BLOCK_N accumulators) summed over ROW_TILES consecutive row tiles ->
-``right_partials[slot]``; torch sums the slots (and, under FSDP2, the ranks) and updates ``A`` and ``V_A``.
+``partials[slot, :, l]``, summed by one ``torch.sum`` into ``(2, L, r, q)``.
+
+**Batching.** The fp32 factors and pseudo-inverses arrive stacked (``(2, L, ...)``: the optimizer batches its
+r x r work too), so a program finds its layer's by an offset. The parameters and gradients are the model's own,
+separate tensors, which must not be copied into a stack (that would double the traffic of a memory-bound
+step): the kernels take *pointer tables*, (L,) int64 tensors of their addresses on the device, load their layer's
+entry and cast it to a pointer of W's (G's) dtype. All L share one dtype and one stride pair (per role), as the
+kernels are specialised on them. A table is cached per tuple of addresses (:func:`_pointer_table`): parameters
+never move, gradients rarely do, so a steady state builds none; a new one is copied from pinned memory without a
+host sync. The addresses' 16-byte alignment, which Triton sees for tensor arguments but not for a loaded
+pointer, is passed as a constexpr and restored with ``tl.multiple_of``, so the loads of W and g stay vectorised.
 
 Memory traffic, and why Jacobi runs the same two passes: docs/design.md.
 
@@ -30,19 +41,23 @@ Ragged edges are masked: rows, columns and rank entries outside the matrix load 
 the sums, and are never stored. The configs tried on GPU differ only in the tile size that does not reduce
 (BLOCK_M in pass 1, BLOCK_N in pass 2), warps and stages; the reduction tiling is fixed, so the slots and the
 order in which they are summed do not depend on the config autotuning picks (bitwise equality across configs
-is not verified on a GPU: the MMA instructions may differ with the tile). Launches need no host sync (grids from
-shapes only). The step's scalars are kernel arguments (Python floats, as in the reference), or, for the
-optimizer's device-side skip (parameters on an accelerator), computed in-kernel in fp64 from the step count and
-the finite flag in device memory (:func:`_step_scalars`, the reference's ``adam_step_tensors``); then a skipped
-matrix's W is not stored, and nothing is read on the host. ``lr`` and the betas stay kernel arguments, so a CUDA
-graph captured around a step would freeze them.
+is not verified on a GPU: the MMA instructions may differ with the tile). The autotune key leaves L out (the
+layer axis does not change a program's work). Autotuning times the first pass by running it, i.e. by updating
+W: :func:`_autotune_pre_hook` and :func:`_autotune_post_hook` put the L parameters back after each timing run,
+so the real launch finds them untouched. Launches need no host sync (grids from shapes only). The step's
+scalars are kernel arguments (Python floats), or, for the optimizer's device-side skip, computed in-kernel in
+fp64 from each layer's step count and finite flag in device memory (:func:`_step_scalars`, the optimizer's
+``adam_step_tensors`` line by line); then a skipped layer's W is not stored, and nothing is read on the host.
+``lr`` and the betas stay kernel arguments, so a CUDA graph captured around a step would freeze them.
 
 The kernels call only Triton builtins (no ``triton.language.standard`` helpers such as ``tl.zeros`` or
 ``tl.cdiv``), so ``TRITON_INTERPRET=1`` need only be set before this module is imported.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -50,21 +65,16 @@ import triton.language as tl
 
 from lit_lowrank.kernels.dispatch import built_by_interpreter
 from lit_lowrank.kernels.dispatch import dot_precision as _dot_precision
-from lit_lowrank.optim.lora_pre.adam_scalars import (
-    NO_FLOOR,
-    DeviceStepInputs,
-    adam_rates,
-    adam_step_constants,
-    device_step_inputs,
-)
-from lit_lowrank.optim.lora_pre.adam_update import damped_pinv_pair
-from lit_lowrank.optim.lora_pre.factors import Workspace, masked_copy_
-from lit_lowrank.optim.sharding import RowShards
+
+__all__ = ["INTERPRETED", "dot_precision", "first_pass", "second_pass"]
+
+Scratch = Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+"""A buffer provider, ``(role, shape, dtype, device) -> Tensor`` (the optimizer's ``Workspace.get``)."""
 
 #: Fixed reduction tiling (see the module docstring): pass 1 sums BLOCK_N * COL_TILES = 512 columns per slot,
 #: pass 2 BLOCK_M * ROW_TILES = 512 rows. Each pass's partial sums then cost r / 32 bytes per weight entry
 #: (written by the kernel, read by torch.sum), and q / 512 (p / 512) slots times p / BLOCK_M (q / BLOCK_N) row
-#: (column) blocks still make a few hundred programs at Llama-1B shapes.
+#: (column) blocks still make a few hundred programs per layer at Llama-1B shapes.
 FIRST_PASS_REDUCTION = {"BLOCK_N": 32, "COL_TILES": 16}
 SECOND_PASS_REDUCTION = {"BLOCK_M": 64, "ROW_TILES": 8}
 
@@ -72,7 +82,7 @@ SECOND_PASS_REDUCTION = {"BLOCK_M": 64, "ROW_TILES": 8}
 #: with Triton's bundled ptxas (no GPU at hand; ``tests/kernels/test_lora_pre_adam_kernel.py`` keeps compiling
 #: them): with tf32x3 dots, fp32 or bf16 W, at r = 16 none spills registers but the 128-wide tiles (24-36 bytes
 #: per thread); at r = 128 the first pass spills 80-336 bytes and the second 0-120 (at r = 256 both would spill
-#: about 1 KB, hence the dispatcher's ``KERNEL_MAX_RANK = 128``). Pruned by rank: a program keeps two
+#: about 1 KB, hence the optimizer's ``KERNEL_MAX_RANK = 128``). Pruned by rank: a program keeps two
 #: BLOCK x R_PAD fp32 accumulators, so tiles with BLOCK x R_PAD > MAX_TILE_TIMES_RANK are not tried (the
 #: smallest tile always is). Which config is fastest is for autotuning, on a GPU, to find out.
 FIRST_PASS_CONFIGS = [
@@ -94,8 +104,15 @@ MAX_BLOCK_R = 32
 #: (for r > 16) rank chunks; not smaller, as the interpreter's time grows with the number of tiles, not their size.
 INTERPRETER_FIRST = {"BLOCK_M": 32, "BLOCK_N": 32, "COL_TILES": 2, "BLOCK_R": 16}
 INTERPRETER_SECOND = {"BLOCK_M": 32, "BLOCK_N": 32, "ROW_TILES": 2}
-#: The first pass's in-kernel scalar inputs when the step's scalars come from the host (never read there).
-UNUSED_INPUTS = DeviceStepInputs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, debias=False, bound=NO_FLOOR)
+#: The first pass's in-kernel scalar inputs when the step's scalars come from the host (never read there; the
+#: ninth, ``one_minus_ratio``, is a divisor).
+UNUSED_INPUTS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+#: Pointer tables kept (:func:`_pointer_table`): two per same-shape group (parameters, gradients) with room for
+#: gradients that move between steps; each is a few bytes per layer.
+TABLE_CACHE_SIZE = 128
+#: Addresses 16-byte aligned (every allocation; not every view) let Triton vectorise the loads of W and g.
+ALIGNMENT = 16
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -119,9 +136,19 @@ def _round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _layer_pointer(table_ptr, layer, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Layer ``layer``'s tensor from a pointer table, as a pointer to ``DTYPE``; ``ALIGNED``: 16-byte aligned
+    (the hint a tensor argument would carry, which a loaded address loses)."""
+    ptr = tl.load(table_ptr + layer).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _step_scalars(t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2, rho0, lr_scale, eps, log_ratio,
                   one_minus_ratio, worst_case_scale, DEBIAS: tl.constexpr, BOUND: tl.constexpr):
-    """``(rho, step_size, eps_hat, floor)`` of step ``t`` (fp64, >= 1) in fp64: the reference module's
+    """``(rho, step_size, eps_hat, floor)`` of step ``t`` (fp64, >= 1) in fp64: the optimizer's
     ``adam_step_tensors``, line by line (BOUND: its NO_FLOOR, V_FLOOR, ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE codes)."""
     c = root_one_minus_beta2 / tl.sqrt(1.0 - tl.exp(t * log_beta2))
     m_hat_per_m = one_minus_beta1 / ((1.0 - tl.exp(t * log_beta1)) * c)
@@ -145,18 +172,19 @@ def _step_scalars(t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2
 
 @triton.jit
 def _first_pass(
-    w_ptr, g_ptr,  # the parameter (updated in place, its own dtype) and its gradient: p x q, any strides
-    b_ptr, vb_ptr,  # B, V_B: p x r, row-major fp32
-    a_ptr, va_ptr, ap_ptr, vap_ptr,  # A, V_A, A_pinv, V_A_pinv: r x q, row-major fp32
-    part_ptr,  # (slots, 2, p, r) fp32: this program writes [pid_n, :, rows, :]
-    step_ptr, ok_ptr,  # STEP_ON_DEVICE: the step count (0-d fp32) and the finite flag (0-d uint8); else unused
+    w_tab, g_tab,  # (L,) int64: the parameters' addresses (updated in place, W_DTYPE) and the gradients' (G_DTYPE)
+    left_ptr,  # (2, L, p, r) fp32: B, V_B
+    right_ptr, pinv_ptr,  # (2, L, r, q) fp32: A, V_A and A_pinv, V_A_pinv
+    part_ptr,  # (slots, 2, L, p, r) fp32: this program writes [pid_n, :, layer, rows, :]
+    step_ptr, ok_ptr,  # STEP_ON_DEVICE: (L,) step counts (fp32) and finite flags (uint8); else unused
     p, q, stride_wp, stride_wq, stride_gp, stride_gq,
-    kappa, rho, neg_step, eps_hat, decay, floor,  # fp32 scalars of the step (see adam_step_constants)
-    # STEP_ON_DEVICE: what the step's scalars are computed from in-kernel (see DeviceStepInputs); else unused
+    kappa, rho, neg_step, eps_hat, decay, floor,  # fp32 scalars of the step, shared by the layers
+    # STEP_ON_DEVICE: what each layer's scalars are computed from in-kernel (the optimizer's DeviceStepInputs)
     log_beta1: tl.float64, log_beta2: tl.float64, one_minus_beta1: tl.float64, root_one_minus_beta2: tl.float64,
     rho0: tl.float64, lr_scale: tl.float64, eps: tl.float64, log_ratio: tl.float64, one_minus_ratio: tl.float64,
     worst_case_scale: tl.float64,
     r: tl.constexpr, R_PAD: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round fp32 -> bf16 on the bits (the interpreter's cast truncates)
@@ -164,22 +192,30 @@ def _first_pass(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    layers = tl.num_programs(2).to(tl.int64)
+    w_ptr = _layer_pointer(w_tab, layer, W_DTYPE, W_ALIGNED)
+    g_ptr = _layer_pointer(g_tab, layer, G_DTYPE, G_ALIGNED)
+    b_ptr = left_ptr + layer * p * r  # int64 offsets: L * p * r may pass 2^31
+    vb_ptr = left_ptr + (layers + layer) * p * r
+    a_ptr = right_ptr + layer * r * q
+    va_ptr = right_ptr + (layers + layer) * r * q
+    ap_ptr = pinv_ptr + layer * r * q
+    vap_ptr = pinv_ptr + (layers + layer) * r * q
     store_w = True
-    if STEP_ON_DEVICE:  # the scalars from the step count, and no store of W where the step is skipped
-        t = tl.maximum(tl.load(step_ptr).to(tl.float64), 1.0)  # a skipped first step counts 0; its update is dropped
+    if STEP_ON_DEVICE:  # the scalars from the layer's step count, and no store of W where its step is skipped
+        t = tl.maximum(tl.load(step_ptr + layer).to(tl.float64), 1.0)  # a skipped first step counts 0: dropped
         rho64, step64, eps64, floor64 = _step_scalars(t, log_beta1, log_beta2, one_minus_beta1, root_one_minus_beta2,
                                                       rho0, lr_scale, eps, log_ratio, one_minus_ratio,
                                                       worst_case_scale, DEBIAS, BOUND)
         rho, neg_step = rho64.to(tl.float32), (-step64).to(tl.float32)
         eps_hat, floor = eps64.to(tl.float32), floor64.to(tl.float32)
-        store_w = tl.load(ok_ptr) != 0
+        store_w = tl.load(ok_ptr + layer) != 0
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < p
     rows64 = rows.to(tl.int64)[:, None]
     ks = tl.arange(0, R_PAD)
     k_in = ks < r
-    left_at = rows64 * r + ks[None, :]
-    left_in = row_in[:, None] & k_in[None, :]
     acc_g = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
     acc_abs = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
 
@@ -201,7 +237,7 @@ def _first_pass(
         vap_t = tl.load(vap_ptr + right_t_at, mask=right_t_in, other=0.0)
         acc_abs = tl.dot(abs_g, vap_t, acc_abs, input_precision=DOT_PRECISION)
 
-        # m_t / (1 - beta1) and (sqrt(v_t / (1 - beta2^t)) + eps) / c, as in the reference.
+        # m_t / (1 - beta1) and (sqrt(v_t / (1 - beta2^t)) + eps) / c, as in the torch path.
         # K = r in chunks of BLOCK_R (the factors' rows stay in L1; registers hold one chunk at a time).
         ba = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         vv = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -220,33 +256,40 @@ def _first_pass(
             vv = tl.dot(vb, va, vv, input_precision=DOT_PRECISION)
         m = g + kappa * ba
         root_v = _hypot(rho * vv, abs_g)
-        if FLOOR:  # the update bound: sqrt(v_hat) >= |m_hat| / sqrt(C), see adam_step_constants
+        if FLOOR:  # the update bound: sqrt(v_hat) >= |m_hat| / sqrt(C), see the optimizer's adam_step_constants
             root_v = tl.maximum(root_v, floor * tl.abs(m), propagate_nan=tl.PropagateNan.ALL)
         root_v = root_v + eps_hat
 
         w_at = w_ptr + rows64 * stride_wp + cols64 * stride_wq
         w = tl.load(w_at, mask=tile, other=0.0)
-        if DECAY:  # the reference decays in place first: one rounding to W's dtype
-            w = _round_to(w.to(tl.float32) * decay, w_ptr.dtype.element_ty, SOFT_BF16)
+        if DECAY:  # the torch path decays in place first: one rounding to W's dtype
+            w = _round_to(w.to(tl.float32) * decay, W_DTYPE, SOFT_BF16)
         w = w.to(tl.float32) + tl.div_rn(neg_step * m, root_v)
-        tl.store(w_at, _round_to(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=tile & store_w)
+        tl.store(w_at, _round_to(w, W_DTYPE, SOFT_BF16), mask=tile & store_w)
 
-    slot = part_ptr + pid_n.to(tl.int64) * 2 * p * r
+    left_at = rows64 * r + ks[None, :]
+    left_in = row_in[:, None] & k_in[None, :]
+    slot = part_ptr + (pid_n.to(tl.int64) * 2 * layers + layer) * p * r  # partials[pid_n, 0, layer]
     tl.store(slot + left_at, acc_g, mask=left_in)
-    tl.store(slot + p * r + left_at, acc_abs, mask=left_in)
+    tl.store(slot + layers * p * r + left_at, acc_abs, mask=left_in)
 
 
 @triton.jit
 def _second_pass(
-    g_ptr,  # the gradient: p x q, any strides, read only
-    bp_ptr, vbp_ptr,  # B_pinv, V_B_pinv: r x p, row-major fp32
-    part_ptr,  # (slots, 2, r, q) fp32: this program writes [pid_m, :, :, cols]
+    g_tab,  # (L,) int64: the gradients' addresses (G_DTYPE), read only
+    pinv_ptr,  # (2, L, r, p) fp32: B_pinv, V_B_pinv
+    part_ptr,  # (slots, 2, L, r, q) fp32: this program writes [pid_m, :, layer, :, cols]
     p, q, stride_gp, stride_gq,
-    r: tl.constexpr, R_PAD: tl.constexpr,
+    r: tl.constexpr, R_PAD: tl.constexpr, G_DTYPE: tl.constexpr, G_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    layers = tl.num_programs(2).to(tl.int64)
+    g_ptr = _layer_pointer(g_tab, layer, G_DTYPE, G_ALIGNED)
+    bp_ptr = pinv_ptr + layer * r * p
+    vbp_ptr = pinv_ptr + (layers + layer) * r * p
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < q
     cols64 = cols.to(tl.int64)[None, :]
@@ -271,9 +314,9 @@ def _second_pass(
 
     right_at = ks[:, None] * q + cols[None, :]
     right_in = k_in[:, None] & col_in[None, :]
-    slot = part_ptr + pid_m.to(tl.int64) * 2 * r * q
+    slot = part_ptr + (pid_m.to(tl.int64) * 2 * layers + layer) * r * q
     tl.store(slot + right_at, acc_g, mask=right_in)
-    tl.store(slot + r * q + right_at, acc_abs, mask=right_in)
+    tl.store(slot + layers * r * q + right_at, acc_abs, mask=right_in)
 
 
 def _prune_first(configs, named_args, **kwargs):
@@ -291,13 +334,33 @@ def _fitting(configs, block: str, r_pad: int):
     return [c for c in configs if c.kwargs[block] * r_pad <= MAX_TILE_TIMES_RANK or c.kwargs[block] == smallest]
 
 
+#: The parameters of the first pass being launched in this thread, and their copies while autotuning times it:
+#: the kernel reaches W through a pointer table, which Triton's ``restore_value`` cannot see through.
+_launching = threading.local()
+
+
+def _autotune_pre_hook(kwargs, reset_only=False):
+    """Before each timing run: copy the parameters once (the first run finds them as the caller left them)."""
+    if not reset_only and getattr(_launching, "copies", None) is None:
+        _launching.copies = [param.clone() for param in _launching.params]
+
+
+def _autotune_post_hook(kwargs, exception):
+    """After each timing run (also a failed one): the parameters as they were, so the real launch starts there."""
+    for param, copy in zip(_launching.params, _launching.copies or (), strict=False):
+        param.copy_(copy)
+
+
 INTERPRETED = built_by_interpreter(_first_pass) and built_by_interpreter(_second_pass)
+# L is left out of the keys: the layer axis adds programs, not work per program. The dtypes of W and g are
+# constexprs, not tensor arguments, so they are named (Triton keys on tensor arguments' dtypes by itself).
 _first_autotuned = None if INTERPRETED else triton.autotune(
-    configs=FIRST_PASS_CONFIGS, key=["p", "q", "r", "DOT_PRECISION"], restore_value=["w_ptr"],
+    configs=FIRST_PASS_CONFIGS, key=["p", "q", "r", "DOT_PRECISION", "W_DTYPE", "G_DTYPE"],
+    pre_hook=_autotune_pre_hook, post_hook=_autotune_post_hook,
     prune_configs_by={"early_config_prune": _prune_first},
 )(_first_pass)
 _second_autotuned = None if INTERPRETED else triton.autotune(
-    configs=SECOND_PASS_CONFIGS, key=["p", "q", "r", "DOT_PRECISION"],
+    configs=SECOND_PASS_CONFIGS, key=["p", "q", "r", "DOT_PRECISION", "G_DTYPE"],
     prune_configs_by={"early_config_prune": _prune_second},
 )(_second_pass)
 
@@ -309,7 +372,7 @@ def dot_precision(device: torch.device) -> str:
     traffic (fp32 W and g) or 8 (bf16). On an H100 SXM (3.35 TB/s) that stays memory-bound up to r ~ 27 / 13 with
     fp32 FMAs (``ieee``, 67 TFLOP/s), r ~ 66 / 33 with ``tf32x3`` (three tf32 products, ~165 TFLOP/s effective)
     and r ~ 200 / 100 with plain ``tf32`` (495 TFLOP/s), by datasheet arithmetic. ``tf32x3`` is the default as it
-    keeps fp32-level agreement with the torch reference; ``tf32`` rounds the factors and ``g`` to 10 mantissa bits
+    keeps fp32-level agreement with the torch path; ``tf32`` rounds the factors and ``g`` to 10 mantissa bits
     (~1e-3 relative) in ``m``, ``v`` and the factor updates. The GPU benchmark reports both. One choice for all
     kernels: :func:`lit_lowrank.kernels.dispatch.dot_precision`.
     """
@@ -320,34 +383,114 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-class DeviceStep(NamedTuple):
-    """A step whose count and skip flag stay on the device: the first pass computes its scalars in-kernel."""
-
-    step: torch.Tensor  # the step count, 0-d (fp32), this step included when ok
-    ok: torch.Tensor  # 0-d bool: False leaves W unwritten
-    inputs: DeviceStepInputs
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_tables_lock = threading.Lock()
 
 
-def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: float = 0.0, step_size: float = 0.0,
-               eps_hat: float = 0.0, decay: float | None, workspace: Workspace, precision: str | None = None,
-               floor: float = 0.0, device_step: DeviceStep | None = None):
-    """Update ``param`` in place and return ``(g A_pinv^T, |g| V_A_pinv^T)`` stacked, ``(2, p, r)`` fp32.
+def _pointer_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' addresses as an (L,) int64 tensor on their device, cached per tuple of addresses (LRU).
 
-    ``right_pinvs``: ``(2, r, q)`` fp32, ``A_pinv`` and ``V_A_pinv``; ``decay``: ``1 - lr * weight_decay``, or
-    None for no weight decay; ``floor``: the update bound's factor (0: none). With ``device_step`` the kernel reads
-    the step count and the skip flag from device memory and computes ``rho``, ``step_size``, ``eps_hat`` and
-    ``floor`` itself (the arguments of those names are unused), so nothing is read on the host. The result is a
-    view of a workspace buffer (valid until the next call).
+    Built without a host sync: on CUDA copied from pinned memory, asynchronously (the caching host allocator keeps
+    the pinned block until the copy is done). A cached table holds addresses only, so it stays right for whatever
+    tensors sit at those addresses; it is used on the stream that built it or later on (the optimizer steps on
+    one stream). Under CUDA graphs the tables must exist before capture (the warm-up steps build them).
     """
-    p, q = param.shape
-    r = A.shape[0]
-    B, V_B, A, V_A, right_pinvs = (t.contiguous() for t in (B, V_B, A, V_A, right_pinvs))
-    on_device = device_step is not None
-    inputs = device_step.inputs if on_device else UNUSED_INPUTS
-    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, SOFT_BF16=INTERPRETED,
-                     FLOOR=inputs.bound != NO_FLOOR if on_device else floor != 0.0,
-                     DOT_PRECISION=precision or dot_precision(param.device), STEP_ON_DEVICE=on_device,
-                     DEBIAS=inputs.debias, BOUND=inputs.bound)
+    device = tensors[0].device
+    addresses = tuple(t.data_ptr() for t in tensors)
+    key = (device, addresses)
+    with _tables_lock:
+        table = _tables.get(key)
+        if table is not None:
+            _tables.move_to_end(key)
+            return table
+    if device.type == "cuda":
+        table = torch.tensor(addresses, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    else:
+        table = torch.tensor(addresses, dtype=torch.int64, device=device)
+    with _tables_lock:
+        _tables[key] = table
+        while len(_tables) > TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    return table
+
+
+def _batch(tensors: Sequence[torch.Tensor], what: str) -> tuple[torch.Tensor, tl.dtype, bool]:
+    """The pointer table of L same-shape matrices, their Triton dtype and whether all are 16-byte aligned.
+
+    One dtype, shape, stride pair and device for all: the kernel is specialised on them, not per layer.
+    """
+    first = tensors[0]
+    if first.dim() != 2 or first.dtype not in _TL_DTYPES:
+        raise ValueError(f"{what}: 2-d fp32, bf16 or fp16 matrices expected, got {first.dtype} {tuple(first.shape)}")
+    layout = (first.shape, first.dtype, first.stride(), first.device)
+    for tensor in tensors[1:]:
+        if (tensor.shape, tensor.dtype, tensor.stride(), tensor.device) != layout:
+            raise ValueError(f"{what}: one shape, dtype, stride pair and device for all, got {layout[:3]} and "
+                             f"{(tensor.shape, tensor.dtype, tensor.stride())}")
+    aligned = all(t.data_ptr() % ALIGNMENT == 0 for t in tensors)
+    return _pointer_table(tensors), _TL_DTYPES[first.dtype], aligned
+
+
+def _stack(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """``tensor`` as the contiguous fp32 stack of ``shape`` the kernels index by offsets (a copy if strided)."""
+    if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+        raise ValueError(f"{what}: fp32 of shape {shape} expected, got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor.contiguous()
+
+
+def _allocate(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _step_arguments(host_scalars, device_step, layers: int, unused: torch.Tensor):
+    """The first pass's step arguments: ``(steps, oks, (rho, -step_size, eps_hat, floor), inputs, constexprs)``.
+
+    Off the device-side step the count and flag pointers are never read (``unused`` stands in for them) and
+    neither are the in-kernel inputs; on it, the host scalars are unused."""
+    if (host_scalars is None) == (device_step is None):
+        raise ValueError("first_pass: exactly one of host_scalars and device_step")
+    if device_step is None:
+        rho, step_size, eps_hat, floor = host_scalars
+        constants = dict(FLOOR=floor != 0.0, STEP_ON_DEVICE=False, DEBIAS=False, BOUND=0)
+        return unused, unused, (rho, -step_size, eps_hat, floor), UNUSED_INPUTS, constants
+    steps, oks, inputs, debias, bound = device_step
+    if len(inputs) != len(UNUSED_INPUTS):
+        raise ValueError(f"device_step: {len(UNUSED_INPUTS)} float inputs expected, got {len(inputs)}")
+    # One entry per layer, read at ``ptr + layer``: contiguous (a no-op for the optimizer's stacked counts).
+    steps, oks = steps.reshape(layers).contiguous(), oks.reshape(layers).contiguous().view(torch.uint8)
+    constants = dict(FLOOR=int(bound) != 0, STEP_ON_DEVICE=True, DEBIAS=bool(debias), BOUND=int(bound))
+    return steps, oks, (0.0, 0.0, 0.0, 0.0), tuple(float(x) for x in inputs), constants
+
+
+def first_pass(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], left: torch.Tensor,
+               right: torch.Tensor, right_pinvs: torch.Tensor, *, kappa: float, decay: float | None,
+               host_scalars: tuple[float, float, float, float] | None = None,
+               device_step: tuple[torch.Tensor, torch.Tensor, Sequence[float], bool, int] | None = None,
+               precision: str | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+    """Update the L ``params`` in place and return ``[g A_pinv^T, |g| V_A_pinv^T]``, ``(2, L, p, r)`` fp32.
+
+    ``params``, ``grads``: L p x q matrices (each role one dtype among fp32/bf16/fp16 and one stride pair);
+    ``left``: ``(2, L, p, r)`` = ``[B, V_B]``; ``right``, ``right_pinvs``: ``(2, L, r, q)`` = ``[A, V_A]``,
+    ``[A_pinv, V_A_pinv]``, all fp32. ``decay``: ``1 - lr * weight_decay`` (None: no weight decay). Exactly one of
+    ``host_scalars`` = ``(rho, step_size, eps_hat, floor)`` (floor 0: no bound), shared by the layers, and
+    ``device_step`` = ``(steps, oks, inputs, debias, bound)``: (L,) fp32 step counts and (L,) bool flags on the
+    device, the ten float fields of the optimizer's ``DeviceStepInputs``, its ``debias`` and ``bound`` code; then
+    each layer's scalars are computed in-kernel and a layer whose flag is False keeps its W (nothing read on the
+    host). ``scratch``: a buffer provider (None: allocate); the result may be a view of its buffer, valid until
+    the next call. One launch (plus one ``torch.sum``) whatever L is.
+    """
+    layers, (p, q), r = len(params), params[0].shape, right.shape[2]
+    left = _stack(left, (2, layers, p, r), "left")
+    right = _stack(right, (2, layers, r, q), "right")
+    right_pinvs = _stack(right_pinvs, (2, layers, r, q), "right_pinvs")
+    w_tab, w_dtype, w_aligned = _batch(params, "params")
+    g_tab, g_dtype, g_aligned = _batch(grads, "grads")
+    if grads[0].shape != params[0].shape:
+        raise ValueError(f"grads: shape {tuple(params[0].shape)} expected, got {tuple(grads[0].shape)}")
+    device = params[0].device
+    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, W_DTYPE=w_dtype, G_DTYPE=g_dtype,
+                     W_ALIGNED=w_aligned, G_ALIGNED=g_aligned, DOT_PRECISION=precision or dot_precision(device),
+                     SOFT_BF16=INTERPRETED)
     if _first_autotuned is None:  # interpreted
         kernel, constants = _first_pass, {**constants, **INTERPRETER_FIRST}
         slot_cols = INTERPRETER_FIRST["BLOCK_N"] * INTERPRETER_FIRST["COL_TILES"]
@@ -355,32 +498,38 @@ def first_pass(param, grad, B, A, V_B, V_A, right_pinvs, *, kappa: float, rho: f
         kernel, constants["BLOCK_R"] = _first_autotuned, min(MAX_BLOCK_R, constants["R_PAD"])
         slot_cols = FIRST_PASS_REDUCTION["BLOCK_N"] * FIRST_PASS_REDUCTION["COL_TILES"]
     slots = triton.cdiv(q, slot_cols)
-    partials = workspace.get("kernel_left_partials", (slots, 2, p, r), torch.float32, param.device)
+    scratch = scratch or _allocate
+    partials = scratch("kernel_left_partials", (slots, 2, layers, p, r), torch.float32, device)
+    steps, oks, scalars, inputs, step_constants = _step_arguments(host_scalars, device_step, layers, partials)
 
     def grid(meta):
-        return triton.cdiv(p, meta["BLOCK_M"]), slots
+        return triton.cdiv(p, meta["BLOCK_M"]), slots, layers
 
-    # Off the device-side step the count and flag pointers are never read: the partial sums stand in for them.
-    step, ok = (device_step.step, device_step.ok.view(torch.uint8)) if on_device else (partials, partials)
-    kernel[grid](
-        param, grad, B, V_B, A, V_A, right_pinvs[0], right_pinvs[1], partials, step, ok,
-        p, q, param.stride(0), param.stride(1), grad.stride(0), grad.stride(1),
-        kappa, rho, -step_size, eps_hat, 1.0 if decay is None else decay, floor,
-        *inputs[:-2],
-        **constants,
-    )
-    return torch.sum(partials, dim=0, out=workspace.get("kernel_left_sums", (2, p, r), torch.float32, param.device))
+    _launching.params, _launching.copies = params, None  # for the autotuner's hooks (its first call per key)
+    try:
+        kernel[grid](
+            w_tab, g_tab, left, right, right_pinvs, partials, steps, oks,
+            p, q, *params[0].stride(), *grads[0].stride(),
+            kappa, *scalars[:3], 1.0 if decay is None else decay, scalars[3], *inputs,
+            **constants, **step_constants,
+        )
+    finally:
+        _launching.params = _launching.copies = None
+    sums = scratch("kernel_left_sums", (2, layers, p, r), torch.float32, device)
+    return torch.sum(partials, dim=0, out=sums)
 
 
-def second_pass(grad, left_pinvs, *, workspace: Workspace, precision: str | None = None):
-    """``(B_pinv g, V_B_pinv |g|)`` stacked, ``(2, r, q)`` fp32, from ``left_pinvs`` ``(2, r, p)`` fp32.
-
-    The result is a view of a workspace buffer (valid until the next call).
-    """
-    p, q = grad.shape
-    r = left_pinvs.shape[1]
-    left_pinvs = left_pinvs.contiguous()
-    constants = dict(r=r, R_PAD=_r_pad(r), DOT_PRECISION=precision or dot_precision(grad.device))
+def second_pass(grads: Sequence[torch.Tensor], left_pinvs: torch.Tensor, *, precision: str | None = None,
+                scratch: Scratch | None = None) -> torch.Tensor:
+    """``[B_pinv g, V_B_pinv |g|]``, ``(2, L, r, q)`` fp32, from ``left_pinvs`` ``(2, L, r, p)`` fp32 =
+    ``[B_pinv, V_B_pinv]`` and the L p x q ``grads``. One launch (plus one ``torch.sum``) whatever L is; the result
+    may be a view of a ``scratch`` buffer, valid until the next call."""
+    layers, (p, q), r = len(grads), grads[0].shape, left_pinvs.shape[2]
+    left_pinvs = _stack(left_pinvs, (2, layers, r, p), "left_pinvs")
+    g_tab, g_dtype, g_aligned = _batch(grads, "grads")
+    device = grads[0].device
+    constants = dict(r=r, R_PAD=_r_pad(r), G_DTYPE=g_dtype, G_ALIGNED=g_aligned,
+                     DOT_PRECISION=precision or dot_precision(device))
     if _second_autotuned is None:  # interpreted
         kernel, constants = _second_pass, {**constants, **INTERPRETER_SECOND}
         slot_rows = INTERPRETER_SECOND["BLOCK_M"] * INTERPRETER_SECOND["ROW_TILES"]
@@ -388,85 +537,12 @@ def second_pass(grad, left_pinvs, *, workspace: Workspace, precision: str | None
         kernel = _second_autotuned
         slot_rows = SECOND_PASS_REDUCTION["BLOCK_M"] * SECOND_PASS_REDUCTION["ROW_TILES"]
     slots = triton.cdiv(p, slot_rows)
-    partials = workspace.get("kernel_right_partials", (slots, 2, r, q), torch.float32, grad.device)
+    scratch = scratch or _allocate
+    partials = scratch("kernel_right_partials", (slots, 2, layers, r, q), torch.float32, device)
 
     def grid(meta):
-        return triton.cdiv(q, meta["BLOCK_N"]), slots
+        return triton.cdiv(q, meta["BLOCK_N"]), slots, layers
 
-    kernel[grid](grad, left_pinvs[0], left_pinvs[1], partials, p, q, grad.stride(0), grad.stride(1), **constants)
-    return torch.sum(partials, dim=0, out=workspace.get("kernel_right_sums", (2, r, q), torch.float32, grad.device))
-
-
-def lora_pre_adam_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    B: torch.Tensor,
-    A: torch.Tensor,
-    V_B: torch.Tensor,
-    V_A: torch.Tensor,
-    *,
-    step: int | torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    damping: float,
-    factor_update: str,
-    workspace: Workspace,
-    shards: RowShards | None = None,
-    debias_second_moment: bool = True,
-    update_bound: str = "v_floor",
-    precision: str | None = None,
-    ok: torch.Tensor | None = None,
-) -> None:
-    """The reference's step (same arguments, ``chunk_rows`` aside) with the p x q work in the two passes.
-
-    ``param`` and ``grad``: fp32, bf16 or fp16, any strides; factors fp32, ``r`` up to the reference module's
-    ``KERNEL_MAX_RANK`` (the dispatcher checks all that). The pseudo-inverses, the slot sums and the factor updates
-    run in torch; under FSDP2 (``shards``) the tensors are this rank's local blocks and only the ``r x r`` Gram
-    matrices and ``r x q`` sums are all-reduced, as in the reference. ``precision``: ``tl.dot``'s
-    ``input_precision`` (default :func:`dot_precision`). ``ok`` (0-d bool), with ``step`` a 0-d count tensor: the
-    device-side skip, as in the reference (the first pass computes the scalars and masks its stores of W; the
-    factor updates are ``torch.where``s).
-    """
-    if ok is None:
-        c = adam_step_constants(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
-                                debias_second_moment=debias_second_moment, update_bound=update_bound)
-        kappa, gamma1, gamma2 = c.kappa, c.gamma1, c.gamma2
-        scalars = dict(rho=c.rho, step_size=c.step_size, eps_hat=c.eps_hat, floor=c.floor)
-    else:
-        kappa, gamma1, gamma2 = adam_rates(beta1, beta2)
-        inputs = device_step_inputs(lr=lr, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
-                                    debias_second_moment=debias_second_moment, update_bound=update_bound)
-        scalars = dict(device_step=DeviceStep(step, ok, inputs))
-    jacobi = factor_update == "jacobi"
-    right_pinvs = damped_pinv_pair(A, V_A, "right_pinv", damping, workspace)
-    if jacobi:
-        left_pinvs = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
-
-    left_sums = first_pass(param, grad, B, A, V_B, V_A, right_pinvs, kappa=kappa,
-                           decay=1.0 - lr * weight_decay if weight_decay != 0.0 else None,
-                           workspace=workspace, precision=precision, **scalars)
-    _blend_(B, 1.0 - gamma1, left_sums[0], gamma1, ok)
-    _blend_(V_B, 1.0 - gamma2, left_sums[1], gamma2, ok)
-
-    if not jacobi:
-        left_pinvs = damped_pinv_pair(B.T, V_B.T, "left_pinv", damping, workspace, shards)
-    right_sums = second_pass(grad, left_pinvs, workspace=workspace, precision=precision)
-    right_sums[0].mul_(gamma1)
-    right_sums[1].mul_(gamma2)
-    if shards is not None:
-        shards.sum_(right_sums)
-    _blend_(A, 1.0 - gamma1, right_sums[0], 1.0, ok)
-    _blend_(V_A, 1.0 - gamma2, right_sums[1], 1.0, ok)
-
-
-def _blend_(factor: torch.Tensor, keep: float, sums: torch.Tensor, rate: float, ok: torch.Tensor | None) -> None:
-    """``factor <- keep * factor + rate * sums`` in place; with ``ok`` only where it holds (a skipped step's sums
-    may be NaN), by the same two roundings."""
-    if ok is None:
-        factor.mul_(keep).add_(sums, alpha=rate)
-    else:
-        masked_copy_(factor, torch.mul(factor, keep).add_(sums, alpha=rate), ok)
+    kernel[grid](g_tab, left_pinvs, partials, p, q, *grads[0].stride(), **constants)
+    sums = scratch("kernel_right_sums", (2, layers, r, q), torch.float32, device)
+    return torch.sum(partials, dim=0, out=sums)

@@ -65,7 +65,8 @@ def test_training_smoke(step_timing, tmp_path):
     pytest.importorskip("matplotlib")
     measured = step_timing.main(["training", "--smoke", "--out", str(tmp_path)])
     written = rows(tmp_path / "train_step_speed.csv")
-    assert len(written) == len(measured) == (6 + 2 if galore() else 5) + 5
+    assert len(written) == len(measured) == (7 + 2 if galore() else 6) + 5  # pre-training rows include full-rank Muon
+    assert "muon" in {row["method"] for row in written if row["setting"] == "pretrain"}
     assert list(written[0]) == ["setting", "method", "label", "median_ms", "min_ms", "optimizer_ms", "ratio",
                                 "repeats_used", "disturbed_repeats"]
     baselines = {row["setting"]: row for row in written if row["method"] in ("adamw", "lora_adamw")}

@@ -1,7 +1,8 @@
 """benchmarks/gpu_acceptance.sh and its fit helper, without a GPU: CI never runs the acceptance itself.
 
 On a machine without a (visible) GPU the script must say so and exit 0 before installing or writing anything; the
-fit helper must fail a run whose expected kernel never launched (here: ``cli.py --help``, which trains nothing).
+fit helper must fail a run whose expected kernel never launched (here: ``cli.py --help``, which trains nothing),
+and its launch-count profile must refuse to pass without a GPU.
 """
 import os
 import shutil
@@ -37,3 +38,13 @@ def test_fit_helper_fails_when_the_expected_kernel_never_ran():
     assert expected.returncode == 1, expected.stdout + expected.stderr
     assert "kernels: launches {}" in expected.stdout and "FAILED: lora_pro_full never launched" in expected.stdout
     assert "FAILED: lora_pro_full never passed a self-check" in expected.stdout
+
+
+def test_launch_count_profile_needs_a_gpu_and_the_script_runs_it():
+    helper = [sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance_fit.py")]
+    done = subprocess.run([*helper, "--launch-counts", "4", "16"], env=no_gpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs a CUDA GPU" in done.stdout
+    script = (ROOT / "benchmarks" / "gpu_acceptance.sh").read_text()
+    assert "gpu_acceptance_fit.py --launch-counts 4 16" in script

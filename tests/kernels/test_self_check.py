@@ -115,6 +115,9 @@ def test_correct_lora_pro_kernel_passes_the_check_silently(wrong_pro_kernel, mon
 
 
 # ---------------------------------------------------------------------------------------------- LoRA-Pre
+LR = 1e-2
+
+
 class PreMatrix:
     def __init__(self, shape, r=3, dtype=torch.float32, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -127,24 +130,26 @@ class PreMatrix:
         self.steps += 1
         grad = (torch.randn(*self.W.shape, generator=self.gen) * 1e-2).to(DEVICE, self.W.dtype)
         options = {"weight_decay": 0.1, "factor_update": "alternating", **options}
-        lora_pre_adam_update_(self.W, grad, self.B, self.A, self.V_B, self.V_A, step=self.steps, lr=1e-2, beta1=0.9,
+        lora_pre_adam_update_(self.W, grad, self.B, self.A, self.V_B, self.V_A, step=self.steps, lr=LR, beta1=0.9,
                               beta2=0.999, eps=1e-8, scale=1.0, damping=1e-6, chunk_rows=16, workspace=self.workspace,
                               use_triton=use_triton, **options)
 
 
 @pytest.fixture
 def wrong_pre_kernel(monkeypatch):
-    """The real step, then one entry of W (the last, ragged, tile) moved by five learning rates (a few bf16 ulps)."""
+    """The real first pass, then one entry of the first W (the last, ragged, tile) moved by five learning rates (a few
+    bf16 ulps)."""
     launched = []
-    original = lora_pre_adam.lora_pre_adam_update_
+    original = lora_pre_adam.first_pass
 
-    def wrong(param, *args, **kwargs):
-        launched.append(tuple(param.shape))
-        original(param, *args, **kwargs)
-        if tuple(param.shape) == WRONG:
-            param[-1, -1] += 5 * kwargs["lr"]
+    def wrong(params, *args, **kwargs):
+        launched.append(tuple(params[0].shape))
+        sums = original(params, *args, **kwargs)
+        if tuple(params[0].shape) == WRONG:
+            params[0][-1, -1] += 5 * LR
+        return sums
 
-    monkeypatch.setattr(lora_pre_adam, "lora_pre_adam_update_", wrong)
+    monkeypatch.setattr(lora_pre_adam, "first_pass", wrong)
     return launched
 
 
@@ -161,13 +166,13 @@ def test_wrong_lora_pre_kernel_is_caught_once_and_torch_kept_for_that_shape(dtyp
             matrix.step(False)
     (warning,) = check_warnings(record)
     unit = "relative" if dtype == torch.float32 else "ulps"
-    assert "W is off by" in str(warning.message) and unit in str(warning.message), warning.message
-    assert f"W {WRONG} {dtype}" in str(warning.message)
-    assert wrong_pre_kernel == [WRONG, (40, 24), (40, 24), (40, 24)]
-    for got, want in zip([kernel[0].W, kernel[0].B, kernel[0].A], [torch_path[0].W, torch_path[0].B, torch_path[0].A]):
-        assert torch.equal(got, want)  # the wrong shape: torch's results only
-    got, want = kernel[1].W.float(), torch_path[1].W.float()
-    assert (got - want).abs().max() <= 2 * torch.finfo(dtype).eps * want.abs().max()  # the other kept the kernel
+    assert "W[0] is off by" in str(warning.message) and unit in str(warning.message), warning.message
+    assert f"W {WRONG} {dtype}" in str(warning.message) and "first pass" in str(warning.message)
+    assert wrong_pre_kernel == [WRONG, (40, 24), (40, 24), (40, 24)]  # the wrong first pass: torch from then on
+    for fused, reference in zip(kernel, torch_path):  # both: torch's numbers up to rounding, the error never kept
+        for got, want in zip([fused.W, fused.B, fused.A], [reference.W, reference.B, reference.A]):
+            got, want = got.float(), want.float()
+            assert (got - want).abs().max() <= 2 * torch.finfo(dtype).eps * want.abs().max()
 
 
 def test_correct_lora_pre_kernel_passes_and_a_new_option_is_a_new_key(wrong_pre_kernel):
@@ -176,9 +181,9 @@ def test_correct_lora_pre_kernel_passes_and_a_new_option_is_a_new_key(wrong_pre_
         warnings.simplefilter("error", KernelFallbackWarning)
         matrix.step(True)
         matrix.step(True)
-        assert len(dispatch._checked) == 1
+        assert len(dispatch._checked) == 2  # each pass checked once
         matrix.step(True, weight_decay=0.0, factor_update="jacobi")  # another constexpr (DECAY) and torch glue
-    assert len(dispatch._checked) == 2 and all(dispatch._checked.values())
+    assert len(dispatch._checked) == 4 and all(dispatch._checked.values())
     assert wrong_pre_kernel == [(40, 24)] * 3
 
 

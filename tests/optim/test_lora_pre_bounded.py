@@ -175,16 +175,16 @@ def test_cpu_squares_agree_with_hypot_and_are_not_used_where_they_could_overflow
     # The CPU path forms sqrt(x^2 + g^2) and the floor from squares when nothing can overflow; |g| up to 7.5e18 (below
     # the gradient limit, ~9.2e18, beyond which the step is skipped) is too close to float32's largest square there,
     # so it must take torch.hypot. Either way: the hypot path's numbers, within the bound.
-    from lit_lowrank.optim.lora_pre import adam_update
+    from lit_lowrank.optim.lora_pre.adam_passes import TorchAdamPasses
 
     generator = torch.Generator().manual_seed(0)
     gradients = [magnitude * torch.randn(16, 12, generator=generator).clamp(-1.5, 1.5) for _ in range(5)]
     used = []
-    real = adam_update._squares_are_safe
-    monkeypatch.setattr(adam_update, "_squares_are_safe", lambda *a: used.append(real(*a)) or used[-1])
+    real = TorchAdamPasses._squares_are_safe
+    monkeypatch.setattr(TorchAdamPasses, "_squares_are_safe", lambda self: used.append(real(self)) or used[-1])
     squares = _run(lambda p: LoRAPreAdamW(p, lr=1e-2, rank=3, seed=0), gradients)
     assert used == [magnitude < 1e18] * 5
-    monkeypatch.setattr(adam_update, "_squares_are_safe", lambda *a: False)
+    monkeypatch.setattr(TorchAdamPasses, "_squares_are_safe", lambda self: False)
     hypot = _run(lambda p: LoRAPreAdamW(p, lr=1e-2, rank=3, seed=0), gradients)
     torch.testing.assert_close(squares, hypot, rtol=1e-5, atol=1e-7)
     assert float(squares.diff(dim=0).abs().max()) <= 1e-2 * (1 + 1e-5)

@@ -4,11 +4,14 @@
 - :class:`LoRAPreMuon`: Muon with its momentum buffer factored (``(p + q) r``).
 - :func:`lowrank_param_groups`: which tensors of a model are factored (the rest get AdamW in the same optimizer).
 
-Each optimizer sits beside its per-matrix step, which a fused kernel may replace: ``adam.py`` and ``adam_update.py``
-(:func:`lora_pre_adam_update_`; its step's scalars in ``adam_scalars.py``), ``muon.py`` and ``muon_update.py``
-(:func:`lora_pre_muon_update_`). What both share: ``base.py`` (param groups, skips, state), ``hyperparameters.py``
-(their checks), ``factors.py`` (factor init, damped pseudo-inverses, row chunks) and ``groups.py`` (which tensors
-are factored). The method as implemented: ``docs/lora-pre.md``.
+Each optimizer steps its matrices in batches of one shape (``batch.py``: stacked factors, one batched solve per
+side, one ``_foreach`` write per batch), by one step function written once: ``adam_update.py``
+(:func:`lora_pre_adam_update_` for one matrix; the two passes over ``g`` come from a torch backend,
+``adam_passes.py``, or the Triton kernels, ``adam_kernel.py``; the step's scalars in ``adam_scalars.py``) and
+``muon_update.py`` (:func:`lora_pre_muon_update_`). What both share: ``base.py`` (param groups, skips, state,
+batching), ``hyperparameters.py`` (their checks), ``factors.py`` (factor init, damped pseudo-inverses, row chunks)
+and ``groups.py`` (which tensors are factored). The method as implemented: ``docs/lora-pre.md``; why it is built
+this way: ``docs/design.md``.
 
 Example:
     >>> import torch

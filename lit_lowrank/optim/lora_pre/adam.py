@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from lit_lowrank.kernels.dispatch import validate_use_triton
-from lit_lowrank.optim.lora_pre.adam_update import UPDATE_BOUNDS, lora_pre_adam_update_
+import torch
+
+from lit_lowrank.kernels.dispatch import triton_available, validate_use_triton
+from lit_lowrank.optim.lora_pre.adam_kernel import KERNEL_MAX_RANK, KERNEL_UPDATE_BOUNDS
+from lit_lowrank.optim.lora_pre.adam_passes import AdamHyper
+from lit_lowrank.optim.lora_pre.adam_update import UPDATE_BOUNDS, lora_pre_adam_step_
 from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase
+from lit_lowrank.optim.lora_pre.batch import KERNEL_BATCH_ELEMENTS
 from lit_lowrank.optim.lora_pre.hyperparameters import check_common_hyperparameters
-from lit_lowrank.optim.sharding import RowShards, local
+from lit_lowrank.optim.state import compute_dtype
 from lit_lowrank.optim.validation import POSITIVE, as_tuple, check_choice, check_flag, check_number
 
 log = logging.getLogger(__name__)
@@ -117,41 +122,19 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                 "are not bounded: one zero or tiny gradient can move a weight by orders of magnitude more than lr "
                 "(docs/lora-pre.md). HINT: keep the defaults unless you are reproducing the paper.", owner)
 
+    def _batch_budget(self, group: dict[str, Any], param) -> int | None:
+        """Larger batches where the Triton kernels will take them (CUDA, float32 factors, rank and bound they fuse)."""
+        kernel = (param.is_cuda and self.use_triton is not False and group["rank"] <= KERNEL_MAX_RANK
+                  and compute_dtype(param.dtype) == torch.float32 and group["update_bound"] in KERNEL_UPDATE_BOUNDS
+                  and triton_available())
+        return KERNEL_BATCH_ELEMENTS if kernel else None
+
     def _step_group(self, group: dict[str, Any], params: list, ok: dict | None) -> None:
-        beta1, beta2 = group["betas"]
-        dense = []
-        for param in params:
-            grad = self._grad_of(param)
-            if not self._uses_factors(param, group):
-                dense.append(param)
-                continue
-            state = self._factors(param, group)
-            flag = None if ok is None else ok[param]
-            step = self._count_step(state, param, flag)
-            lora_pre_adam_update_(
-                local(param),
-                local(grad),
-                local(state["B"]),
-                state["A"],
-                local(state["V_B"]),
-                state["V_A"],
-                step=step,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                scale=group["scale"],
-                damping=group["damping"],
-                factor_update=group["factor_update"],
-                chunk_rows=self._chunk_rows(param, group),
-                workspace=self._workspace,
-                shards=RowShards.of(param),
-                debias_second_moment=group["debias_second_moment"],
-                update_bound=group["update_bound"],
-                use_triton=self.use_triton,
-                grad_absmax=self._grad_absmax.get(param),
-                ok=flag,
-            )
+        factored = [param for param in params if self._uses_factors(param, group)]
+        hyper = AdamHyper.of(group)
+        for batch in self._batches(group, factored, ok):
+            lora_pre_adam_step_(batch, hyper, self._workspace, self.use_triton)
+            batch.write_back()
+        dense = [param for param in params if not self._uses_factors(param, group)]
         if dense:
             self._adamw_step(group, dense, ok)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lit_lowrank.optim.adamw import adamw_foreach_update_, adamw_masked_update_
-from lit_lowrank.optim.lora_pre.factors import Workspace, auto_chunk_rows, derive_seed, init_factor_pairs
+from lit_lowrank.optim.lora_pre.batch import MatrixBatch, batch_limit, split
+from lit_lowrank.optim.lora_pre.factors import Workspace, derive_seed, init_factor_pairs
 from lit_lowrank.optim.lora_pre.hyperparameters import check_seed
-from lit_lowrank.optim.sharding import RowShards, all_reduce_, local, process_group
+from lit_lowrank.optim.sharding import RowShards, all_reduce_, is_sharded, local, process_group
 from lit_lowrank.optim.state import StateBytes, compute_dtype, gradient_limit, tensor_bytes
 from lit_lowrank.optim.torch_contract import TorchContractOptimizer
 from lit_lowrank.optim.validation import group_tensors, refuse_duplicate_params
@@ -156,10 +157,49 @@ class LowRankOptimizerBase(TorchContractOptimizer):
             return False
         return group["rank"] < min(param.shape) or group["full_rank"] == "factored"
 
-    def _chunk_rows(self, param: Tensor, group: dict[str, Any]) -> int:
-        """Rows per chunk of this rank's block of ``param`` (the whole of it when not sharded)."""
-        chunk_rows = group["chunk_rows"]
-        return auto_chunk_rows(tuple(local(param).shape), param.device) if chunk_rows is None else chunk_rows
+    def _batches(self, group: dict[str, Any], params: list[Tensor],
+                 ok: dict[Tensor, Tensor] | None) -> Iterator[MatrixBatch]:
+        """The group's factored ``params`` as batches of same-shape matrices (:mod:`.batch`), factors created on
+        first use and this step counted. Matrices are batched when they share their (local) shape, strides and
+        dtypes, their gradients' too, their device, their FSDP2 layout and, on the host path, their step count
+        (the step's scalars are then Python floats shared by the batch). The caller steps each batch and copies its
+        factors back (:meth:`MatrixBatch.write_back`) before asking for the next: they share the stacks."""
+        keyed: dict[tuple, list[Tensor]] = defaultdict(list)
+        for param in params:
+            state = self._factors(param, group)
+            W, grad = local(param), local(self._grad_of(param))
+            count = host_count(state, "step") if ok is None else None
+            keyed[(tuple(W.shape), W.stride(), W.dtype, W.device, grad.dtype, grad.stride(), count,
+                   tuple(param.shape) if is_sharded(param) else None)].append(param)
+        for same in keyed.values():
+            limit = batch_limit(tuple(local(same[0]).shape), same[0].device, group.get("chunk_rows"),
+                                self._batch_budget(group, same[0]))
+            for members in split(same, limit):
+                yield self._gather(members, ok)
+
+    def _batch_budget(self, group: dict[str, Any], param: Tensor) -> int | None:
+        """Elements of ``L x p x q`` one batch of ``param``'s shape may span (None: the device's default)."""
+        return None
+
+    def _gather(self, params: list[Tensor], ok: dict[Tensor, Tensor] | None) -> MatrixBatch:
+        """One batch, its step counted: +1 on the host path, +ok on the device (one ``_foreach_add_``)."""
+        states = [self.state[param] for param in params]
+        flags = None
+        if ok is None:
+            for state in states:
+                state["step"] = host_count(state, "step") + 1
+            step = states[0]["step"]
+        else:
+            counts = [device_count(state, "step", param) for state, param in zip(states, params)]
+            flag_list = [ok[param] for param in params]
+            torch._foreach_add_(counts, flag_list)
+            step, flags = torch.stack(counts), torch.stack(flag_list)
+        absmax = [self._grad_absmax.get(param) for param in params]
+        return MatrixBatch.gather(
+            [local(param) for param in params], [local(self._grad_of(param)) for param in params],
+            [[local(state[name]) for name in self._factor_names] for state in states], step=step,
+            workspace=self._workspace, ok=flags, shards=RowShards.of(params[0]),
+            grad_absmax=None if None in absmax else max(absmax))
 
     # -------------------------------------------------------------------------------------------------- step
     def _grad_of(self, param: Tensor) -> Tensor:
@@ -275,10 +315,13 @@ class LowRankOptimizerBase(TorchContractOptimizer):
         gradient cannot be stepped: it holds a NaN or an infinity, or an entry beyond the state dtype's
         :func:`~lit_lowrank.optim.state.gradient_limit` (its square would overflow the moments). Under FSDP2 inf on
         every rank where that holds on any rank's shard."""
-        # aminmax: amax propagates NaN, and |max| or |min| is max |g|
-        absmax = torch.stack([torch.stack(torch.aminmax(local(self._grad_of(param)))) for param in params])
-        absmax = absmax.double().abs_().amax(dim=1)
-        limits = [gradient_limit(compute_dtype(param.dtype)) for param in params]
+        # aminmax: amax propagates NaN, and |max| or |min| is max |g|. One per gradient, the only per-tensor operation
+        # of a step: faster than one _foreach_norm(inf) or _foreach_max for all (docs/design.md, "Finite checks").
+        extremes = [value for param in params for value in torch.aminmax(local(self._grad_of(param)))]
+        absmax = torch.stack([value.double() for value in extremes] if len({v.dtype for v in extremes}) > 1
+                             else extremes).view(-1, 2).double().abs_().amax(dim=1)
+        by_dtype = {dtype: gradient_limit(compute_dtype(dtype)) for dtype in {param.dtype for param in params}}
+        limits = [by_dtype[param.dtype] for param in params]
         bound: float | Tensor = limits[0]
         if len(set(limits)) > 1:  # float64 tensors beside others: filled on the device, not copied from the host
             bound = torch.full_like(absmax, limits[0])

@@ -74,13 +74,13 @@ def init_factor_pairs(
     return pairs
 
 
-def damped_pinvs(factors: Sequence[Tensor], damping: float, out: Tensor, workspace: Workspace | None = None,
+def damped_pinvs(factors: Sequence[Tensor] | Tensor, damping: float, out: Tensor, workspace: Workspace | None = None,
                  shards: RowShards | None = None) -> Tensor:
     """``(F F^T + damping * (tr(F F^T) / r + DAMPING_FLOOR) I)^-1 F`` for each ``r x n`` factor ``F``, stacked into
     ``out`` (``len(factors) x r x n``, the factors' dtype).
 
-    The factors must share one shape (they are stacked to run one batched Gram / Cholesky / product, which
-    halves the small-op count of a step). The ``r x r`` Gram matrices and their Cholesky factorisations are
+    The factors must share one shape (a list, or one ``N x r x n`` tensor): they are stacked to run one batched
+    Gram / Cholesky / product, whatever their number. The ``r x r`` Gram matrices and their Cholesky factorisations are
     computed in float64: forming a Gram squares the factor's condition number, and in float32 its rounding
     error (~ eps32 * sqrt(n) * tr) can exceed the damping (1e-6 * tr / r) and make the matrix indefinite. In
     float64 the damped Gram is safely positive definite, and its range covers the squares of any float32
@@ -101,10 +101,14 @@ def damped_pinvs(factors: Sequence[Tensor], damping: float, out: Tensor, workspa
         stacked = torch.empty(shape, dtype=torch.float64, device=factors[0].device)
     else:
         stacked = workspace.get("pinv_float64", shape, torch.float64, factors[0].device)
-    # One copy per factor, not torch.stack(out=): inductor cannot lower stack into `out` from transposed views
-    # (torch.compile of LoRAPreMuon.step failed), and on CPU the copies were faster (7 vs 11 us at 16 x 1024).
-    for index, factor in enumerate(factors):
-        stacked[index].copy_(factor)
+    # A stacked tensor is copied at once; a list one copy per factor, not torch.stack(out=): inductor cannot lower
+    # stack into `out` from transposed views (torch.compile of LoRAPreMuon.step failed), and on CPU the copies were
+    # faster (7 vs 11 us at 16 x 1024).
+    if isinstance(factors, Tensor):
+        stacked.copy_(factors)
+    else:
+        for index, factor in enumerate(factors):
+            stacked[index].copy_(factor)
     gram = torch.bmm(stacked, stacked.transpose(1, 2))
     if shards is not None:
         shards.sum_(gram)

@@ -11,11 +11,12 @@ from lit_lowrank.optim.lora_pre.base import LowRankOptimizerBase, split_by_matri
 from lit_lowrank.optim.lora_pre.hyperparameters import check_common_hyperparameters
 from lit_lowrank.optim.lora_pre.muon_update import (
     SCALE_RULES,
+    MuonHyper,
     dense_muon_update_,
-    lora_pre_muon_update_,
+    lora_pre_muon_step_,
     muon_update_scale,
 )
-from lit_lowrank.optim.sharding import RowShards, local
+from lit_lowrank.optim.sharding import RowShards
 from lit_lowrank.optim.state import compute_dtype
 from lit_lowrank.optim.validation import (
     BETA,
@@ -176,42 +177,31 @@ class LoRAPreMuon(LowRankOptimizerBase):
             if params:
                 self._adamw_step(group, params, ok)
             return
+        factored = [param for param in params if self._uses_factors(param, group)]
+        for batch in self._batches(group, factored, ok):
+            scale = muon_update_scale(tuple(batch.shape), group["scale_rule"])
+            lora_pre_muon_step_(batch, MuonHyper(group["lr"], group["momentum"], group["nesterov"],
+                                                 group["weight_decay"], group["ns_steps"], scale, group["damping"],
+                                                 group["factor_update"]), self._workspace)
+            batch.write_back()
         for param in params:
-            grad = self._grad_of(param)
-            flag = None if ok is None else ok[param]
-            options = {
-                "lr": group["lr"],
-                "momentum": group["momentum"],
-                "nesterov": group["nesterov"],
-                "weight_decay": group["weight_decay"],
-                "ns_steps": group["ns_steps"],
-                "scale": muon_update_scale(tuple(param.shape), group["scale_rule"]),
-                "ok": flag,
-            }
-            if self._uses_factors(param, group):
-                state = self._factors(param, group)
-                self._count_step(state, param, flag)
-                lora_pre_muon_update_(
-                    local(param),
-                    local(grad),
-                    local(state["B"]),
-                    state["A"],
-                    damping=group["damping"],
-                    factor_update=group["factor_update"],
-                    workspace=self._workspace,
-                    shards=RowShards.of(param),
-                    **options,
-                )
-            else:
-                if RowShards.of(param) is not None:
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: the dense Muon fallback (full_rank='dense') does not support "
-                        f"FSDP2-sharded parameters ({self._param_names[param]}). "
-                        "HINT: lower the rank or use full_rank='factored'."
-                    )
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["step"] = 0
-                    state["momentum_buffer"] = torch.zeros_like(param, dtype=compute_dtype(param.dtype))
-                self._count_step(state, param, flag)
-                dense_muon_update_(param, grad, state["momentum_buffer"], **options)
+            if not self._uses_factors(param, group):
+                self._dense_step(group, param, None if ok is None else ok[param])
+
+    def _dense_step(self, group: dict[str, Any], param: torch.Tensor, flag: torch.Tensor | None) -> None:
+        """Plain Muon with a dense momentum buffer: the ``full_rank="dense"`` fallback, one matrix at a time."""
+        if RowShards.of(param) is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the dense Muon fallback (full_rank='dense') does not support "
+                f"FSDP2-sharded parameters ({self._param_names[param]}). "
+                "HINT: lower the rank or use full_rank='factored'."
+            )
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["step"] = 0
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=compute_dtype(param.dtype))
+        self._count_step(state, param, flag)
+        dense_muon_update_(param, self._grad_of(param), state["momentum_buffer"], lr=group["lr"],
+                           momentum=group["momentum"], nesterov=group["nesterov"],
+                           weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
+                           scale=muon_update_scale(tuple(param.shape), group["scale_rule"]), ok=flag)

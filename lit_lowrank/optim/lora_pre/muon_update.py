@@ -1,4 +1,4 @@
-"""One LoRA-Pre Muon step for one matrix (torch reference path), and the Newton-Schulz orthogonalisation.
+"""The LoRA-Pre Muon step, written once for a batch of same-shape matrices, and the Newton-Schulz orthogonalisation.
 
 Muon's momentum buffer ``M_t = mu M_{t-1} + g`` is kept as ``B A``. One step (``docs/lora-pre.md``):
 
@@ -14,11 +14,13 @@ factors track like LoRA-Pre Adam's first moment; the gradient enters with weight
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from lit_lowrank.optim.lora_pre.factors import Workspace, damped_pinvs, gradient_or_zero, masked_copy_
+from lit_lowrank.optim.lora_pre.batch import MatrixBatch, blend_, stacked_pinvs, update_params_
+from lit_lowrank.optim.lora_pre.factors import Workspace, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -51,32 +53,36 @@ def muon_update_scale(shape: tuple[int, int], rule: str) -> float:
 
 
 def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7, read_on_host: bool = False) -> Tensor:
-    """Approximate ``U V^T`` of ``matrix = U S V^T`` by ``steps`` quintic Newton-Schulz iterations.
+    """Approximate ``U V^T`` of ``matrix = U S V^T`` by ``steps`` quintic Newton-Schulz iterations; ``matrix`` is one
+    ``p x q`` matrix or a batch ``L x p x q`` (each orthogonalised on its own, by batched products).
 
-    Runs in the input's dtype (float32 or float64 here); the result is a new tensor of the same shape. The input is
-    first divided by its Frobenius norm (:func:`frobenius_norm`, which cannot overflow); ``read_on_host`` lets that
-    norm be checked on the host, cheaper on a CPU (a CPU has nothing to wait for).
+    Runs in the input's dtype (float32 or float64 here); the result is a new tensor of the same shape. Each matrix
+    is first divided by its Frobenius norm (:func:`frobenius_norm`, which cannot overflow); ``read_on_host`` lets
+    that norm be checked on the host, cheaper on a CPU (a CPU has nothing to wait for).
 
     Example:
         >>> X = newton_schulz_orthogonalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), 5)
         >>> bool(((torch.linalg.svdvals(X) - 1).abs() < 0.35).all())
         True
     """
+    if matrix.ndim == 2:
+        return newton_schulz_orthogonalize(matrix.unsqueeze(0), steps, eps, read_on_host)[0]
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    transposed = matrix.shape[0] > matrix.shape[1]
-    x = matrix.T if transposed else matrix
+    transposed = matrix.shape[1] > matrix.shape[2]
+    x = matrix.mT if transposed else matrix
     x = x / (frobenius_norm(x, read_on_host) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T  # the smaller of the two Gram matrices, thanks to the transpose above
-        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, polynomial, x, beta=a)
-    return x.T if transposed else x
+        gram = torch.bmm(x, x.mT)  # the smaller of the two Gram matrices, thanks to the transpose above
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, polynomial, x, beta=a)
+    return x.mT if transposed else x
 
 
 def frobenius_norm(x: Tensor, read_on_host: bool = False) -> Tensor:
-    """``||x||_F`` as a 0-d tensor, also where the sum of squares overflows: the momentum of a gradient as large as
-    the optimizers step with (up to ~9.2e18 in float32) has squares beyond float32's range, and ``x / inf = 0`` would
-    freeze the matrix until the momentum decays.
+    """``||x||_F`` of a matrix (0-d), or of each matrix of an ``L x p x q`` batch (``L x 1 x 1``), also where the sum
+    of squares overflows: the momentum of a gradient as large as the optimizers step with (up to ~9.2e18 in
+    float32) has squares beyond float32's range, and ``x / inf = 0`` would freeze the matrix until the momentum
+    decays.
 
     Where ``torch.linalg.matrix_norm`` is inf, the norm is taken again of ``x`` scaled by a power of two that brings
     its largest entry near 1 (exact, so the norm is too). With ``read_on_host`` that happens only when needed, after
@@ -88,14 +94,78 @@ def frobenius_norm(x: Tensor, read_on_host: bool = False) -> Tensor:
         >>> torch.linalg.matrix_norm(x), frobenius_norm(x), frobenius_norm(x, read_on_host=True)
         (tensor(inf), tensor(5.0000e+30), tensor(5.0000e+30))
     """
-    norm = torch.linalg.matrix_norm(x)
-    if read_on_host and math.isfinite(norm):
+    if x.ndim == 2:
+        return frobenius_norm(x.unsqueeze(0), read_on_host).reshape(())
+    norm = torch.linalg.matrix_norm(x, keepdim=True)
+    if read_on_host and bool(torch.isfinite(norm).all()):
         return norm
-    low, high = torch.aminmax(x)
+    low, high = torch.aminmax(x.flatten(1), dim=1)
     _, exponent = torch.frexp(torch.maximum(high, low.neg()))
-    scale = torch.ldexp(torch.ones_like(norm), exponent.neg())
-    scaled = torch.linalg.matrix_norm(x * scale) / scale
-    return scaled if read_on_host else torch.where(torch.isfinite(norm), norm, scaled)
+    scale = torch.ldexp(torch.ones_like(high), exponent.neg()).view(-1, 1, 1)
+    scaled = torch.linalg.matrix_norm(x * scale, keepdim=True) / scale
+    return torch.where(torch.isfinite(norm), norm, scaled)
+
+
+class MuonHyper(NamedTuple):
+    """A param group's LoRA-Pre Muon hyper-parameters for one batch (``scale``: :func:`muon_update_scale` of its
+    shape)."""
+
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    ns_steps: int
+    scale: float
+    damping: float = 1e-6
+    factor_update: str = "alternating"
+
+
+def lora_pre_muon_step_(batch: MatrixBatch, hyper: MuonHyper, workspace: Workspace) -> None:
+    """One LoRA-Pre Muon step of every matrix of ``batch`` (parameters and stacked factors ``B``, ``A``, in place;
+    the caller copies the factors back: :meth:`MatrixBatch.write_back`): one batched Newton-Schulz, two batched
+    damped pseudo-inverses and one ``_foreach`` parameter update per batch, whatever its size.
+
+    With the device-side skip (``batch.ok``) every write is kept only where ``ok`` holds: a skipped matrix's
+    parameter and factors stay bit for bit, even if its gradient holds NaN (it is read as zeros, so nothing computed
+    turns NaN). Nothing is read on the host then. Under FSDP2 (``batch.shards``) the parameters, gradients and ``B``
+    are this rank's row blocks and ``A`` is replicated: Newton-Schulz needs the whole momentum, so it is
+    all-gathered (p x q, as every sharded Muon must) and each rank keeps its rows; the factor update sums ``B^T B``
+    and ``B^+ g`` (r x r, r x q) over ranks.
+    """
+    ok, shards, mu = batch.ok3, batch.shards, hyper.momentum
+    B, A = batch.left[0], batch.right[0]
+    g = batch.stacked_grads(workspace)
+    momentum = torch.baddbmm(g, B, A, alpha=mu, out=workspace.get("momentum", tuple(g.shape), g.dtype, g.device))
+    if hyper.nesterov:
+        momentum.mul_(mu).add_(g)  # g + mu * M_t
+    update = _orthogonalize(momentum, hyper.ns_steps, shards, read_on_host=ok is None and g.device.type == "cpu")
+    update_params_(batch.params, update, alpha=-hyper.lr * hyper.scale, decay=1.0 - hyper.lr * hyper.weight_decay,
+                   ok=ok)
+
+    gamma = 1.0 - math.sqrt(mu)
+    gain = gamma / (1.0 - mu)  # the target is g / (1 - mu)
+    A_pinv = stacked_pinvs(batch.right, "right_pinv", hyper.damping, workspace)[0]
+    if hyper.factor_update == "jacobi":
+        B_pinv = stacked_pinvs(batch.left.mT, "left_pinv", hyper.damping, workspace, shards)[0]
+    if ok is None:
+        B.baddbmm_(g, A_pinv.mT, beta=1.0 - gamma, alpha=gain)
+    else:
+        blend_(B, 1.0 - gamma, torch.bmm(g, A_pinv.mT), gain, ok)
+    if hyper.factor_update != "jacobi":
+        B_pinv = stacked_pinvs(batch.left.mT, "left_pinv", hyper.damping, workspace, shards)[0]
+    if shards is None and ok is None:
+        A.baddbmm_(B_pinv, g, beta=1.0 - gamma, alpha=gain)
+        return
+    product = torch.bmm(B_pinv, g)  # sharded: each rank holds B^+ g for its rows only, summed before A moves
+    blend_(A, 1.0 - gamma, product if shards is None else shards.sum_(product), gain, ok)
+
+
+def _orthogonalize(momentum: Tensor, steps: int, shards: RowShards | None, read_on_host: bool) -> Tensor:
+    """Newton-Schulz of each matrix of the batch; sharded, of the whole matrices gathered from their row blocks."""
+    if shards is None:
+        return newton_schulz_orthogonalize(momentum, steps, read_on_host=read_on_host)
+    whole = torch.stack([shards.gather(rows) for rows in momentum.unbind(0)])
+    return torch.stack([shards.local_rows(matrix) for matrix in newton_schulz_orthogonalize(whole, steps).unbind(0)])
 
 
 def lora_pre_muon_update_(
@@ -116,18 +186,12 @@ def lora_pre_muon_update_(
     shards: RowShards | None = None,
     ok: Tensor | None = None,
 ) -> None:
-    """Apply one LoRA-Pre Muon step to a ``p x q`` ``param`` and its factors ``B`` (``p x r``), ``A`` (``r x q``).
+    """Apply one LoRA-Pre Muon step to a ``p x q`` ``param`` and its factors ``B`` (``p x r``), ``A`` (``r x q``): the
+    step of :func:`lora_pre_muon_step_` for a batch of one.
 
     ``scale`` is the update scale of :func:`muon_update_scale`. The factors' dtype is the compute dtype
-    (float32, or float64 for float64 parameters); ``param`` and ``grad`` may be bf16.
-
-    ``ok`` (a 0-d bool tensor: the device-side skip) masks every write: where it is False, ``param``, ``B`` and
-    ``A`` stay bit for bit, even if ``grad`` holds NaN (it is read as zeros, so nothing computed turns NaN).
-    Nothing is read on the host; the cost is a copy of ``grad`` and a ``torch.where`` per written tensor.
-
-    Under FSDP2 (``shards`` given) ``param``, ``grad`` and ``B`` are this rank's row blocks and ``A`` is replicated.
-    Newton-Schulz needs the whole momentum, so it is all-gathered (p x q, as every sharded Muon must) and each
-    rank keeps its rows of the result; the factor update sums ``B^T B`` and ``B^+ g`` (r x r, r x q) over ranks.
+    (float32, or float64 for float64 parameters); ``param`` and ``grad`` may be bf16. ``ok`` (a 0-d bool tensor:
+    the device-side skip) masks every write; ``shards``: FSDP2 row blocks, as in :func:`lora_pre_muon_step_`.
 
     Example:
         >>> from lit_lowrank.optim.lora_pre.factors import init_factor_pairs
@@ -138,61 +202,11 @@ def lora_pre_muon_update_(
         >>> torch.linalg.svdvals(W).round(decimals=1)  # lr times an (almost) orthogonal matrix
         tensor([0.1000, 0.1000, 0.1000, 0.1000])
     """
-    p, q = param.shape
-    dtype, device = B.dtype, B.device
-    if ok is not None:
-        g = gradient_or_zero(grad, ok, workspace.get("grad", (p, q), dtype, device))
-    else:
-        g = grad if grad.dtype == dtype else workspace.get("grad", (p, q), dtype, device).copy_(grad)
-
-    buffer = workspace.get("momentum", (p, q), dtype, device)
-    torch.addmm(g, B, A, alpha=momentum, out=buffer)  # M_t = mu M_{t-1} + g
-    if nesterov:
-        buffer.mul_(momentum).add_(g)
-    if shards is None:
-        update = newton_schulz_orthogonalize(buffer, ns_steps, read_on_host=ok is None and device.type == "cpu")
-    else:
-        update = shards.local_rows(newton_schulz_orthogonalize(shards.gather(buffer), ns_steps))
-    _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)
-
-    gamma = 1.0 - math.sqrt(momentum)
-    gain = gamma / (1.0 - momentum)  # the target is g / (1 - mu)
-
-    def pinv(factor: Tensor, role: str, shards: RowShards | None = None) -> Tensor:
-        out = workspace.get(role, (1, *factor.shape), dtype, device)
-        return damped_pinvs([factor], damping, out, workspace, shards)[0]
-
-    A_pinv = pinv(A, "right_pinv")
-    if factor_update == "jacobi":
-        B_pinv = pinv(B.T, "left_pinv", shards)
-    if ok is None:
-        B.addmm_(g, A_pinv.T, beta=1.0 - gamma, alpha=gain)
-    else:
-        masked_copy_(B, torch.addmm(B, g, A_pinv.T, beta=1.0 - gamma, alpha=gain), ok)
-    if factor_update != "jacobi":
-        B_pinv = pinv(B.T, "left_pinv", shards)
-    if shards is None and ok is None:
-        A.addmm_(B_pinv, g, beta=1.0 - gamma, alpha=gain)
-        return
-    # Sharded, each rank holds B^+ g for its rows only: summed over ranks before the replicated A moves.
-    product = B_pinv @ g if shards is None else shards.sum_(B_pinv @ g)
-    if ok is None:
-        A.mul_(1.0 - gamma).add_(product, alpha=gain)
-    else:
-        masked_copy_(A, torch.mul(A, 1.0 - gamma).add_(product, alpha=gain), ok)
-
-
-def _apply_update_(param: Tensor, update: Tensor, *, lr: float, scale: float, weight_decay: float,
-                   ok: Tensor | None) -> None:
-    """``W <- W - lr * (scale * update + weight_decay * W)`` (decay first, rounded to W's dtype, as in place);
-    with ``ok`` only where it holds."""
-    if ok is None:
-        if weight_decay != 0.0:
-            param.mul_(1.0 - lr * weight_decay)
-        param.add_(update, alpha=-lr * scale)
-        return
-    decayed = param * (1.0 - lr * weight_decay) if weight_decay != 0.0 else param
-    masked_copy_(param, torch.add(decayed, update, alpha=-lr * scale), ok)
+    batch = MatrixBatch.gather([param], [grad], [[B, A]], step=0, workspace=workspace,
+                               ok=None if ok is None else ok.reshape(1), shards=shards)
+    lora_pre_muon_step_(batch, MuonHyper(lr, momentum, nesterov, weight_decay, ns_steps, scale, damping,
+                                         factor_update), workspace)
+    batch.write_back()
 
 
 def dense_muon_update_(
@@ -219,4 +233,5 @@ def dense_muon_update_(
     if nesterov:
         direction = torch.add(grad, momentum_buffer, alpha=momentum)
     update = newton_schulz_orthogonalize(direction, ns_steps, read_on_host=ok is None and param.device.type == "cpu")
-    _apply_update_(param, update, lr=lr, scale=scale, weight_decay=weight_decay, ok=ok)
+    update_params_([param], update.unsqueeze(0), alpha=-lr * scale, decay=1.0 - lr * weight_decay,
+                   ok=None if ok is None else ok.view(1, 1, 1))
