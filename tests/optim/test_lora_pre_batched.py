@@ -1,6 +1,7 @@
 """The LoRA-Pre steps on batches of same-shape matrices: the same numbers as one matrix at a time, and a number of
 operations per step that does not grow with the number of layers (what batching is for)."""
 import collections
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon
 from lit_lowrank.optim.lora_pre import adam, base, batch, muon
 
+DATA = Path(__file__).parent / "data"
 OPTIMIZERS = {
     "adam": lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, seed=0, weight_decay=0.01),
     "adam_jacobi_adam_floor": lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, seed=0, factor_update="jacobi",
@@ -143,3 +145,24 @@ def test_batch_limits_keep_cpu_batches_in_cache_and_big_matrices_alone():
     assert batch.batch_limit((64, 64), cpu, 16) == 1  # explicit row chunks: one matrix at a time
     assert batch.batch_limit((4096, 4096), torch.device("meta"), None) == batch.DEVICE_BATCH_ELEMENTS // 4096**2
     assert [len(part) for part in batch.split(list(range(5)), 4)] == [2, 3]
+
+
+@pytest.mark.parametrize("name", ["adam", "muon"])
+def test_a_checkpoint_written_before_batching_resumes(name):
+    """``data/lora_pre_before_batching.pt``: parameters and optimizer state after 3 steps of the per-matrix code
+    (commit e4a330b), the next 2 gradients and where that code went with them. The batched step resumes from it to
+    the same place, up to float32 rounding."""
+    saved = torch.load(DATA / "lora_pre_before_batching.pt", weights_only=True)[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 16))
+    with torch.no_grad():
+        for param, value in zip(model.parameters(), saved["params"]):
+            param.copy_(value)
+    optimizer = OPTIMIZERS[name](model)
+    optimizer.load_state_dict(saved["optimizer"])
+    for grads in saved["grads"]:
+        for param, grad in zip(model.parameters(), grads):
+            param.grad = grad
+        optimizer.step()
+    for got, want, before in zip([p.detach() for p in model.parameters()], saved["expected"], saved["params"]):
+        assert float((got - want).abs().max()) <= 1e-5 * float((want - before).abs().max())
