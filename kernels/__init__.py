@@ -7,6 +7,9 @@
 - :mod:`~lit_lowrank.kernels.lora_pre_adam`: the LoRA-Pre Adam step's p x q work in two passes (the factors'
   regression products and the parameter update from the reconstructed moments, then the second moment's
   products); the r x r pseudo-inverses stay in torch. Imports triton; load it through the dispatcher.
+- :mod:`~lit_lowrank.kernels.batched_launch`: the host-side glue of a launch over L same-shape tensors (pointer
+  tables of their addresses, the checks that they share one layout, scratch buffers), imported by
+  ``lora_pre_adam``. Not a kernel module and does not import triton.
 
 Each kernel equals a torch reference in ``lit_lowrank.optim`` to fp32 rounding and is tested against it
 on CPU with ``TRITON_INTERPRET=1`` (``tests/kernels``).

@@ -1,12 +1,14 @@
 """Fused LoRA-Pre Adam passes: a batch of L same-shape matrices' parameter updates and the factors' skinny
 products, in two launches whatever L is.
 
-A leaf: this module imports torch, triton and :mod:`lit_lowrank.kernels.dispatch` only. The step around the two
-passes (pseudo-inverses, factor updates, the skip flag, FSDP2 sums) is the optimizer's
-(``lit_lowrank.optim.lora_pre``), which calls :func:`first_pass` and :func:`second_pass` as its Triton backend
-and checks them against its torch backends. ``m_t`` and ``v_t`` are formed a register tile at a time and never
-stored. With the optimizer's algebra (``kappa = beta1 / (1 - beta1)``, ``rho = sqrt(beta2 / (1 - beta2))``,
-constants folded into ``step_size`` and ``eps_hat``), for each layer ``l`` of the batch:
+A leaf: this module imports torch, triton, :mod:`lit_lowrank.kernels.dispatch` and
+:mod:`lit_lowrank.kernels.batched_launch` (the host-side glue of a batched launch: pointer tables, their checks,
+scratch buffers) only; it holds the kernels, their configs and the two launchers. The step around the two passes
+(pseudo-inverses, factor updates, the skip flag, FSDP2 sums) is the optimizer's (``lit_lowrank.optim.lora_pre``),
+which calls :func:`first_pass` and :func:`second_pass` as its Triton backend and checks them against its torch
+backends. ``m_t`` and ``v_t`` are formed a register tile at a time and never stored. With the optimizer's algebra
+(``kappa = beta1 / (1 - beta1)``, ``rho = sqrt(beta2 / (1 - beta2))``, constants folded into ``step_size`` and
+``eps_hat``), for each layer ``l`` of the batch:
 
 **Pass 1** (:func:`_first_pass`; grid: row blocks x column slots x layers; a program owns BLOCK_M rows of one
 layer and a slot of COL_TILES consecutive BLOCK_N-column tiles, visited in order). Per tile:
@@ -30,10 +32,11 @@ r x r work too), so a program finds its layer's by an offset. The parameters and
 separate tensors, which must not be copied into a stack (that would double the traffic of a memory-bound
 step): the kernels take *pointer tables*, (L,) int64 tensors of their addresses on the device, load their layer's
 entry and cast it to a pointer of W's (G's) dtype. All L share one dtype and one stride pair (per role), as the
-kernels are specialised on them. A table is cached per tuple of addresses (:func:`_pointer_table`): parameters
-never move, gradients rarely do, so a steady state builds none; a new one is copied from pinned memory without a
-host sync. The addresses' 16-byte alignment, which Triton sees for tensor arguments but not for a loaded
-pointer, is passed as a constexpr and restored with ``tl.multiple_of``, so the loads of W and g stay vectorised.
+kernels are specialised on them. A table is cached per tuple of addresses
+(:func:`~lit_lowrank.kernels.batched_launch.pointer_table`): parameters never move, gradients rarely do, so a
+steady state builds none; a new one is copied from pinned memory without a host sync. The addresses' 16-byte
+alignment, which Triton sees for tensor arguments but not for a loaded pointer, is passed as a constexpr and
+restored with ``tl.multiple_of``, so the loads of W and g stay vectorised.
 
 Memory traffic, and why Jacobi runs the same two passes: docs/design.md.
 
@@ -56,20 +59,17 @@ The kernels call only Triton builtins (no ``triton.language.standard`` helpers s
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from lit_lowrank.kernels.batched_launch import Scratch, allocate, fp32_stack, pointer_batch
 from lit_lowrank.kernels.dispatch import built_by_interpreter
 from lit_lowrank.kernels.dispatch import dot_precision as _dot_precision
 
 __all__ = ["INTERPRETED", "dot_precision", "first_pass", "second_pass"]
-
-Scratch = Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
-"""A buffer provider, ``(role, shape, dtype, device) -> Tensor`` (the optimizer's ``Workspace.get``)."""
 
 #: Fixed reduction tiling (see the module docstring): pass 1 sums BLOCK_N * COL_TILES = 512 columns per slot,
 #: pass 2 BLOCK_M * ROW_TILES = 512 rows. Each pass's partial sums then cost r / 32 bytes per weight entry
@@ -107,11 +107,7 @@ INTERPRETER_SECOND = {"BLOCK_M": 32, "BLOCK_N": 32, "ROW_TILES": 2}
 #: The first pass's in-kernel scalar inputs when the step's scalars come from the host (never read there; the
 #: ninth, ``one_minus_ratio``, is a divisor).
 UNUSED_INPUTS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-#: Pointer tables kept (:func:`_pointer_table`): two per same-shape group (parameters, gradients) with room for
-#: gradients that move between steps; each is a few bytes per layer.
-TABLE_CACHE_SIZE = 128
-#: Addresses 16-byte aligned (every allocation; not every view) let Triton vectorise the loads of W and g.
-ALIGNMENT = 16
+#: The Triton dtypes of :data:`~lit_lowrank.kernels.batched_launch.MATRIX_DTYPES` (W's and g's).
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -383,65 +379,6 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_tables_lock = threading.Lock()
-
-
-def _pointer_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors' addresses as an (L,) int64 tensor on their device, cached per tuple of addresses (LRU).
-
-    Built without a host sync: on CUDA copied from pinned memory, asynchronously (the caching host allocator keeps
-    the pinned block until the copy is done). A cached table holds addresses only, so it stays right for whatever
-    tensors sit at those addresses; it is used on the stream that built it or later on (the optimizer steps on
-    one stream). Under CUDA graphs the tables must exist before capture (the warm-up steps build them).
-    """
-    device = tensors[0].device
-    addresses = tuple(t.data_ptr() for t in tensors)
-    key = (device, addresses)
-    with _tables_lock:
-        table = _tables.get(key)
-        if table is not None:
-            _tables.move_to_end(key)
-            return table
-    if device.type == "cuda":
-        table = torch.tensor(addresses, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
-    else:
-        table = torch.tensor(addresses, dtype=torch.int64, device=device)
-    with _tables_lock:
-        _tables[key] = table
-        while len(_tables) > TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)
-    return table
-
-
-def _batch(tensors: Sequence[torch.Tensor], what: str) -> tuple[torch.Tensor, tl.dtype, bool]:
-    """The pointer table of L same-shape matrices, their Triton dtype and whether all are 16-byte aligned.
-
-    One dtype, shape, stride pair and device for all: the kernel is specialised on them, not per layer.
-    """
-    first = tensors[0]
-    if first.dim() != 2 or first.dtype not in _TL_DTYPES:
-        raise ValueError(f"{what}: 2-d fp32, bf16 or fp16 matrices expected, got {first.dtype} {tuple(first.shape)}")
-    layout = (first.shape, first.dtype, first.stride(), first.device)
-    for tensor in tensors[1:]:
-        if (tensor.shape, tensor.dtype, tensor.stride(), tensor.device) != layout:
-            raise ValueError(f"{what}: one shape, dtype, stride pair and device for all, got {layout[:3]} and "
-                             f"{(tensor.shape, tensor.dtype, tensor.stride())}")
-    aligned = all(t.data_ptr() % ALIGNMENT == 0 for t in tensors)
-    return _pointer_table(tensors), _TL_DTYPES[first.dtype], aligned
-
-
-def _stack(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """``tensor`` as the contiguous fp32 stack of ``shape`` the kernels index by offsets (a copy if strided)."""
-    if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-        raise ValueError(f"{what}: fp32 of shape {shape} expected, got {tensor.dtype} {tuple(tensor.shape)}")
-    return tensor.contiguous()
-
-
-def _allocate(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _step_arguments(host_scalars, device_step, layers: int, unused: torch.Tensor):
     """The first pass's step arguments: ``(steps, oks, (rho, -step_size, eps_hat, floor), inputs, constexprs)``.
 
@@ -480,17 +417,17 @@ def first_pass(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], le
     the next call. One launch (plus one ``torch.sum``) whatever L is.
     """
     layers, (p, q), r = len(params), params[0].shape, right.shape[2]
-    left = _stack(left, (2, layers, p, r), "left")
-    right = _stack(right, (2, layers, r, q), "right")
-    right_pinvs = _stack(right_pinvs, (2, layers, r, q), "right_pinvs")
-    w_tab, w_dtype, w_aligned = _batch(params, "params")
-    g_tab, g_dtype, g_aligned = _batch(grads, "grads")
+    left = fp32_stack(left, (2, layers, p, r), "left")
+    right = fp32_stack(right, (2, layers, r, q), "right")
+    right_pinvs = fp32_stack(right_pinvs, (2, layers, r, q), "right_pinvs")
+    w_tab, w_dtype, w_aligned = pointer_batch(params, "params")
+    g_tab, g_dtype, g_aligned = pointer_batch(grads, "grads")
     if grads[0].shape != params[0].shape:
         raise ValueError(f"grads: shape {tuple(params[0].shape)} expected, got {tuple(grads[0].shape)}")
     device = params[0].device
-    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, W_DTYPE=w_dtype, G_DTYPE=g_dtype,
-                     W_ALIGNED=w_aligned, G_ALIGNED=g_aligned, DOT_PRECISION=precision or dot_precision(device),
-                     SOFT_BF16=INTERPRETED)
+    constants = dict(r=r, R_PAD=_r_pad(r), DECAY=decay is not None, W_DTYPE=_TL_DTYPES[w_dtype],
+                     G_DTYPE=_TL_DTYPES[g_dtype], W_ALIGNED=w_aligned, G_ALIGNED=g_aligned,
+                     DOT_PRECISION=precision or dot_precision(device), SOFT_BF16=INTERPRETED)
     if _first_autotuned is None:  # interpreted
         kernel, constants = _first_pass, {**constants, **INTERPRETER_FIRST}
         slot_cols = INTERPRETER_FIRST["BLOCK_N"] * INTERPRETER_FIRST["COL_TILES"]
@@ -498,7 +435,7 @@ def first_pass(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], le
         kernel, constants["BLOCK_R"] = _first_autotuned, min(MAX_BLOCK_R, constants["R_PAD"])
         slot_cols = FIRST_PASS_REDUCTION["BLOCK_N"] * FIRST_PASS_REDUCTION["COL_TILES"]
     slots = triton.cdiv(q, slot_cols)
-    scratch = scratch or _allocate
+    scratch = scratch or allocate
     partials = scratch("kernel_left_partials", (slots, 2, layers, p, r), torch.float32, device)
     steps, oks, scalars, inputs, step_constants = _step_arguments(host_scalars, device_step, layers, partials)
 
@@ -525,10 +462,10 @@ def second_pass(grads: Sequence[torch.Tensor], left_pinvs: torch.Tensor, *, prec
     ``[B_pinv, V_B_pinv]`` and the L p x q ``grads``. One launch (plus one ``torch.sum``) whatever L is; the result
     may be a view of a ``scratch`` buffer, valid until the next call."""
     layers, (p, q), r = len(grads), grads[0].shape, left_pinvs.shape[2]
-    left_pinvs = _stack(left_pinvs, (2, layers, r, p), "left_pinvs")
-    g_tab, g_dtype, g_aligned = _batch(grads, "grads")
+    left_pinvs = fp32_stack(left_pinvs, (2, layers, r, p), "left_pinvs")
+    g_tab, g_dtype, g_aligned = pointer_batch(grads, "grads")
     device = grads[0].device
-    constants = dict(r=r, R_PAD=_r_pad(r), G_DTYPE=g_dtype, G_ALIGNED=g_aligned,
+    constants = dict(r=r, R_PAD=_r_pad(r), G_DTYPE=_TL_DTYPES[g_dtype], G_ALIGNED=g_aligned,
                      DOT_PRECISION=precision or dot_precision(device))
     if _second_autotuned is None:  # interpreted
         kernel, constants = _second_pass, {**constants, **INTERPRETER_SECOND}
@@ -537,7 +474,7 @@ def second_pass(grads: Sequence[torch.Tensor], left_pinvs: torch.Tensor, *, prec
         kernel = _second_autotuned
         slot_rows = SECOND_PASS_REDUCTION["BLOCK_M"] * SECOND_PASS_REDUCTION["ROW_TILES"]
     slots = triton.cdiv(p, slot_rows)
-    scratch = scratch or _allocate
+    scratch = scratch or allocate
     partials = scratch("kernel_right_partials", (slots, 2, layers, r, q), torch.float32, device)
 
     def grid(meta):

@@ -1,23 +1,17 @@
-"""The fused LoRA-Pre Adam passes, under Triton's interpreter on CPU: the batched launchers against float64 torch
-arithmetic of the formulas, then whole steps and the optimizer through the Triton backend against the torch path.
-
-Launcher tests compute what each pass must return and write from the formulas in the kernel module's docstring,
-in float64, layer by layer (nothing of the optimizer's code but its host scalar formulas): the kernels sum and
-round in fp32, in another order, so values agree to fp32 rounding relative to each tensor's magnitude, and bf16 /
-fp16 parameters by one ulp at most in a few entries. Step-level tests compare with the torch path of the same
-function (``use_triton=False``), which ``tests/optim`` checks against the spec's invariants and dense Adam. The
-interpreter runs small tiles (32 x 32, two tiles per slot, rank chunks of 16), so the shapes below span several
-tiles, slots and rank chunks, with ragged edges in every dimension.
+"""Whole LoRA-Pre Adam steps through the Triton backend, under Triton's interpreter on CPU:
+``lora_pre_adam_update_(..., use_triton=True)`` and ``LoRAPreAdamW(use_triton=True)`` against the torch path of the
+same function (``use_triton=False``), which ``tests/optim`` checks against the spec's invariants and dense Adam;
+the fallbacks to torch, the device-side skip, FSDP2's sharded rows, the GPU configs and autotune hooks under an
+emulated autotuner, and the sm_90 compile. The interpreter runs small tiles (32 x 32, two tiles per slot, rank
+chunks of 16), so the shapes below span several tiles, slots and rank chunks, with ragged edges in every dimension.
+The launchers alone, against float64 formulas: ``test_lora_pre_adam_launchers.py``; shared helpers:
+``tests/lora_pre_kernel_cases.py``.
 """
-import ast
 import contextlib
 import copy
-import os
 import sys
 import threading
 import warnings
-from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +19,21 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton cannot be imported")
 
+import lora_pre_kernel_cases as cases  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from hopper_compile import compile_for_hopper  # noqa: E402
+from lora_pre_kernel_cases import (  # noqa: E402
+    DEVICE,
+    KERNEL_MODULE,
+    close,
+    close_param,
+    expected_first_pass,
+    expected_second_pass,
+    interpreted,
+    matrices,
+    stacks,
+)
 
 from lit_lowrank.kernels import (
     dispatch,  # noqa: E402
@@ -42,285 +48,8 @@ from lit_lowrank.optim.lora_pre import (
 from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_  # noqa: E402
 from lit_lowrank.optim.lora_pre.factors import Workspace, init_factor_pairs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-KERNEL_MODULE = "lit_lowrank.kernels.lora_pre_adam"
-# benchmarks/gpu_acceptance.sh runs these natively (TRITON_INTERPRET=0): the same comparisons on CUDA tensors, with
-# the compiled, autotuned kernels; tests of the interpreter's own machinery skip.
-NATIVE = os.environ.get("TRITON_INTERPRET", "1").lower() in ("0", "false", "off")
-DEVICE = torch.device("cuda" if NATIVE and torch.cuda.is_available() else "cpu")
-interpreted = pytest.mark.skipif(NATIVE, reason="Triton's interpreter on CPU only")
-if NATIVE and DEVICE.type == "cpu":
-    pytest.skip("natively the kernels need a GPU", allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch):
-    assert lora_pre_adam.INTERPRETED != NATIVE, f"{KERNEL_MODULE} was imported before TRITON_INTERPRET was set"
-    monkeypatch.setenv(dispatch.CHECK_ENV, "0")  # these compare the kernel itself: no self-check swapping torch in
-    dispatch.reset()
-    yield
-    dispatch.reset()
-
-
-def close(actual, expected, rtol=2e-5):
-    """Equal up to ``rtol`` of the expected tensor's largest magnitude (entries near 0 carry absolute error)."""
-    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
-    scale = expected.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=float(rtol * scale))
-
-
-def close_param(actual, expected, initial):
-    """fp32: the displacements agree to fp32 rounding; bf16/fp16: one ulp at most, in a few entries only."""
-    actual, expected, initial = actual.detach().cpu(), expected.detach().cpu(), initial.detach().cpu()
-    if actual.dtype == torch.float32:
-        close(actual - initial, expected - initial)
-    else:
-        ulp = torch.finfo(actual.dtype).eps * expected.float().abs().clamp_min(torch.finfo(actual.dtype).tiny)
-        assert ((actual.float() - expected.float()).abs() <= ulp).all()
-        assert (actual == expected).float().mean() > 0.97
-
-
-# ------------------------------------------------------------------------------------------------ launchers
-class Launches:
-    """Counts launches of the kernel a pass uses (the autotuned one natively), by pass."""
-
-    def __init__(self, monkeypatch):
-        self.counts = Counter()
-        for name, tuned in (("first", "_first_autotuned"), ("second", "_second_autotuned")):
-            attribute = tuned if getattr(lora_pre_adam, tuned) is not None else f"_{name}_pass"
-            monkeypatch.setattr(lora_pre_adam, attribute, self.wrap(getattr(lora_pre_adam, attribute), name))
-
-    def wrap(self, kernel, name):
-        counts = self.counts
-
-        class Counted:
-            def __getitem__(self, grid):
-                counts[name] += 1
-                return kernel[grid]
-
-        return Counted()
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    return Launches(monkeypatch).counts
-
-
-def f32(x: float) -> float:
-    """``x`` as the kernel receives a float argument: rounded to fp32."""
-    return float(torch.tensor(x, dtype=torch.float32))
-
-
-def expected_first_pass(params, grads, left, right, right_pinvs, kappa, decay, scalars):
-    """What the first pass writes and returns, in float64 layer by layer: ``scalars[l]`` = (rho, step_size,
-    eps_hat, floor) of layer l (floor 0: no bound), None where the layer's step is skipped (W kept)."""
-    new_params, sums = [], []
-    for layer, (W, G) in enumerate(zip(params, grads, strict=True)):
-        g = G.double().cpu()
-        B, V_B, A, V_A, A_pinv, V_A_pinv = (t[k, layer].double().cpu() for t in (left, right, right_pinvs)
-                                             for k in (0, 1))
-        sums.append(torch.stack([g @ A_pinv.T, g.abs() @ V_A_pinv.T]))
-        if scalars[layer] is None:
-            new_params.append(W.detach().cpu().clone())
-            continue
-        rho, step_size, eps_hat, floor = scalars[layer]
-        m = g + f32(kappa) * (B @ A)
-        root_v = torch.hypot(g.abs(), f32(rho) * (V_B @ V_A))
-        if floor != 0.0:
-            root_v = torch.maximum(root_v, f32(floor) * m.abs())
-        w = W.detach().cpu()
-        if decay is not None:  # decayed in place first, rounded to W's dtype (an fp32 product)
-            w = (w.double() * f32(decay)).float().to(W.dtype)
-        new_params.append((w.double() - f32(step_size) * m / (root_v + f32(eps_hat))).float().to(W.dtype))
-    return new_params, torch.stack(sums, dim=1)
-
-
-def expected_second_pass(grads, left_pinvs):
-    return torch.stack([torch.stack([left_pinvs[0, layer].double().cpu() @ G.double().cpu(),
-                                     left_pinvs[1, layer].double().cpu() @ G.double().abs().cpu()])
-                        for layer, G in enumerate(grads)], dim=1)
-
-
-def matrices(L, p, q, dtype, strided, gen, scale=1.0):
-    """L p x q matrices of ``dtype`` (column-major views of transposes when ``strided``), on the device."""
-    if strided:
-        return [(torch.randn(q, p, generator=gen) * scale).to(DEVICE, dtype).T for _ in range(L)]
-    return [(torch.randn(p, q, generator=gen) * scale).to(DEVICE, dtype) for _ in range(L)]
-
-
-def stacks(L, p, q, r, gen):
-    """[B, V_B], [A, V_A], [A_pinv, V_A_pinv] and [B_pinv, V_B_pinv] of a trained-looking state (fp32)."""
-    left = torch.randn(2, L, p, r, generator=gen) * 0.05
-    right = torch.randn(2, L, r, q, generator=gen) / q**0.5
-    right_pinvs = torch.randn(2, L, r, q, generator=gen) / q**0.5
-    left_pinvs = torch.randn(2, L, r, p, generator=gen) / p**0.5
-    return (t.to(DEVICE) for t in (left, right, right_pinvs, left_pinvs))
-
-
-LAUNCH_CASES = [  # L, p, q, r, W dtype, g dtype, strided, decay, floor
-    (1, 37, 70, 3, torch.float32, torch.float32, False, None, 0.0),
-    (3, 70, 45, 18, torch.float32, torch.float32, True, 0.99, 0.7),  # r = 18: two rank chunks, R_PAD = 32
-    (3, 45, 130, 8, torch.bfloat16, torch.bfloat16, False, 0.99, 0.7),  # three column slots
-    (3, 66, 40, 5, torch.float16, torch.float16, True, None, 0.0),
-    (3, 33, 53, 4, torch.float32, torch.bfloat16, False, 0.95, 1.3),  # the gradients in their own dtype
-]
-
-
-@pytest.mark.parametrize("L,p,q,r,dtype,grad_dtype,strided,decay,floor", LAUNCH_CASES,
-                         ids=[f"L{c[0]}-{c[1]}x{c[2]}r{c[3]}-{str(c[4])[6:]}-g{str(c[5])[6:]}-"
-                              f"{'strided' if c[6] else 'contiguous'}-decay{c[7]}-floor{c[8]}" for c in LAUNCH_CASES])
-def test_both_passes_with_host_scalars_equal_float64_formulas(L, p, q, r, dtype, grad_dtype, strided, decay, floor,
-                                                               launches):
-    gen = torch.Generator().manual_seed(L * p + q * r)
-    params = matrices(L, p, q, dtype, strided, gen)
-    grads = matrices(L, p, q, grad_dtype, strided, gen, scale=1e-2)
-    left, right, right_pinvs, left_pinvs = stacks(L, p, q, r, gen)
-    initial = [W.clone() for W in params]
-    scalars = (31.6, 1e-2, 1e-6, floor)  # rho of beta2 = 0.999; floor 0: no bound
-    expected_params, expected_sums = expected_first_pass(params, grads, left, right, right_pinvs, 9.0, decay,
-                                                         [scalars] * L)
-    sums = lora_pre_adam.first_pass(params, grads, left, right, right_pinvs, kappa=9.0, decay=decay,
-                                    host_scalars=scalars)
-    assert sums.shape == (2, L, p, r) and sums.dtype == torch.float32
-    close(sums, expected_sums)
-    for W, want, W0 in zip(params, expected_params, initial, strict=True):
-        assert W.dtype == dtype and W.stride() == W0.stride()
-        assert not torch.equal(W, W0)
-        close_param(W, want, W0)
-    right_sums = lora_pre_adam.second_pass(grads, left_pinvs)
-    assert right_sums.shape == (2, L, r, q)
-    close(right_sums, expected_second_pass(grads, left_pinvs))
-    assert launches == {"first": 1, "second": 1}
-
-
-DEVICE_STEP_CASES = [  # p, q, r, dtype, strided, weight decay, debias, update bound
-    (45, 70, 4, torch.float32, False, 0.1, True, "adam_floor"),
-    (37, 53, 18, torch.bfloat16, True, 0.0, False, "none"),
-]
-
-
-@pytest.mark.parametrize("p,q,r,dtype,strided,weight_decay,debias,bound", DEVICE_STEP_CASES,
-                         ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-wd{c[5]}-{c[7]}" for c in DEVICE_STEP_CASES])
-def test_first_pass_with_device_step_counts_equals_the_host_formulas(p, q, r, dtype, strided, weight_decay, debias,
-                                                                     bound, launches):
-    """Each layer's scalars from its own step count in-kernel (fp64): as ``adam_step_constants`` gives them on the
-    host. The layer whose flag is False keeps its W bit for bit (its sums are still returned)."""
-    L, hyper = 3, dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, scale=0.5, debias_second_moment=debias,
-                       update_bound=bound)
-    gen = torch.Generator().manual_seed(p + q + r)
-    params = matrices(L, p, q, dtype, strided, gen)
-    grads = matrices(L, p, q, dtype, strided, gen, scale=1e-2)
-    left, right, right_pinvs, _ = stacks(L, p, q, r, gen)
-    initial = [W.clone() for W in params]
-    counts, oks = [3, 1, 7], [True, False, True]
-    host = [adam_scalars.adam_step_constants(step=t, **hyper) for t in counts]
-    scalars = [(c.rho, c.step_size, c.eps_hat, c.floor) if ok else None for c, ok in zip(host, oks, strict=True)]
-    decay = 1.0 - hyper["lr"] * weight_decay if weight_decay else None
-    expected_params, expected_sums = expected_first_pass(params, grads, left, right, right_pinvs, host[0].kappa,
-                                                         decay, scalars)
-    inputs = adam_scalars.device_step_inputs(**hyper)
-    device_step = (torch.tensor(counts, dtype=torch.float32, device=DEVICE), torch.tensor(oks, device=DEVICE),
-                   tuple(inputs[:10]), inputs.debias, inputs.bound)
-    sums = lora_pre_adam.first_pass(params, grads, left, right, right_pinvs, kappa=host[0].kappa, decay=decay,
-                                    device_step=device_step)
-    close(sums, expected_sums)
-    assert torch.equal(params[1], initial[1])
-    for layer in (0, 2):
-        assert not torch.equal(params[layer], initial[layer])
-        close_param(params[layer], expected_params[layer], initial[layer])
-    assert launches == {"first": 1}
-
-
-def test_one_launch_per_pass_whatever_the_number_of_layers(launches):
-    gen = torch.Generator().manual_seed(0)
-    for L in (1, 6):
-        params, grads = matrices(L, 20, 24, torch.float32, False, gen), matrices(L, 20, 24, torch.float32, False, gen)
-        left, right, right_pinvs, left_pinvs = stacks(L, 20, 24, 2, gen)
-        lora_pre_adam.first_pass(params, grads, left, right, right_pinvs, kappa=9.0, decay=None,
-                                 host_scalars=(1.0, 1e-3, 1e-8, 0.0))
-        lora_pre_adam.second_pass(grads, left_pinvs)
-        assert launches == {"first": 1, "second": 1}, (L, launches)
-        launches.clear()
-
-
-def test_pointer_tables_are_built_once_per_tuple_of_addresses_and_scratch_is_used():
-    """A steady state builds no table; the result is the scratch provider's buffer (nothing else allocated)."""
-    gen = torch.Generator().manual_seed(1)
-    params, grads = matrices(2, 20, 24, torch.float32, False, gen), matrices(2, 20, 24, torch.float32, False, gen)
-    left, right, right_pinvs, left_pinvs = stacks(2, 20, 24, 2, gen)
-    workspace, roles = Workspace(), []
-
-    def scratch(role, shape, dtype, device):
-        roles.append(role)
-        return workspace.get(role, shape, dtype, device)
-
-    for _ in range(2):
-        sums = lora_pre_adam.first_pass(params, grads, left, right, right_pinvs, kappa=9.0, decay=None,
-                                        host_scalars=(1.0, 1e-3, 1e-8, 0.0), scratch=scratch)
-        tables = {key: id(table) for key, table in lora_pre_adam._tables.items()}
-        lora_pre_adam.second_pass(grads, left_pinvs, scratch=scratch)
-        assert {key: id(table) for key, table in lora_pre_adam._tables.items()} == tables
-    assert lora_pre_adam._pointer_table(params) is lora_pre_adam._pointer_table(list(params))
-    device = params[0].device  # the workspace keys on it (cuda:0, not cuda)
-    assert sums.data_ptr() == workspace.get("kernel_left_sums", (2, 2, 20, 2), torch.float32, device).data_ptr()
-    assert roles == ["kernel_left_partials", "kernel_left_sums", "kernel_right_partials", "kernel_right_sums"] * 2
-
-
-def test_launchers_refuse_mixed_layouts_and_both_or_no_scalars():
-    gen = torch.Generator().manual_seed(2)
-    params, grads = matrices(2, 20, 24, torch.float32, False, gen), matrices(2, 20, 24, torch.float32, False, gen)
-    left, right, right_pinvs, left_pinvs = stacks(2, 20, 24, 2, gen)
-    run = dict(kappa=9.0, decay=None, host_scalars=(1.0, 1e-3, 1e-8, 0.0))
-    with pytest.raises(ValueError, match="one shape, dtype, stride pair"):
-        lora_pre_adam.first_pass([params[0], params[1].T.contiguous().T], grads, left, right, right_pinvs, **run)
-    with pytest.raises(ValueError, match="one shape, dtype, stride pair"):
-        lora_pre_adam.second_pass([grads[0], grads[1].bfloat16()], left_pinvs)
-    with pytest.raises(ValueError, match="exactly one"):
-        lora_pre_adam.first_pass(params, grads, left, right, right_pinvs, kappa=9.0, decay=None)
-    with pytest.raises(ValueError, match="left: fp32 of shape"):
-        lora_pre_adam.first_pass(params, grads, left[:, :1], right, right_pinvs, **run)
-
-
-def run_at_import(nodes):
-    """The statements of a module that run when it is imported: all but function bodies (lazy imports)."""
-    for node in nodes:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-            yield from run_at_import(ast.iter_child_nodes(node))
-
-
-def first_party_imports(module: str) -> set[str]:
-    """The ``lit_lowrank`` modules that importing ``module`` runs, from the sources (parent packages included)."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo.extend(".".join(parts[:depth]) for depth in range(1, len(parts)))  # the parent packages run first
-        folder = ROOT / ("kernels" if parts[:2] == ["lit_lowrank", "kernels"] else "lit_lowrank")
-        rest = parts[2:] if parts[:2] == ["lit_lowrank", "kernels"] else parts[1:]
-        path = folder.joinpath(*rest)
-        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-        for node in run_at_import(ast.parse(path.read_text()).body):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-            todo.extend(name for name in names if name.split(".")[0] == "lit_lowrank")
-    return seen
-
-
-def test_the_kernel_module_is_a_leaf():
-    """It imports torch, triton, the standard library and the dispatcher only, and nothing it imports reaches the
-    optimizer (which loads it through the dispatcher), so the two cannot form a cycle."""
-    tree = ast.parse((ROOT / "kernels" / "lora_pre_adam.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    outside = {name for name in imported if name.split(".")[0] not in {*sys.stdlib_module_names, "torch", "triton"}}
-    assert outside == {"lit_lowrank.kernels.dispatch"}, outside
-    reached = first_party_imports(KERNEL_MODULE)
-    assert "lit_lowrank.kernels.dispatch" in reached
-    assert not [name for name in reached if name.startswith("lit_lowrank.optim")], sorted(reached)
+# The shared fixtures, bound here so that pytest uses them for this module's tests.
+fresh_dispatch, launches = cases.fresh_dispatch, cases.launches
 
 
 # ------------------------------------------------------------------------------------ steps through the adapter
