@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lit_lowrank.optim.lora_pre.factors import CPU_WHOLE_MATRIX_ELEMENTS, Workspace, damped_pinvs
+from lit_lowrank.optim.lora_pre.factors import CPU_WHOLE_MATRIX_ELEMENTS, Workspace, damped_pinvs, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
 
 DEVICE_BATCH_ELEMENTS = 1 << 25
@@ -157,7 +157,7 @@ def update_params_(params: Sequence[Tensor], update: Tensor, *, alpha: float, de
         return
     stack = torch.stack(list(params))
     decayed = stack * decay if decay != 1.0 else stack
-    torch.where(ok, torch.add(decayed, update, alpha=alpha).to(stack.dtype), stack, out=stack)
+    masked_copy_(stack, torch.add(decayed, update, alpha=alpha), ok)
     torch._foreach_copy_(list(params), list(stack.unbind(0)))
 
 
@@ -178,4 +178,4 @@ def blend_(factors: Tensor, keep: float, sums: Tensor, rate: float, ok: Tensor |
     if ok is None:
         factors.mul_(keep).add_(sums, alpha=rate)
     else:
-        torch.where(ok, torch.mul(factors, keep).add_(sums, alpha=rate), factors, out=factors)
+        masked_copy_(factors, torch.mul(factors, keep).add_(sums, alpha=rate), ok)

@@ -161,8 +161,9 @@ def damped_pinv(factor: Tensor, damping: float) -> Tensor:
 
 
 def masked_copy_(target: Tensor, new: Tensor, ok: Tensor) -> Tensor:
-    """``target <- new`` (rounded to ``target``'s dtype) if the 0-d bool tensor ``ok`` is True; else ``target`` stays
-    bit for bit, whatever ``new`` holds (NaN included). A ``torch.where`` on the device: nothing is read on the host.
+    """``target <- new`` (rounded to ``target``'s dtype) where the bool tensor ``ok`` (0-d, or broadcasting over
+    ``target``: one flag per matrix of a stack) is True; elsewhere ``target`` stays bit for bit, whatever ``new``
+    holds (NaN included). A ``torch.where`` on the device: nothing is read on the host.
 
     Example:
         >>> x = torch.ones(3)
@@ -170,20 +171,6 @@ def masked_copy_(target: Tensor, new: Tensor, ok: Tensor) -> Tensor:
         tensor([1., 1., 1.])
     """
     return torch.where(ok, new.to(target.dtype), target, out=target)
-
-
-def gradient_or_zero(grad: Tensor, ok: Tensor, out: Tensor) -> Tensor:
-    """``grad`` in ``out`` (``out``'s dtype) if the 0-d bool tensor ``ok`` is True, else zeros: what a step with a
-    device-side skip computes with, so that the products of a skipped step (discarded by :func:`masked_copy_`) are
-    finite rather than NaN.
-
-    Example:
-        >>> gradient_or_zero(torch.tensor([1.0, float("inf")]), torch.tensor(False), torch.empty(2))
-        tensor([0., 0.])
-    """
-    if grad.dtype != out.dtype:
-        grad = out.copy_(grad)
-    return torch.where(ok, grad, out.new_zeros(()), out=out)
 
 
 def row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:
