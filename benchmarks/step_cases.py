@@ -26,13 +26,15 @@ from lit_lowrank.adapters import lora_modules
 from lit_lowrank.optim import LoRAPreAdamW, LoRAPro, apply_lora_pro_
 
 PROFILE_CATEGORIES = {  # torch.profiler's op names behind each part of a LoRA-Pre step (lora-pre --profile)
-    "p x q x r products (addmm)": ("aten::addmm", "aten::addmm_"),
-    "damped pseudo-inverses (float64 Grams, Cholesky, products)": (
-        "aten::bmm", "aten::linalg_cholesky_ex", "aten::cholesky_inverse", "aten::tril", "aten::stack", "aten::cat",
-        "aten::sum", "aten::div", "aten::add", "aten::mul", "aten::any"),
-    "element-wise passes (hypot, abs, addcdiv, add)": (
-        "aten::hypot", "aten::abs", "aten::add_", "aten::addcdiv_", "aten::mul_"),
-    "copies (float64 staging, g into the m buffer)": ("aten::copy_", "aten::_to_copy"),
+    "products (bmm: p x q x r, and the r x r Grams)": (
+        "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"),
+    "damped pseudo-inverses (Cholesky, solves)": (
+        "aten::linalg_cholesky_ex", "aten::cholesky_inverse", "aten::tril", "aten::stack", "aten::cat",
+        "aten::sum", "aten::div", "aten::add", "aten::any"),
+    "element-wise passes (squares, floor, sqrt, abs, addcdiv, add)": (
+        "aten::hypot", "aten::abs", "aten::add_", "aten::addcdiv_", "aten::mul_", "aten::mul", "aten::addcmul_",
+        "aten::maximum", "aten::sqrt_", "aten::aminmax"),
+    "copies (factor stacks, dtype staging)": ("aten::copy_", "aten::_to_copy"),
 }
 LORA_PRO_METHODS = ("lora_adamw", "lora_pro_efficient", "lora_pro_full")
 
@@ -100,12 +102,54 @@ def lora_pre_steppers(shape: tuple[int, int], ranks: list[int], period: int, gal
     steppers = {"adamw_foreach": torch.optim.AdamW([parameter()], foreach=True).step}
     for rank in ranks:
         steppers[f"lora_pre_r{rank}"] = LoRAPreAdamW([parameter()], rank=rank).step
+        steppers[f"floor_products_r{rank}"] = products_floor(grad, rank)
+    steppers["floor_elementwise"] = elementwise_floor(parameter())
     for rank in ranks if galore else []:
         optimizer = galore_optimizer(parameter(), rank, period)
         optimizer.step()  # creates the state and the first projection
         steppers[f"galore_r{rank}_plain"] = galore_step(optimizer, 1)
         steppers[f"galore_r{rank}_svd"] = galore_step(optimizer, period)
     return steppers
+
+
+def products_floor(grad: torch.Tensor, rank: int) -> Callable[[], None]:
+    """The six ``p x q x r`` products a LoRA-Pre Adam step cannot do without, alone, on the whole matrix: ``B A``
+    and ``V_B V_A`` (the moments), ``g A_pinv^T``, ``|g| V_A_pinv^T``, ``B_pinv g``, ``V_B_pinv |g|`` (the
+    regressions). Nothing else: with the element-wise floor below, a lower bound on any eager-torch step."""
+    generator = torch.Generator().manual_seed(1)
+    (p, q), r = grad.shape, rank
+    left = [torch.randn(p, r, generator=generator) for _ in range(2)]
+    right = [torch.randn(r, q, generator=generator) for _ in range(2)]
+    moment, left_sums, right_sums = torch.empty(p, q), torch.empty(p, r), torch.empty(r, q)
+
+    def step():
+        torch.addmm(grad, left[0], right[0], out=moment)
+        torch.mm(left[1], right[1], out=moment)
+        torch.mm(grad, right[0].T, out=left_sums)
+        torch.mm(moment, right[1].T, out=left_sums)
+        torch.mm(left[0].T, grad, out=right_sums)
+        torch.mm(left[1].T, moment, out=right_sums)
+
+    return step
+
+
+def elementwise_floor(param: nn.Parameter) -> Callable[[], None]:
+    """The fewest eager element-wise passes of a LoRA-Pre Adam step's formula with its default bound, on the whole
+    matrix, given ``m`` and ``rho V_B V_A`` (from the products): ``v = x^2 + g^2`` (two passes), the floor
+    ``max(v, m^2)`` (two), ``sqrt``, ``+ eps``, the ``addcdiv_`` into W, ``|g|`` for the regressions. Each pass
+    reads and writes ``p x q`` floats; torch cannot fuse them without a compiler."""
+    grad = param.grad
+    moment, second = grad * 0.5, grad * 0.25
+    root_v, squares = torch.empty_like(grad), torch.empty_like(grad)
+
+    def step():
+        torch.mul(second, second, out=root_v).addcmul_(grad, grad)
+        torch.maximum(root_v, torch.mul(moment, moment, out=squares), out=root_v)
+        root_v.sqrt_().add_(1e-8)
+        param.data.addcdiv_(moment, root_v, value=-1e-7)  # a tiny step: the work is the same, W stays put
+        torch.abs(grad, out=squares)
+
+    return step
 
 
 def galore_step(optimizer: torch.optim.Optimizer, count: int) -> Callable[[], None]:

@@ -12,8 +12,11 @@ lora-pre       One optimizer step of LoRA-Pre Adam against torch AdamW (foreach)
                repeats during which other processes took > 5% of the CPU time are left out (unless fewer than 10
                are clean). GaLore re-projects by SVD every ``--period`` steps (200, as in its paper): its plain and
                SVD steps are timed in every repeat and reported amortised over the period. ``--profile`` adds
-               torch.profiler's breakdown of a LoRA-Pre step: the p x q x r products (addmm), the damped
-               pseudo-inverses (float64 r x r Grams, Cholesky, conversions), element-wise passes, the rest.
+               torch.profiler's breakdown of a LoRA-Pre step: the products (bmm), the damped pseudo-inverses
+               (Cholesky, solves), element-wise passes, the rest. Two floor rows bound what eager torch can reach:
+               ``floor_products_rR`` (the six p x q x r products of a step, nothing else) and
+               ``floor_elementwise`` (the fewest element-wise passes of the step's formula); their ratios to
+               AdamW add up to the least a LoRA-Pre step can cost without a fused kernel.
 lora-pro       LoRA-Pro against plain LoRA. ``step``: forward + backward + optimizer step of a small Llama built
                from a config (no download; 8 layers, hidden 512), LoRA on all linear layers, plain LoRA +
                ``torch.optim.AdamW`` vs ``LoRAPro(mode="efficient")`` vs ``LoRAPro(mode="full")``, the optimizer
@@ -176,6 +179,10 @@ def write_lora_pre(args, env: dict, tables: dict[str, list[dict]]) -> None:
         "clean).",
         "",
         f"GaLore is amortised over its {args.period}-step projection period, SVD step included.",
+        "",
+        "`floor_products_rR` times only the six p x q x r products of a LoRA-Pre step and `floor_elementwise` only "
+        "the fewest element-wise passes of its formula (whole matrix, eager torch): the sum of their ratios is the "
+        "least an eager-torch LoRA-Pre step can cost on this machine; below it needs a fused kernel.",
         "",
         *report.markdown_table(table, [
             ("shape", "shape"), ("method", "method"), ("median_ms", "median ms"), ("min_ms", "min ms"),

@@ -138,6 +138,13 @@ class LowRankOptimizerBase(SkipDecisions, TorchContractOptimizer):
             return False
         return group["rank"] < min(param.shape) or group["full_rank"] == "factored"
 
+    def _split_factored(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``params`` split into those that keep factors and those with a dense state, in order (one pass)."""
+        factored, dense = [], []
+        for param in params:
+            (factored if self._uses_factors(param, group) else dense).append(param)
+        return factored, dense
+
     def _batches(self, group: dict[str, Any], params: list[Tensor],
                  ok: dict[Tensor, Tensor] | None) -> Iterator[MatrixBatch]:
         """The group's factored ``params`` as batches of same-shape matrices (:mod:`.batch`), factors created on
@@ -145,16 +152,16 @@ class LowRankOptimizerBase(SkipDecisions, TorchContractOptimizer):
         dtypes, their gradients' too, their device, their FSDP2 layout and, on the host path, their step count
         (the step's scalars are then Python floats shared by the batch). The caller steps each batch and copies its
         factors back (:meth:`MatrixBatch.write_back`) before asking for the next: they share the stacks."""
-        keyed: dict[tuple, list[Tensor]] = defaultdict(list)
+        keyed: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
         for param in params:
             state = self._factors(param, group)
             W, grad = local(param), local(self._grad_of(param))
             count = host_count(state, "step") if ok is None else None
             keyed[(tuple(W.shape), W.stride(), W.dtype, W.device, grad.dtype, grad.stride(), count,
-                   tuple(param.shape) if is_sharded(param) else None)].append(param)
+                   tuple(param.shape) if is_sharded(param) else None)].append((param, W, grad))
         for same in keyed.values():
-            limit = batch_limit(tuple(local(same[0]).shape), same[0].device, group.get("chunk_rows"),
-                                self._batch_budget(group, same[0]))
+            first, W = same[0][:2]
+            limit = batch_limit(tuple(W.shape), W.device, group.get("chunk_rows"), self._batch_budget(group, first))
             for members in split(same, limit):
                 yield self._gather(members, ok)
 
@@ -162,8 +169,10 @@ class LowRankOptimizerBase(SkipDecisions, TorchContractOptimizer):
         """Elements of ``L x p x q`` one batch of ``param``'s shape may span (None: the device's default)."""
         return None
 
-    def _gather(self, params: list[Tensor], ok: dict[Tensor, Tensor] | None) -> MatrixBatch:
-        """One batch, its step counted: +1 on the host path, +ok on the device (one ``_foreach_add_``)."""
+    def _gather(self, members: list[tuple[Tensor, Tensor, Tensor]], ok: dict[Tensor, Tensor] | None) -> MatrixBatch:
+        """One batch of ``(param, local param, local grad)`` triples, its step counted: +1 on the host path, +ok on
+        the device (one ``_foreach_add_``)."""
+        params = [member[0] for member in members]
         states = [self.state[param] for param in params]
         flags = None
         if ok is None:
@@ -177,7 +186,7 @@ class LowRankOptimizerBase(SkipDecisions, TorchContractOptimizer):
             step, flags = torch.stack(counts), torch.stack(flag_list)
         absmax = [self._grad_absmax.get(param) for param in params]
         return MatrixBatch.gather(
-            [local(param) for param in params], [local(self._grad_of(param)) for param in params],
+            [member[1] for member in members], [member[2] for member in members],
             [[local(state[name]) for name in self._factor_names] for state in states], step=step,
             workspace=self._workspace, ok=flags, shards=RowShards.of(params[0]),
             grad_absmax=None if None in absmax else max(absmax))

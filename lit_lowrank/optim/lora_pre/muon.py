@@ -177,16 +177,15 @@ class LoRAPreMuon(LowRankOptimizerBase):
             if params:
                 self._adamw_step(group, params, ok)
             return
-        factored = [param for param in params if self._uses_factors(param, group)]
+        factored, dense = self._split_factored(group, params)
         for batch in self._batches(group, factored, ok):
             scale = muon_update_scale(tuple(batch.shape), group["scale_rule"])
             lora_pre_muon_step_(batch, MuonHyper(group["lr"], group["momentum"], group["nesterov"],
                                                  group["weight_decay"], group["ns_steps"], scale, group["damping"],
                                                  group["factor_update"]), self._workspace)
             batch.write_back()
-        for param in params:
-            if not self._uses_factors(param, group):
-                self._dense_step(group, param, None if ok is None else ok[param])
+        for param in dense:
+            self._dense_step(group, param, None if ok is None else ok[param])
 
     def _dense_step(self, group: dict[str, Any], param: torch.Tensor, flag: torch.Tensor | None) -> None:
         """Plain Muon with a dense momentum buffer: the ``full_rank="dense"`` fallback, one matrix at a time."""
