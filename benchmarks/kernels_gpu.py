@@ -253,7 +253,8 @@ def bench_lora_pre_adam(shape, r, dtype, args) -> list[Row]:
     L = args.layers
     params, grads, factors = lora_pre_inputs(shape, r, dtype, L)
     hyper = AdamHyper(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scale=0.25, damping=1e-6,
-                      factor_update="alternating", debias_second_moment=False)
+                      factor_update="alternating", debias_second_moment=False,
+                      residual_step=False)  # the kernels form m_t without the residual step
     size = params[0].element_size()
     essential = L * ((2 * size + 2 * grads[0].element_size()) * m * n + 4.0 * 12 * (m + n) * r)
     tag, dtype_name = f"{m}x{n}", str(dtype).replace("torch.", "")

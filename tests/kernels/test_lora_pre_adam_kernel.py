@@ -67,7 +67,8 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, damping=1e-6)
+# The kernel forms m_t without the residual step (it falls back to torch for it): pinned off here.
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, damping=1e-6, residual_step=False)
 
 
 def verify_kernel():
@@ -221,7 +222,8 @@ def train_both(make, batch, steps=3, device_side=None):
     ``device_side``: force the device-side skip on (True) or off (False)."""
     nets = {flag: make() for flag in (True, False)}
     optimizers = {flag: LoRAPreAdamW(net.parameters(), lr=1e-2, rank=3, weight_decay=0.1, scale=0.5, seed=1,
-                                     debias_second_moment=True, use_triton=flag) for flag, net in nets.items()}
+                                     debias_second_moment=True, use_triton=flag, residual_step=False)
+                  for flag, net in nets.items()}
     for optimizer in optimizers.values():
         optimizer._device_side_skip = device_side
     gen = torch.Generator().manual_seed(3)
@@ -360,7 +362,8 @@ def test_device_side_optimizer_step_with_the_kernel_reads_nothing_on_the_host(mo
     def train(device_side):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(53, 37), nn.Tanh(), nn.Linear(37, 20))
-        optimizer = LoRAPreAdamW(model.parameters(), lr=1e-2, rank=3, weight_decay=0.1, use_triton=True)
+        optimizer = LoRAPreAdamW(model.parameters(), lr=1e-2, rank=3, weight_decay=0.1, use_triton=True,
+                                 residual_step=False)
         optimizer._device_side_skip = device_side
         gen = torch.Generator().manual_seed(3)
         for step in range(3):
@@ -386,7 +389,7 @@ def test_device_side_optimizer_step_with_the_kernel_reads_nothing_on_the_host(mo
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: run natively by benchmarks/gpu_acceptance.sh")
 @pytest.mark.parametrize("make", [
-    lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, weight_decay=0.1, use_triton=True),
+    lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, weight_decay=0.1, use_triton=True, residual_step=False),
     lambda params: LoRAPreAdamW(params, lr=1e-2, rank=4, update_bound="rms_clip"),  # the torch path
     lambda params: LoRAPreMuon(params, lr=1e-2, rank=4, weight_decay=0.1),
 ], ids=["adam_kernel", "adam_torch_rms_clip", "muon"])

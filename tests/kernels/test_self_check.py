@@ -129,7 +129,7 @@ class PreMatrix:
     def step(self, use_triton, **options):
         self.steps += 1
         grad = (torch.randn(*self.W.shape, generator=self.gen) * 1e-2).to(DEVICE, self.W.dtype)
-        options = {"weight_decay": 0.1, "factor_update": "alternating", **options}
+        options = {"weight_decay": 0.1, "factor_update": "alternating", "residual_step": False, **options}
         lora_pre_adam_update_(self.W, grad, self.B, self.A, self.V_B, self.V_A, step=self.steps, lr=LR, beta1=0.9,
                               beta2=0.999, eps=1e-8, scale=1.0, damping=1e-6, chunk_rows=16, workspace=self.workspace,
                               use_triton=use_triton, **options)

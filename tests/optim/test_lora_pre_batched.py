@@ -135,7 +135,7 @@ def test_operations_per_step_do_not_grow_with_the_number_of_layers(name, device_
     assert few == many, {op: (few[op], many[op]) for op in set(few) | set(many) if few[op] != many[op]}
     views = {"aten.select", "aten.view", "aten.unbind", "aten.alias", "aten.transpose", "aten.diagonal", "aten.slice"}
     computing = sum(count for op, count in few.items() if op not in views)
-    assert computing < 120  # about 60 (host) to 110 (device-side skip) batched operations, whatever the layers
+    assert computing < 140  # about 60 (host) to 130 (device-side skip) batched operations, whatever the layers
 
 
 def test_batch_limits_keep_cpu_batches_in_cache_and_big_matrices_alone():

@@ -60,7 +60,7 @@ def test_default_converges_to_adam_for_a_steady_low_rank_gradient():
     default = _run(lambda p: LoRAPreAdamW(p, lr=1e-3, rank=4, damping=1e-12), [gradient] * checkpoints[-1]).diff(dim=0)
     errors = [float(((default[t - 2] - adam[t - 2]).abs() / adam[t - 2].abs()).max()) for t in checkpoints]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
-    assert float((default.abs() / adam.abs()).max()) <= 1 + 1e-6  # never larger than Adam's (up to eps = 1e-8)
+    assert float(default.abs().max()) <= 1e-3  # the default's bound: no step larger than lr
 
 
 def test_paper_formula_is_kept_behind_its_option_with_its_larger_second_step():

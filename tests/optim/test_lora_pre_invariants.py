@@ -28,9 +28,11 @@ def adam_worst_case_by_sum(t, beta1, beta2):
 
 
 def spec_step(W, g, B, A, V_B, V_A, *, t, lr, beta1, beta2, eps, wd, scale, damping, jacobi=False,
-              debias=False, bound="none"):
+              debias=False, bound="none", residual=False):
     """The spec's LoRA-Pre Adam step, transcribed literally (returns new tensors). ``debias`` and ``bound`` are
-    the 2026-11-30 amendment: the |g| EMA rescaled to Adam's warm-up, and v_hat floored at m_hat^2 / C."""
+    the 2026-11-30 amendment: the |g| EMA rescaled to Adam's warm-up, and v_hat floored at m_hat^2 / C.
+    ``residual`` the 2026-12-07 one: the part of g outside the rows of A, g (I - A^T (A A^T + lam I)^-1 A), enters
+    m_t with weight 1 - beta1^t (1 after bias correction) instead of 1 - beta1."""
 
     def damped_inverse(M):
         r = M.shape[0]
@@ -38,6 +40,9 @@ def spec_step(W, g, B, A, V_B, V_A, *, t, lr, beta1, beta2, eps, wd, scale, damp
 
     warmup = math.sqrt(1 - beta2 ** (t - 1)) / (1 - beta2 ** ((t - 1) / 2)) if debias and t > 1 else 1.0
     m = beta1 * (B @ A) + (1 - beta1) * g
+    if residual:
+        outside = g - g @ A.T @ damped_inverse(A @ A.T) @ A
+        m = m + (beta1 - beta1**t) * outside
     v = beta2 * (warmup * V_B @ V_A) ** 2 + (1 - beta2) * g**2
     m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
     if bound != "none":
@@ -83,14 +88,15 @@ def step_factors(W, g, factors, *, damping=1e-6, factor_update="alternating", t=
 @pytest.mark.parametrize("factor_update", ["alternating", "jacobi"])
 @pytest.mark.parametrize("debias, bound", [(False, "none"), (True, "v_floor"), (True, "adam_floor"),
                                            (False, "v_floor")])
-def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dtype, debias, bound):
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper_m"])
+def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dtype, debias, bound, residual):
     p, q, r = 13, 9, 3
     factors = random_factors(p, q, r, seed=1)
     gen = torch.Generator().manual_seed(2)
     W, g = torch.randn(p, q, generator=gen, dtype=F64), torch.randn(p, q, generator=gen).to(grad_dtype)
     options = {"lr": 0.03, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1, "scale": 0.25}
     got = step_factors(W, g, factors, factor_update=factor_update, t=4, debias_second_moment=debias,
-                       update_bound=bound, **options)
+                       update_bound=bound, residual_step=residual, **options)
     expected = spec_step(
         W,
         g.double(),
@@ -106,11 +112,13 @@ def test_update_matches_literal_transcription_of_the_spec(factor_update, grad_dt
         jacobi=factor_update == "jacobi",
         debias=debias,
         bound=bound,
+        residual=residual,
     )
     if bound != "none":  # the floor must have been active somewhere, or this would not test it
         m_hat = (0.8 * factors[0] @ factors[1] + 0.2 * g.double()) / (1 - 0.8**4)
         unbounded = spec_step(W, g.double(), *factors, t=4, lr=0.03, beta1=0.8, beta2=0.99, eps=1e-6, wd=0.1,
-                              scale=0.25, damping=1e-6, jacobi=factor_update == "jacobi", debias=debias)
+                              scale=0.25, damping=1e-6, jacobi=factor_update == "jacobi", debias=debias,
+                              residual=residual)
         assert not torch.allclose(unbounded[0], expected[0]) and m_hat.abs().max() > 0
     for name, a, b in zip(("W", "B", "A", "V_B", "V_A"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13, msg=name)

@@ -149,3 +149,33 @@ def test_state_dict_round_trip_in_a_fresh_process_gives_a_bitwise_identical_next
             for key, value in state.items():
                 same = torch.equal(value, resumed["state"][param_id][key]) if isinstance(value, torch.Tensor) else None
                 assert same is not False and (same or value == resumed["state"][param_id][key]), (name, key)
+
+
+def test_a_state_dict_from_before_residual_step_resumes_without_it():
+    """Checkpoints written before ``residual_step`` existed were trained with the paper's first moment: they load
+    with ``residual_step=False`` and step exactly like an optimizer built with it, while a current state dict
+    keeps its own value (the option is saved in every param group)."""
+    def trained(**options):
+        model, groups = model_and_groups(torch.float32)
+        optimizer = LoRAPreAdamW(groups, lr=1e-2, rank=RANK, seed=0, **options)
+        torch.manual_seed(1)
+        one_step(model, optimizer)
+        return model, optimizer
+
+    model, optimizer = trained(residual_step=False)
+    old = optimizer.state_dict()
+    for group in old["param_groups"]:
+        del group["residual_step"]
+    resumed_model, resumed = trained()  # built with the new default, True
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(old)
+    assert [group["residual_step"] for group in resumed.param_groups] == [False, False]
+    torch.manual_seed(2)
+    one_step(model, optimizer)
+    torch.manual_seed(2)
+    one_step(resumed_model, resumed)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    current = trained()[1]
+    current.load_state_dict(trained()[1].state_dict())
+    assert [group["residual_step"] for group in current.param_groups] == [True, True]

@@ -46,6 +46,11 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         damping: ``delta`` of the damped inverses ``(M + delta (tr(M) / r + tiny) I)^-1`` in the factor updates.
         factor_update: ``"alternating"`` (default): ``B`` from the old ``A``, then ``A`` from the new ``B``;
             ``"jacobi"``: both from the old pair, kept for comparison only (docs/design.md).
+        residual_step: the part of each gradient outside the first moment's row space (the rows of ``A``) steps
+            at full weight (default), where the paper's ``m_t = beta1 B A + (1 - beta1) g`` gives it ``1 - beta1``
+            and no momentum: a rank-r momentum otherwise all but ignores most directions (``docs/lora-pre.md``).
+            No extra state and no extra ``p x q x r`` product. ``False``: the paper's first moment. Checkpoints
+            written before this option resume with ``False``, as they were trained.
         debias_second_moment: bias-correct the factored second moment as it fills (default); ``False`` with
             ``update_bound="none"`` is the paper's unbounded formula (``docs/lora-pre.md``).
         update_bound: ``"v_floor"`` (default, ``|update| <= 1``), ``"adam_floor"``, ``"rms_clip"`` (torch path
@@ -89,6 +94,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         debias_second_moment: bool = True,
         update_bound: Literal["v_floor", "adam_floor", "rms_clip", "none"] = "v_floor",
         maximize: bool = False,
+        residual_step: bool = True,
     ) -> None:
         validate_use_triton(use_triton, type(self).__name__)
         self.use_triton = use_triton
@@ -107,6 +113,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
             "debias_second_moment": debias_second_moment,
             "update_bound": update_bound,
             "maximize": maximize,
+            "residual_step": residual_step,
         }
         super().__init__(params, defaults, seed=seed)
 
@@ -116,6 +123,7 @@ class LoRAPreAdamW(LowRankOptimizerBase):
         check_number(owner, "scale", group["scale"], POSITIVE, example=1.0)
         check_choice(owner, "update_bound", group["update_bound"], UPDATE_BOUNDS)
         check_flag(owner, "debias_second_moment", group["debias_second_moment"])
+        check_flag(owner, "residual_step", group["residual_step"])
         if group["update_bound"] == "none" and not group["debias_second_moment"]:
             log.warning(
                 "%s: debias_second_moment=False with update_bound='none' is the paper's literal formula, whose steps "
@@ -124,17 +132,32 @@ class LoRAPreAdamW(LowRankOptimizerBase):
 
     def _batch_budget(self, group: dict[str, Any], param) -> int | None:
         """Larger batches where the Triton kernels will take them (CUDA, float32 factors, rank and bound they fuse)."""
-        kernel = (param.is_cuda and self.use_triton is not False and group["rank"] <= KERNEL_MAX_RANK
+        kernel = (param.is_cuda and self.use_triton is not False and not group["residual_step"]
+                  and group["rank"] <= KERNEL_MAX_RANK
                   and compute_dtype(param.dtype) == torch.float32 and group["update_bound"] in KERNEL_UPDATE_BOUNDS
                   and triton_available())
         return KERNEL_BATCH_ELEMENTS if kernel else None
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; a checkpoint written before ``residual_step`` existed resumes
+        with ``residual_step=False``, the first moment it was trained with (its next step is the one it would have
+        taken)."""
+        super().load_state_dict(state_dict)
+        self._default_missing_residual_step()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # an optimizer pickled before the option: the same
+        super().__setstate__(state)
+        self._default_missing_residual_step()
+
+    def _default_missing_residual_step(self) -> None:
+        for group in self.param_groups:
+            group.setdefault("residual_step", False)
+
     def _step_group(self, group: dict[str, Any], params: list, ok: dict | None) -> None:
-        factored = [param for param in params if self._uses_factors(param, group)]
+        factored, dense = self._split_factored(group, params)
         hyper = AdamHyper.of(group)
         for batch in self._batches(group, factored, ok):
             lora_pre_adam_step_(batch, hyper, self._workspace, self.use_triton)
             batch.write_back()
-        dense = [param for param in params if not self._uses_factors(param, group)]
         if dense:
             self._adamw_step(group, dense, ok)

@@ -42,6 +42,11 @@ def kernel_passes(batch: MatrixBatch, hyper: AdamHyper, workspace: Workspace, us
                   torch_passes: TorchAdamPasses) -> KernelAdamPasses | None:
     """The kernel backend if ``use_triton`` asks for it and it can run on ``batch``, else None (torch runs), with
     one warning per reason where the kernel was explicitly asked for."""
+    if hyper.residual_step:
+        if use_triton is True:
+            fallback_warning(KERNEL, "residual_step", "it forms m_t without the residual step; residual_step=False "
+                             "keeps the kernel")
+        return None
     if hyper.update_bound not in KERNEL_UPDATE_BOUNDS:
         if use_triton is True:
             fallback_warning(KERNEL, "update_bound", f"it fuses the bounds {KERNEL_UPDATE_BOUNDS}, "

@@ -27,6 +27,7 @@ from lit_lowrank.optim.lora_pre.adam_scalars import (
     adam_step_constants,
     adam_step_tensors,
     device_step_inputs,
+    residual_weight,
 )
 from lit_lowrank.optim.lora_pre.batch import MatrixBatch, decay_, update_params_
 from lit_lowrank.optim.lora_pre.factors import Workspace, auto_chunk_rows, row_chunks
@@ -46,12 +47,14 @@ class AdamHyper(NamedTuple):
     debias_second_moment: bool = True
     update_bound: str = "v_floor"
     chunk_rows: int | None = None
+    residual_step: bool = True
 
     @classmethod
     def of(cls, group: dict) -> AdamHyper:
         beta1, beta2 = group["betas"]
         return cls(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["scale"], group["damping"],
-                   group["factor_update"], group["debias_second_moment"], group["update_bound"], group["chunk_rows"])
+                   group["factor_update"], group["debias_second_moment"], group["update_bound"], group["chunk_rows"],
+                   group["residual_step"])
 
     def step_inputs(self):
         return device_step_inputs(lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps, scale=self.scale,
@@ -83,9 +86,11 @@ class TorchAdamPasses:
         self._last: tuple[slice, Tensor, Tensor] | None = None  # pass 1's last chunk, reused by pass 2
 
     # ------------------------------------------------------------------------------------------- scalars
-    def _scalars(self) -> None:
-        """``rho, eps_hat, floor`` and the step size(s) of this step, and how ``m`` is formed (``m_beta, m_alpha``)."""
+    def _scalars(self, right_pinvs: Tensor) -> None:
+        """``rho, eps_hat, floor`` and the step size(s) of this step, and how ``m`` is formed (``m_beta, m_alpha``,
+        and ``residual``: ``a_t``, see :meth:`_first_moment`)."""
         b, h = self.batch, self.hyper
+        self.residual = residual_weight(b.step, h.beta1) if h.residual_step else None
         if b.ok is None:
             c = adam_step_constants(step=b.step, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, scale=h.scale,
                                     debias_second_moment=h.debias_second_moment, update_bound=h.update_bound)
@@ -98,9 +103,12 @@ class TorchAdamPasses:
             tensors = adam_step_tensors(b.step, inputs)
             self.rho, self.step_size, self.eps_hat, self.floor = (t.to(b.left.dtype).view(-1, 1, 1) for t in tensors)
             self.m_beta, self.m_alpha, self.has_floor = 1.0, self.kappa, inputs.bound != NO_FLOOR
+            if self.residual is not None:  # m is formed divided by a_t (per matrix): the scalars carry a_t instead
+                self.residual = self.residual.to(b.left.dtype).view(-1, 1, 1)
+                self.step_size, self.floor = self.step_size * self.residual, self.floor * self.residual
         if h.update_bound == "rms_clip":  # a first look at the whole update: the step that keeps its RMS at most 1
             m_hat_per_m = self.step_size / (h.lr * h.scale) if h.lr else self.step_size * 0.0
-            factors = self._rms_clip_factors(m_hat_per_m)
+            factors = self._rms_clip_factors(m_hat_per_m, right_pinvs)
             self.step_size = ([self.step_size * f for f in factors] if b.ok is None else self.step_size * factors)
 
     # -------------------------------------------------------------------------------------------- passes
@@ -108,14 +116,14 @@ class TorchAdamPasses:
         """Update the parameters; return ``[g A_pinv^T, |g| V_A_pinv^T]`` (``2 x L x p x r``)."""
         b, ws = self.batch, self.workspace
         (B, V_B), (A, V_A) = b.left, b.right
-        self._scalars()  # here, not in __init__: unused when a kernel runs this pass
+        self._scalars(right_pinvs)  # here, not in __init__: unused when a kernel runs this pass
         sums = ws.get("left_sums", (2, *B.shape), B.dtype, B.device)
         squares = self._squares_are_safe()
         for rows in self.chunks:
             g = b.stacked_grads(ws, rows)
-            m, root_v, abs_g = self._moments(g, B[:, rows], V_B[:, rows], A, V_A, squares)
+            projected = torch.bmm(g, right_pinvs[0].mT, out=sums[0][:, rows])  # g A_pinv^T: B's regression, and
+            m, root_v, abs_g = self._moments(g, B[:, rows], V_B[:, rows], A, V_A, squares, projected)  # the residual
             self._update_params(rows, m, root_v)
-            torch.bmm(g, right_pinvs[0].mT, out=sums[0][:, rows])
             torch.bmm(abs_g, right_pinvs[1].mT, out=sums[1][:, rows])
             self._last = (rows, g, abs_g)
         return sums
@@ -140,12 +148,31 @@ class TorchAdamPasses:
         return sums
 
     # --------------------------------------------------------------------------------------------- parts
-    def _moments(self, g: Tensor, B: Tensor, V_B: Tensor, A: Tensor, V_A: Tensor,
-                 squares: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """``m`` (``m_t / (1 - beta1)``, pre-scaled by the floor on the host), ``root_v`` (``sqrt(v_hat) / c`` bounded,
-        plus ``eps_hat``) and ``|g|`` of a chunk, in workspace buffers."""
+    def _first_moment(self, g: Tensor, B: Tensor, A: Tensor, projected: Tensor, out: Tensor) -> Tensor:
+        """``m_t / (1 - beta1)`` of a chunk into ``out`` (pre-scaled by the floor on the host; divided by ``a_t`` on
+        the device-side skip, whose scalars carry it).
+
+        Without the residual step it is ``g + kappa B A``. With it, ``m_t = beta1 B A + (1 - beta1) g + (beta1 -
+        beta1^t) (g - g A_pinv^T A)``: the part of ``g`` outside the rows of ``A`` enters at weight ``1 - beta1^t``,
+        i.e. 1 after bias correction, instead of ``1 - beta1``; divided by ``1 - beta1`` that is ``a_t g + (kappa B
+        - (a_t - 1) S) A`` with ``a_t = (1 - beta1^t) / (1 - beta1)`` and ``S = g A_pinv^T`` (``projected``, the
+        left factor's regression product, formed anyway): one ``rows x r`` combination more, no extra product."""
+        if self.residual is None:
+            return torch.baddbmm(g, B, A, beta=self.m_beta, alpha=self.m_alpha, out=out)
+        left = self.workspace.get("residual_left", tuple(B.shape), B.dtype, B.device)
+        if self.batch.ok is None:  # host: a_t a Python float shared by the batch
+            torch.mul(B, self.kappa, out=left).sub_(projected, alpha=self.residual - 1.0)
+            return torch.baddbmm(g, left, A, beta=self.m_beta * self.residual, alpha=self.m_beta, out=out)
+        a = self.residual  # (L, 1, 1): (kappa B - (a - 1) S) / a, then m / a = g + that A
+        torch.mul(B, self.kappa / a, out=left).sub_(projected * ((a - 1.0) / a))
+        return torch.baddbmm(g, left, A, out=out)
+
+    def _moments(self, g: Tensor, B: Tensor, V_B: Tensor, A: Tensor, V_A: Tensor, squares: bool,
+                 projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``m`` (:meth:`_first_moment`), ``root_v`` (``sqrt(v_hat) / c`` bounded, plus ``eps_hat``) and ``|g|`` of a
+        chunk, in workspace buffers."""
         ws, shape, dtype, device = self.workspace, tuple(g.shape), B.dtype, B.device
-        m = torch.baddbmm(g, B, A, beta=self.m_beta, alpha=self.m_alpha, out=ws.get("m", shape, dtype, device))
+        m = self._first_moment(g, B, A, projected, ws.get("m", shape, dtype, device))
         root_v = ws.get("root_v", shape, dtype, device)
         abs_g = torch.abs(g, out=ws.get("abs_grad", shape, dtype, device))
         if self.batch.ok is not None:
@@ -196,7 +223,7 @@ class TorchAdamPasses:
         bound = max(self.floor, 1.0) * (gmax + (1.0 + self.kappa + self.rho) * float(norms.max()) ** 2 / 4)
         return bound < SQUARES_LIMIT
 
-    def _rms_clip_factors(self, m_hat_per_m: float | Tensor) -> list[float] | Tensor:
+    def _rms_clip_factors(self, m_hat_per_m: float | Tensor, right_pinvs: Tensor) -> list[float] | Tensor:
         """``min(1, 1 / RMS(u))`` per matrix for the Adam-form update ``u = m_hat / (sqrt(v_hat) + eps)`` of the
         whole matrix (all ranks' rows under FSDP2): Adafactor's update clipping with threshold 1. On the host path
         read on the host (it is a candidate measured in the benchmarks, not the default, and has no kernel); on
@@ -206,7 +233,7 @@ class TorchAdamPasses:
         total = torch.zeros(b.size, dtype=torch.float64, device=B.device)
         for rows in self.chunks:
             g = b.stacked_grads(ws, rows)
-            m = torch.baddbmm(g, B[:, rows], A, alpha=self.kappa)
+            m = self._first_moment(g, B[:, rows], A, torch.bmm(g, right_pinvs[0].mT), torch.empty_like(g))
             root_v = torch.hypot(torch.bmm(V_B[:, rows], V_A).mul_(self.rho), g).add_(self.eps_hat)
             total += m.div_(root_v).square().sum(dim=(1, 2), dtype=torch.float64)
         if b.shards is not None:

@@ -63,6 +63,25 @@ def adam_step_constants(*, step: int, lr: float, beta1: float, beta2: float, eps
     return AdamStepConstants(kappa, rho, lr * scale * m_hat_per_m, eps / c, gamma1, gamma2, floor)
 
 
+def residual_weight(step: int | Tensor, beta1: float) -> float | Tensor:
+    """``a_t = (1 - beta1^t) / (1 - beta1)``: with the residual step, ``m_t / (1 - beta1) = a_t g + (kappa B - (a_t -
+    1) g A_pinv^T) A``, so that the part of ``g`` outside the rows of ``A`` has weight 1 in ``m_hat``. 1 at step 1
+    (and for ``beta1 = 0``), tending to ``1 / (1 - beta1)``. A host float for a Python step, else a float64 tensor
+    of the counts' shape (clamped at 1, like :func:`adam_step_tensors`).
+
+    Example:
+        >>> residual_weight(1, 0.9), round(residual_weight(2, 0.9), 9), round(float(residual_weight(torch.tensor(2.0),
+        ...                                                                                         0.9)), 9)
+        (1.0, 1.9, 1.9)
+    """
+    if not isinstance(step, Tensor):
+        return 1.0 if beta1 == 0.0 else (1.0 - beta1**step) / (1.0 - beta1)
+    if beta1 == 0.0:
+        return torch.ones_like(step, dtype=torch.float64)
+    t = step.to(torch.float64).clamp_min(1.0)
+    return (1.0 - torch.exp(t * math.log(beta1))) / (1.0 - beta1)
+
+
 NO_FLOOR, V_FLOOR, ADAM_FLOOR, ADAM_FLOOR_RATIO_ONE = 0, 1, 2, 3
 """Codes of the floor in :class:`DeviceStepInputs` (and the kernel's ``BOUND``); ``ADAM_FLOOR_RATIO_ONE`` is
 ``"adam_floor"`` with ``beta1^2 == beta2``, where the geometric sum in ``C_t`` is ``t`` itself."""

@@ -3,6 +3,7 @@
 For each matrix (the math, our defaults and why: ``docs/lora-pre.md``):
 
     m_t = beta1 * (B A) + (1 - beta1) * g                     (B, A from step t-1)
+        + (beta1 - beta1^t) * (g - g A_pinv^T A)                (the residual step, default: docs/lora-pre.md)
     v_t = beta2 * (D_t V_B V_A)^2 + (1 - beta2) * g^2         D_t: the warm-up correction (1 without debiasing)
     m_hat = m_t / (1 - beta1^t),  v_hat = max(v_t / (1 - beta2^t), m_hat^2 / C)   (the bound; C = 1 by default)
     W  <- W - lr * ( scale * m_hat / (sqrt(v_hat) + eps) + weight_decay * W )
@@ -95,6 +96,7 @@ def lora_pre_adam_update_(
     use_triton=False,
     grad_absmax: float | None = None,
     ok: Tensor | None = None,
+    residual_step: bool = True,
 ) -> None:
     """Apply LoRA-Pre Adam step ``step`` (>= 1) to one ``p x q`` ``param`` and its factors, all in place: the step of
     :func:`lora_pre_adam_step_` for a batch of one.
@@ -102,7 +104,9 @@ def lora_pre_adam_update_(
     ``B, V_B`` are ``p x r`` and ``A, V_A`` are ``r x q``, in the factor dtype (float32, or float64 for float64
     parameters); ``param`` and ``grad`` may have any floating dtype (bf16 included). ``m_t`` and ``v_t`` are never
     stored: they are formed ``chunk_rows`` rows at a time (None: automatic) in ``workspace`` buffers.
-    ``debias_second_moment`` (default) rescales ``V_B V_A`` so that ``v_t`` warms up like Adam's; ``update_bound``
+    ``residual_step`` (default) steps the part of ``g`` outside the rows of ``A`` at full weight (see
+    :class:`~lit_lowrank.optim.LoRAPreAdamW`). ``debias_second_moment`` (default) rescales ``V_B V_A`` so that ``v_t``
+    warms up like Adam's; ``update_bound``
     is one of ``UPDATE_BOUNDS``; ``grad_absmax`` (``max |g|``) lets the CPU path form squares where they cannot
     overflow. Under FSDP2 (``shards``) ``param``, ``grad``, ``B`` and ``V_B`` are this rank's row blocks and ``A``,
     ``V_A`` replicated. ``use_triton``: the fused kernels (:mod:`lit_lowrank.kernels.dispatch`; float32 factors,
@@ -124,6 +128,6 @@ def lora_pre_adam_update_(
     batch = MatrixBatch.gather([param], [grad], [[B, A, V_B, V_A]], step=steps, workspace=workspace,
                                ok=None if ok is None else ok.reshape(1), shards=shards, grad_absmax=grad_absmax)
     hyper = AdamHyper(lr, beta1, beta2, eps, weight_decay, scale, damping, factor_update, debias_second_moment,
-                      update_bound, chunk_rows)
+                      update_bound, chunk_rows, residual_step)
     lora_pre_adam_step_(batch, hyper, workspace, use_triton)
     batch.write_back()
