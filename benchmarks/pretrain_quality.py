@@ -15,9 +15,14 @@ evenly over the validation split (49k bytes, the same for every run), every 200 
 Methods (``--rank`` r, default 32; the block matrices are 128 x 128 and 352 x 128; the embedding (= tied head)
 and the norms get AdamW inside each optimizer, except in Adam-mini):
     adamw                  torch.optim.AdamW on every tensor
+    adamw_scaled           the fair full-rank reference of the low-rank methods: AdamW with the block matrices' lr
+                           multiplied by --scale (the learning-rate split of GaLore and LoRA-Pre Adam, full-rank
+                           moments); the report gives every row's loss against AdamW and against it, per seed
     galore                 GaLoreAdamW (galore-torch) rank r, scale 0.25, projection refreshed every 200 steps
     lora_pre_adam          LoRAPreAdamW rank r with its defaults, scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
     lora_pre_adam_low      the same at rank r / 8
+    lora_pre_adam_no_residual, lora_pre_adam_low_no_residual   the default until 2026-12-07: residual_step=False
+                           (the paper's first moment, debiased, v_floor), rank r and r / 8
     lora_pre_muon          LoRAPreMuon rank r, scale_rule "adamw_rms" so one lr serves Muon and AdamW tensors
     muon                   full-rank reference of lora_pre_muon: torch.optim.Muon (momentum 0.95, Nesterov, 5
                            Newton-Schulz steps, run in float32 here) on the block matrices with
@@ -34,12 +39,19 @@ and the norms get AdamW inside each optimizer, except in Adam-mini):
     lora_pre_adam_debias   the debiased second moment alone (update_bound="none")
     lora_pre_adam_paper, lora_pre_adam_low_paper   the paper's formula (debias_second_moment=False,
                            update_bound="none"), rank r and r / 8
-    adamw_scaled           control: AdamW with the block matrices' lr multiplied by --scale (GaLore's and LoRA-Pre
-                           Adam's two learning rates with full-rank moments)
+  research rows (issue 26; ``--methods``, names canonicalised, so each is one stable set of run files):
+    NAME@r=N               NAME (lora_pre_adam, lora_pre_muon, galore, apollo) at rank N instead of --rank
+    lora_pre_variant@m=M,v=V[,mrank=K][,r=N]
+                           LoRA-Pre Adam's step in plain torch with switchable moments (lora_pre_variants.py), block
+                           matrices at scale x lr, the rest Adam at lr. M (first moment): factored (the spec),
+                           dense (Adam's EMA), factored_residual (+ the part of g outside span(B) at full weight,
+                           momentum-free), factored_residual_rows (the same outside the row space of A); K: m's
+                           factors at K x r; V (second moment): factored_abs (the spec), dense_sq (Adam's v),
+                           adafactor (row and column EMAs of g^2, p + q numbers)
 
 Learning rates: each method's log-spaced 3-point grid on seed 0 with the full step budget, chosen by final
 validation loss, up to two points added past an edge holding the best (``--extend 2``), then the chosen lr with seeds 1
-and 2: about 50 runs. Each (method, lr, seed) runs in its own single-threaded process (``--threads 1``); its JSON
+and 2: about 55 runs. Each (method, lr, seed) runs in its own single-threaded process (``--threads 1``); its JSON
 lands in ``--runs`` and is reused when present, so an interrupted sweep resumes, several invocations with
 disjoint ``--methods`` can share the folder, and ``--report-only`` rebuilds the CSV / markdown / PNG from the runs.
 The report states the protocol's wall time (first run's start to last run's end).
@@ -53,11 +65,33 @@ time about 65-75 min (longer on a loaded machine).
     python benchmarks/pretrain_quality.py --report-only   # report from benchmarks/results/pretrain_quality_runs
     python benchmarks/pretrain_quality.py --smoke --out /tmp/bench   # seconds: tiny model, in-process
 
+Research rows at a fixed lr: ``--lr METHOD=LR`` runs METHOD at that lr on every seed, without a grid (a bare
+base such as ``lora_pre_muon=1e-2`` fixes each of its ``@r=N`` rows; ``--lrs`` gives one grid to every method). Give
+them their own ``--out`` (the default ``--out`` is the committed report) and the shared ``--runs``; the report
+then compares them with the folder's AdamW and adamw_scaled runs. The rows of issue 26, resumable:
+
+    R=benchmarks/results/pretrain_quality_runs
+    # adamw_scaled's protocol rows (its grid, then seeds 1 and 2), then the default report with them
+    python benchmarks/pretrain_quality.py --methods adamw_scaled --runs $R --out /tmp/pretrain_scaled
+    python benchmarks/pretrain_quality.py --report-only
+    # rank sweeps of LoRA-Pre Adam (lr 3e-3) and LoRA-Pre Muon (lr 1e-2), seeds 0 1 2 (bash expands the braces)
+    python benchmarks/pretrain_quality.py --methods lora_pre_adam@r={4,8,16,32,64,112} \
+        lora_pre_muon@r={4,8,16,32,64,112} --lr lora_pre_adam=3e-3 lora_pre_muon=1e-2 --seeds 0 1 2 \
+        --runs $R --out /tmp/pretrain_ranks
+    # moment ablations of LoRA-Pre Adam at lr 3e-3, seeds 0 1 2 (the spec first: the prototype vs the library)
+    python benchmarks/pretrain_quality.py --methods lora_pre_variant@m=factored,v=factored_abs \
+        lora_pre_variant@m=dense,v=factored_abs lora_pre_variant@m=factored,v=dense_sq \
+        lora_pre_variant@m=dense,v=dense_sq lora_pre_variant@m=factored_residual,v=factored_abs \
+        lora_pre_variant@m=factored_residual_rows,v=factored_abs lora_pre_variant@m=factored,v=adafactor,mrank=2 \
+        lora_pre_variant@m=factored_residual,v=adafactor lora_pre_variant@m=factored_residual,v=adafactor,mrank=2 \
+        lora_pre_variant@m=factored_residual,v=dense_sq,mrank=2 \
+        --lr lora_pre_variant=3e-3 --seeds 0 1 2 --runs $R --out /tmp/pretrain_moments
+
 Where the sweep driver (sweep.py) has no ``--workers``, two invocations with disjoint method lists (balanced by
 run time) use the two cores, then one report covers all their runs:
 
     R=benchmarks/results/pretrain_quality_runs
-    python benchmarks/pretrain_quality.py --methods lora_pre_adam lora_pre_adam_low lora_pre_muon muon \\
+    python benchmarks/pretrain_quality.py --methods lora_pre_adam lora_pre_adam_low lora_pre_muon muon adamw_scaled \\
         --runs $R --out /tmp/pretrain_a > /tmp/pretrain_a.log 2>&1 &
     python benchmarks/pretrain_quality.py --methods adamw galore apollo apollo_mini adam_mini \\
         --runs $R --out /tmp/pretrain_b > /tmp/pretrain_b.log 2>&1 &
@@ -76,11 +110,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
+import lora_pre_variants  # noqa: E402
 import report  # noqa: E402
 import stats  # noqa: E402
 import sweep  # noqa: E402
@@ -115,11 +151,18 @@ GRIDS = {
     "lora_pre_adam_rms_clip": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_paper": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_low_paper": [9e-4, 3e-3, 1e-2],
-    "adamw_scaled": [3e-3, 1e-2, 3e-2],
+    "lora_pre_adam_no_residual": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_low_no_residual": [9e-4, 3e-3, 1e-2],
+    # AdamW with the block matrices at scale x lr: 3e-3 (matrices at 7.5e-4, near AdamW's best 9e-4) reached 1.475
+    # at seed 0 outside the protocol, so the grid is centred there
+    "adamw_scaled": [9e-4, 3e-3, 1e-2],
 }
 PAPER_METHODS = ["adamw", "galore", "lora_pre_adam", "lora_pre_adam_low", "lora_pre_muon"]
 # Full-rank Muon (LoRA-Pre Muon's reference) and the other memory-efficient optimizers of the LoRA-Pre paper's table
 REFERENCE_METHODS = ["muon", "apollo", "apollo_mini", "adam_mini"]
+# LoRA-Pre Adam's default until 2026-12-07 (the paper's first moment: no residual step), kept in the table so that
+# the change of default is measured, not asserted
+PREVIOUS_DEFAULT_METHODS = ["lora_pre_adam_no_residual", "lora_pre_adam_low_no_residual"]
 # LoRA-Pre Adam's options against its default (the bound candidates of the 2026-11-30 amendment, the paper's formula)
 EXTRA_METHODS = ["lora_pre_adam_adam_floor", "lora_pre_adam_rms_clip", "lora_pre_adam_debias", "lora_pre_adam_paper",
                  "lora_pre_adam_low_paper"]
@@ -130,8 +173,10 @@ LORA_PRE_ADAM_OPTIONS = {
     "lora_pre_adam_adam_floor": {"update_bound": "adam_floor"},
     "lora_pre_adam_rms_clip": {"update_bound": "rms_clip"},
     "lora_pre_adam_debias": {"update_bound": "none"},
-    "lora_pre_adam_paper": {"debias_second_moment": False, "update_bound": "none"},
-    "lora_pre_adam_low_paper": {"debias_second_moment": False, "update_bound": "none"},
+    "lora_pre_adam_paper": {"debias_second_moment": False, "update_bound": "none", "residual_step": False},
+    "lora_pre_adam_low_paper": {"debias_second_moment": False, "update_bound": "none", "residual_step": False},
+    "lora_pre_adam_no_residual": {"residual_step": False},
+    "lora_pre_adam_low_no_residual": {"residual_step": False},
 }
 CONTROL_METHODS = ["adamw_scaled"]  # AdamW's memory and step time: left out of memory.py and step_timing.py training
 #: The package (the ``bench`` extra) each third-party method imports; its rows are left out where it is missing.
@@ -141,7 +186,7 @@ REQUIRES = {"galore": "galore_torch", "apollo": "apollo_torch", "apollo_mini": "
 
 def installed(method: str) -> bool:
     """Whether the package ``method`` needs (if any) is importable."""
-    module = REQUIRES.get(method)
+    module = REQUIRES.get(method.partition("@")[0])
     return module is None or importlib.util.find_spec(module) is not None
 
 
@@ -154,15 +199,129 @@ def cost_methods(references: bool = False) -> list[str]:
 
 
 def default_methods() -> list[str]:
-    """The sweep's methods: the paper's rows and the reference optimizers (whose packages are installed)."""
-    return [m for m in PAPER_METHODS + REFERENCE_METHODS if installed(m)]
+    """The sweep's methods: AdamW and its fair counterpart ``adamw_scaled`` (the learning-rate split of GaLore and
+    LoRA-Pre Adam with full-rank moments), the paper's other rows and the reference optimizers (whose packages are
+    installed)."""
+    order = PAPER_METHODS[:1] + CONTROL_METHODS + PAPER_METHODS[1:] + PREVIOUS_DEFAULT_METHODS + REFERENCE_METHODS
+    return [m for m in order if installed(m)]
+
+
+# ------------------------------------------------------------------------------------ research method names
+# Research rows (issue 26), never in the default list: a registered method at another rank (``galore@r=64``), or a
+# LoRA-Pre Adam variant of lora_pre_variants.py (``lora_pre_variant@m=factored_residual,v=adafactor,mrank=2``).
+# The name is the run files' name, so it is canonicalised (keys in a fixed order, defaults left out) and says
+# everything that changes the run: two spellings of one run never make two files, and an explicit ``r=`` does not
+# depend on --rank.
+RANKED_METHODS = ("lora_pre_adam", "lora_pre_muon", "galore", "apollo")
+VARIANT_METHOD = "lora_pre_variant"
+VARIANT_KEYS = ("m", "v", "mrank", "r")
+
+
+class MethodName(NamedTuple):
+    """A parsed method name: ``base`` (a key of GRIDS or ``lora_pre_variant``), an explicit rank, the variant."""
+
+    base: str
+    rank: int | None = None
+    variant: lora_pre_variants.Variant | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical spelling."""
+        options = [self.variant.name] if self.variant is not None else []
+        options += [f"r={self.rank}"] if self.rank is not None else []
+        return self.base + ("@" + ",".join(options) if options else "")
+
+
+def parse_method(name: str) -> MethodName:
+    """``NAME``, ``NAME@r=N`` (NAME in RANKED_METHODS) or ``lora_pre_variant[@m=...,v=...,mrank=K,r=N]`` (keys in any
+    order; m and v default to the spec's ``factored`` / ``factored_abs``); a ValueError naming what is wrong."""
+    base, at, rest = name.partition("@")
+    options: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or key in options:
+            raise ValueError(f"{name!r}: {item!r} is not a new key=value option")
+        options[key] = value
+    allowed = VARIANT_KEYS if base == VARIANT_METHOD else ("r",) if base in RANKED_METHODS else ()
+    if base not in GRIDS and base != VARIANT_METHOD:
+        raise ValueError(f"{name!r}: unknown method {base!r}; one of {', '.join([*GRIDS, VARIANT_METHOD])}")
+    if set(options) - set(allowed) or (at and not options):
+        raise ValueError(f"{name!r}: {base} takes {'options ' + ', '.join(allowed) if allowed else 'no options'}")
+
+    def positive(key: str) -> int | None:
+        if key not in options:
+            return None
+        if not options[key].isdigit() or int(options[key]) < 1:
+            raise ValueError(f"{name!r}: {key} must be a positive integer, got {options[key]!r}")
+        return int(options[key])
+
+    variant = None
+    if base == VARIANT_METHOD:
+        variant = lora_pre_variants.Variant(options.get("m", "factored"), options.get("v", "factored_abs"),
+                                            positive("mrank") or 1)
+        try:
+            lora_pre_variants.check_variant(variant)
+        except ValueError as error:
+            raise ValueError(f"{name!r}: {error}") from None
+    return MethodName(base, positive("r"), variant)
+
+
+def canonical_method(name: str) -> str:
+    """``--methods``' type: the canonical spelling of a method name, or argparse's error for a bad one."""
+    try:
+        return parse_method(name).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def method_rank(method: str, rank: int) -> int:
+    """The run's ``rank`` field: the row's explicit ``r=``, else --rank (as always recorded: the low rows run at
+    r / 8 and say so in their label)."""
+    return parse_method(method).rank or rank
+
+
+def method_grid(method: str) -> list[float]:
+    """The default lr grid of ``method``: its base's (LoRA-Pre Adam's for the variants, which share its scale)."""
+    base = parse_method(method).base
+    return GRIDS["lora_pre_adam" if base == VARIANT_METHOD else base]
+
+
+def fixed_lrs(methods: list[str], items: list[str]) -> dict[str, float]:
+    """``--lr METHOD=LR`` items resolved for ``methods``: a key names a method exactly or the base of research rows
+    (``lora_pre_muon=1e-2`` fixes ``lora_pre_muon`` and every ``lora_pre_muon@r=N``); an exact key wins. A
+    ValueError for an item that is malformed or fixes none of ``methods`` (a typo would silently run the grid)."""
+    by_key: dict[str, float] = {}
+    for item in items:
+        key, _, value = item.rpartition("=")  # the last '=': a variant's own name holds some
+        try:  # a bare base stays itself (lora_pre_variant alone would otherwise read as the spec's variant)
+            key, lr = (parse_method(key).name if "@" in key else parse_method(key).base), float(value)
+        except ValueError:
+            raise ValueError(f"--lr {item!r}: expected METHOD=LR with a known method, e.g. lora_pre_adam=3e-3") \
+                from None
+        if not lr > 0:
+            raise ValueError(f"--lr {item!r}: the learning rate must be > 0")
+        by_key[key] = lr
+    bases = {method: parse_method(method).base for method in methods}
+    unused = [key for key in by_key if key not in methods and key not in bases.values()]
+    if unused:
+        raise ValueError(f"--lr {', '.join(unused)}: no method of --methods is or starts with that name")
+    return {method: by_key.get(method, by_key.get(bases[method])) for method in methods
+            if method in by_key or bases[method] in by_key}
 
 
 def label(method: str, rank: int) -> str:
+    """The row's name in the report; ``rank`` is --rank (research rows with ``r=`` say their own)."""
+    parsed = parse_method(method)
+    rank = parsed.rank or rank
+    if parsed.variant is not None:
+        return f"LoRA-Pre Adam variant r={rank}: {parsed.variant.describe()} (benchmark prototype)"
+    if parsed.rank is not None and parsed.base == "lora_pre_adam":
+        return f"LoRA-Pre Adam r={rank} (default)"
+    method = parsed.base
     return {
         "adamw": "AdamW",
         "galore": f"GaLore r={rank}",
-        "lora_pre_adam": f"LoRA-Pre Adam r={rank} (default: debiased, v_floor)",
+        "lora_pre_adam": f"LoRA-Pre Adam r={rank} (default: residual step, debiased, v_floor)",
         "lora_pre_adam_low": f"LoRA-Pre Adam r={max(1, rank // 8)} (default)",
         "lora_pre_muon": f"LoRA-Pre Muon r={rank}",
         "muon": "Muon (full rank, torch.optim.Muon + AdamW)",
@@ -174,14 +333,25 @@ def label(method: str, rank: int) -> str:
         "lora_pre_adam_debias": f"LoRA-Pre Adam r={rank}, debiased, no bound",
         "lora_pre_adam_paper": f"LoRA-Pre Adam r={rank}, paper-literal (unsafe)",
         "lora_pre_adam_low_paper": f"LoRA-Pre Adam r={max(1, rank // 8)}, paper-literal (unsafe)",
-        "adamw_scaled": "AdamW, block matrices at lr x scale (control)",
+        "lora_pre_adam_no_residual": f"LoRA-Pre Adam r={rank}, no residual step (default until 2026-12-07)",
+        "lora_pre_adam_low_no_residual": f"LoRA-Pre Adam r={max(1, rank // 8)}, no residual step (previous default)",
+        "adamw_scaled": "AdamW, block matrices at lr x scale (fair reference)",
     }[method]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # conflict_handler="resolve": --methods is redefined below over sweep.py's (which only takes GRIDS' names)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
     sweep.add_sweep_arguments(parser, NAME, GRIDS)
+    parser.add_argument("--methods", nargs="+", type=canonical_method, metavar="METHOD",
+                        help=f"methods to run: {', '.join(GRIDS)}; research rows: NAME@r=N for NAME in "
+                             f"{', '.join(RANKED_METHODS)}, and {VARIANT_METHOD}@m=M,v=V[,mrank=K][,r=N] with M in "
+                             f"{', '.join(lora_pre_variants.M_MODES)} and V in {', '.join(lora_pre_variants.V_MODES)} "
+                             "(see the module docstring)")
+    parser.add_argument("--lr", nargs="+", action="extend", default=[], metavar="METHOD=LR",
+                        help="run METHOD at this one lr on every seed, no grid (wins over --lrs); METHOD may be the "
+                             "base of research rows: lora_pre_muon=1e-2 fixes every lora_pre_muon@r=N")
     # Packages that are missing leave their rows out. One thread per run and two runs at once use two cores
     # without oversubscribing them (``workers`` is read by sweep drivers that have a --workers option). Two grid
     # points past an edge: with one, AdamW's best lr (9e-4) was still at the edge of its extended grid.
@@ -201,6 +371,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lrs = args.lrs or [1e-2]
     args.warmup = round(WARMUP_SHARE * args.steps) if args.warmup is None else args.warmup
     args.runs = args.runs or args.out / f"{NAME}_runs"
+    args.methods = list(dict.fromkeys(args.methods))  # two spellings of one method: one row
+    try:
+        fixed = fixed_lrs(args.methods, args.lr)
+    except ValueError as error:
+        parser.error(str(error))
+    # Each method's grid: its fixed lr, else --lrs, else its default grid (a one-point grid has no extension, so
+    # the sweep runs that lr on every seed). sweep_main reads --lrs before the grids: it is folded in here.
+    args.grids = {m: [fixed[m]] if m in fixed else list(args.lrs or method_grid(m)) for m in args.methods}
+    args.lrs = None
     return args
 
 
@@ -343,7 +522,13 @@ def adam_mini_optimizer(model, lr: float):
 def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galore_gap: int):
     from lit_lowrank.optim import LoRAPreAdamW, LoRAPreMuon, lowrank_param_groups
 
+    parsed = parse_method(method)  # a research row: its base method (or the variant) at its own rank
+    method, rank = parsed.base, parsed.rank or rank
     matrices, others = (group["params"] for group in lowrank_param_groups(model, rank=rank))
+    if parsed.variant is not None:
+        # the same parameter split as LoRAPreAdamW's: block matrices at scale x lr, the rest plain Adam at lr
+        return lora_pre_variants.LoRAPreVariant([{"params": matrices, "lowrank": True}, {"params": others}], lr=lr,
+                                                rank=rank, scale=scale, variant=parsed.variant, betas=BETAS, eps=EPS)
     if method == "adamw":
         return adamw_optimizer(model.parameters(), lr)
     if method == "adamw_scaled":
@@ -449,7 +634,8 @@ def run_one(spec: dict) -> dict:
     curve, step_times, diverged = train(spec, dm, model, optimizer)
     final = float("inf") if diverged else curve[-1]["val_loss"]
     return {
-        **{k: spec[k] for k in ("method", "lr", "seed", "steps", "warmup", "rank")},
+        **{k: spec[k] for k in ("method", "lr", "seed", "steps", "warmup")},
+        "rank": method_rank(spec["method"], spec["rank"]),
         "label": label(spec["method"], spec["rank"]),
         "final_val_loss": final,
         "final_val_bpb": final / math.log(2),
@@ -494,7 +680,45 @@ def runner(args):
                              args.wait_load)
 
 
-def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
+#: The full-rank references every row is compared with, paired by seed (same seed: same initialisation and data
+#: order). adamw_scaled is the fair one for the low-rank methods: their learning-rate split with full-rank moments.
+REFERENCES = ("adamw", "adamw_scaled")
+
+
+def chosen_losses(runs: list[dict], method: str, lr: float, seeds: list[int]) -> dict[int, float]:
+    """Final validation loss per seed of ``method`` at ``lr``."""
+    return {r["seed"]: r["final_val_loss"] for r in runs if r["method"] == method and r["lr"] == lr
+            and r["seed"] in seeds}
+
+
+def reference_columns(method: str, losses: dict[int, float], state_bytes: int | None, reference_runs: list[dict],
+                      seeds: list[int]) -> dict:
+    """A row's differences against each of REFERENCES (at the reference's chosen lr; blank where it has no runs):
+    ``vs_REF`` the difference of the means over each one's seeds, ``vs_REF_paired_mean`` / ``_std`` / ``_per_seed``
+    the per-seed differences over the seeds both have (negative: lower loss than the reference), and the row's
+    optimizer state over AdamW's."""
+    columns: dict = {}
+    chosen = sweep.choose(reference_runs, score, seeds[0])
+    for reference in REFERENCES:
+        if reference == method or reference not in chosen:
+            continue
+        theirs = chosen_losses(reference_runs, reference, chosen[reference], seeds)
+        paired = [losses[seed] - theirs[seed] for seed in sorted(losses) if seed in theirs]
+        columns[f"vs_{reference}"] = stats.mean(list(losses.values())) - stats.mean(list(theirs.values()))
+        columns[f"vs_{reference}_paired_mean"] = stats.mean(paired) if paired else None
+        columns[f"vs_{reference}_paired_std"] = stats.std(paired)
+        columns[f"vs_{reference}_per_seed"] = " / ".join(
+            f"{losses[seed] - theirs[seed]:+.3f}" for seed in sorted(losses) if seed in theirs)
+    adamw = [r for r in reference_runs if r["method"] == "adamw" and r.get("state_bytes")]
+    if adamw and state_bytes:
+        columns["state_vs_adamw"] = state_bytes / adamw[0]["state_bytes"]
+    return columns
+
+
+def summarise(args, runs: list[dict], reference_runs: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """One row per method at its chosen lr (with its differences against REFERENCES, taken from
+    ``reference_runs``: by default ``runs``), every run's row for the CSV, and the chosen lrs."""
+    reference_runs = runs if reference_runs is None else reference_runs
     chosen = sweep.choose(runs, score, args.seeds[0])
     summary = []
     for method in [m for m in args.methods if m in chosen]:
@@ -519,6 +743,8 @@ def summarise(args, runs: list[dict]) -> tuple[list[dict], list[dict], dict]:
             "peak_rss_MiB": stats.mean([r["peak_rss_mib"] for r in final if "peak_rss_mib" in r]),
             "step_ms": stats.mean([r["step_ms_median"] for r in final if "step_ms_median" in r]),
             "run_s": stats.mean([r["wall_s"] for r in final if "wall_s" in r]),
+            **reference_columns(method, {r["seed"]: r["final_val_loss"] for r in final},
+                                final[0].get("state_bytes") if final else None, reference_runs, args.seeds),
         })
     rows = [{k: v for k, v in run.items() if k != "curve"} for run in runs]
     return summary, rows, chosen
@@ -531,9 +757,11 @@ def plot(args, runs: list[dict], chosen: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (curves, grid_ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
-    colors = plt.get_cmap("tab10")
-    for index, method in enumerate(m for m in args.methods if m in chosen):
-        color = colors(index % 10)
+    shown = [m for m in args.methods if m in chosen]
+    palette = 10 if len(shown) <= 10 else 20  # research reports have more rows than tab10 has colours
+    colors = plt.get_cmap(f"tab{palette}")
+    for index, method in enumerate(shown):
+        color = colors(index % palette)
         chosen_runs = [r for r in runs if r["method"] == method and r["lr"] == chosen[method] and r.get("curve")]
         for run in chosen_runs:
             curves.plot([p["step"] for p in run["curve"]], [p["val_loss"] / math.log(2) for p in run["curve"]],
@@ -615,6 +843,8 @@ def method_lines(args, first: dict) -> list[str]:
         "Low-rank methods project or factor the block matrices (the 2-D weights inside the transformer blocks); the "
         "embedding and norms stay on AdamW inside the same optimizer (except in Adam-mini).",
         "",
+        f"- AdamW at two learning rates (`adamw_scaled`): `torch.optim.AdamW` with the block matrices at {args.scale} "
+        "x lr and the embedding and norms at lr, the split of GaLore and LoRA-Pre Adam with full-rank moments.",
         f"- GaLore: galore-torch {versions.get('galore-torch', '')} `GaLoreAdamW`, rank {args.rank}, "
         f"`proj_type=\"std\"`, `scale={args.scale}`, `update_proj_gap={args.galore_gap}`.",
         f"- LoRA-Pre Adam: `LoRAPreAdamW` with the library's defaults, `scale={args.scale}` (the paper's pre-training "
@@ -633,6 +863,11 @@ def method_lines(args, first: dict) -> list[str]:
         "they are the same for every run seed.",
         f"- Adam-mini: adam-mini {versions.get('adam-mini', '')} `Adam_mini`: one second moment per q/k head, per "
         "output neuron of v/o/MLP, per embedding row and per norm tensor.",
+        *(["- LoRA-Pre Adam variants (`lora_pre_variant@...`, research rows): LoRA-Pre Adam's step written in plain "
+            "torch, one matrix at a time, with the first and second moments switchable (`benchmarks/"
+            "lora_pre_variants.py`: the library's default semantics for `m=factored,v=factored_abs`), the block "
+            f"matrices at {args.scale} x lr and the rest plain Adam at lr."]
+          if any(parse_method(m).variant is not None for m in args.methods) else []),
         "",
         "Optimizer state: the bytes of the optimizer's tensors after the run (GaLore's and APOLLO's projection "
         "matrices included, step counters not).",
@@ -644,7 +879,8 @@ def tuning_lines(args) -> list[str]:
         "Learning-rate tuning (same protocol for every method): a log-spaced grid of 3 peak learning rates per method "
         "around its usual range, seed 0, full step budget; chosen by final validation loss; where the best was at an "
         f"edge of the grid, up to {args.extend} more point(s) past that edge; then the chosen lr with seeds "
-        f"{', '.join(map(str, args.seeds[1:]))}. The grid and its losses are in the last column.",
+        f"{', '.join(map(str, args.seeds[1:]))}. The grid and its losses are in the last column. A row whose grid "
+        "holds one lr was run at that lr only (research rows, `--lr`): not tuned.",
     ]
 
 
@@ -658,8 +894,48 @@ def missing_lines(args, runs: list[dict]) -> list[str]:
     return ["", *lines] if lines else []
 
 
+def reference_lines(summary: list[dict]) -> list[str]:
+    """The table of every row's final validation loss against AdamW and against adamw_scaled (the fair reference)."""
+    if not any(f"vs_{reference}" in row for row in summary for reference in REFERENCES):
+        return []
+
+    def signed(value) -> str:
+        return "" if value is None else f"{value:+.4f}"
+
+    def per_seed(row: dict, reference: str) -> str:
+        shown = row.get(f"vs_{reference}_per_seed", "")
+        spread = row.get(f"vs_{reference}_paired_std")
+        return shown + (f" (sd {spread:.3f})" if spread is not None else "")
+
+    table = [{"method": row["method"], "lr": row["lr"], "seeds": row["seeds"],
+              **{f"{ref}_mean": signed(row.get(f"vs_{ref}")) for ref in REFERENCES},
+              **{f"{ref}_seeds": per_seed(row, ref) for ref in REFERENCES},
+              "state": row.get("state_vs_adamw")} for row in summary]
+    return [
+        "### Against the full-rank references",
+        "",
+        "Final validation loss minus the reference's (nats per byte; negative: lower loss than the reference), each "
+        "at its chosen lr: the difference of the means over the seeds, and per seed (same seed: same "
+        "initialisation and data order), with the spread of the paired differences. `adamw_scaled` is the fair "
+        "full-rank reference for the low-rank methods: AdamW with the learning-rate split that GaLore and LoRA-Pre "
+        "Adam use (block matrices at scale x lr, embedding and norms at lr; APOLLO's scaling likewise steps its "
+        "matrices at a fraction of lr), so the difference against it is what the low-rank moments cost or gain, "
+        "while the difference against AdamW also holds the split's effect.",
+        "",
+        *report.markdown_table(table, [
+            ("method", "method"), ("lr", "chosen lr"), ("seeds", "seeds"),
+            ("adamw_mean", "vs AdamW (means)"), ("adamw_seeds", "vs AdamW per seed"),
+            ("adamw_scaled_mean", "vs adamw_scaled (means)"), ("adamw_scaled_seeds", "vs adamw_scaled per seed"),
+            ("state", "optimizer state / AdamW's")], digits=3),
+        "",
+    ]
+
+
 def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> list[dict]:
-    summary, rows, chosen = summarise(args, runs)
+    # the references' runs come from the runs folder whatever --methods holds, so that a report of research rows
+    # alone still compares them with AdamW and adamw_scaled
+    others = [r for r in sweep.load_runs(args.runs, REFERENCES) if r["method"] not in args.methods]
+    summary, rows, chosen = summarise(args, runs, runs + others)
     first = next((r for r in runs if "train_blocks" in r), {})
     body = [
         "## Setup",
@@ -680,20 +956,28 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
             ("lr_grid", "lr grid, seed 0: final val loss")]),
         *missing_lines(args, runs),
         "",
+        *reference_lines(summary),
         f"![validation curves]({NAME}.png)",
         "",
-        "Per-run values (every lr and seed): `pretrain_quality.csv`; curves: `pretrain_quality_curves.csv`. "
+        "Per-run values (every lr and seed): `pretrain_quality.csv`; one row per method with its differences "
+        "against the references: `pretrain_quality_summary.csv`; curves: `pretrain_quality_curves.csv`. "
         "The step times above are measured inside the quality runs (the other worker shared the CPU); "
         "`train_step_speed.md` has the controlled timing.",
         "",
     ]
     csvs = {f"{NAME}.csv": rows,
             f"{NAME}_curves.csv": [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], **point}
-                                   for r in runs for point in r.get("curve", [])]}
+                                   for r in runs for point in r.get("curve", [])],
+            f"{NAME}_summary.csv": summary}
     columns = {f"{NAME}.csv": ["method", "label", "lr", "seed", "steps", "warmup", "rank", "final_val_loss",
                                "final_val_bpb", "final_val_ppl", "diverged", "state_bytes", "peak_rss_mib",
                                "rss_before_training_mib", "step_ms_median", "wall_s", "cpu_s", "threads",
-                               "load_average_at_start", "error"]}
+                               "load_average_at_start", "error"],
+               f"{NAME}_summary.csv": ["key", "method", "lr", "seeds", "val_loss_mean", "val_loss_std", "val_bpb_mean",
+                                       "val_bpb_per_seed", "state_MiB", "state_vs_adamw",
+                                       *[f"vs_{ref}{part}" for ref in REFERENCES
+                                         for part in ("", "_paired_mean", "_paired_std", "_per_seed")],
+                                       "step_ms", "run_s", "lr_grid"]}
     report.write_result(args.out, NAME, "Pre-training quality: byte-level Llama on the Python standard library's "
                         "source", env, body, csvs, columns, header=[timing_line(runs, seconds)], smoke=args.smoke)
     plot(args, runs, chosen, args.out / f"{NAME}.png")
@@ -702,7 +986,7 @@ def write_report(args, runs: list[dict], env: dict, seconds: float | None) -> li
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    return sweep.sweep_main(__file__, argv, args, GRIDS, run_one, runner, score, write_report,
+    return sweep.sweep_main(__file__, argv, args, args.grids, run_one, runner, score, write_report,
                             lambda row: f"{row['method']:55s} lr {row['lr']:<7g} val loss {row['val_loss_mean']:.4f} "
                                         f"({row['val_bpb_mean']:.3f} bits/byte)")
 

@@ -60,6 +60,7 @@ def test_pretrain_quality_smoke(tmp_path):
     summary = module.main(["--smoke", "--out", str(tmp_path)])
     methods = module.default_methods()
     assert ("galore" in methods) == galore() and "muon" in methods
+    assert methods[:2] == ["adamw", "adamw_scaled"]  # AdamW and its fair counterpart head the table
     assert ({"apollo", "apollo_mini"} <= set(methods)) == installed("apollo_torch")
     assert ("adam_mini" in methods) == installed("adam_mini")
     assert [row["key"] for row in summary] == methods
@@ -72,10 +73,16 @@ def test_pretrain_quality_smoke(tmp_path):
     assert {int(point["step"]) for point in curves} == {0, 3, 6}
     table = (tmp_path / "pretrain_quality.md").read_text()
     assert "- command: `python benchmarks/pretrain_quality.py --smoke" in table and "torch" in table
-    assert "- CSV: `pretrain_quality.csv`, `pretrain_quality_curves.csv`" in table
+    assert "- CSV: `pretrain_quality.csv`, `pretrain_quality_curves.csv`, `pretrain_quality_summary.csv`" in table
     assert all(f"| {row['method']} |" in table for row in summary)
     assert (tmp_path / "pretrain_quality.png").stat().st_size > 0
     assert "in the block matrices" in table and "protocol wall time" in table
+    # every other row against AdamW and against adamw_scaled, paired by seed, in the markdown and the summary CSV
+    assert "### Against the full-rank references" in table
+    compared = {row["key"]: row for row in rows(tmp_path / "pretrain_quality_summary.csv")}
+    assert compared.keys() == set(methods) and compared["adamw"]["vs_adamw"] == ""
+    assert all(row["vs_adamw_scaled_per_seed"].count("/") == 1  # two seeds paired
+               for key, row in compared.items() if key != "adamw_scaled")
     # --report-only rebuilds the same summary from the saved runs, keeping the sweep's command in the header
     again = module.main(["--smoke", "--report-only", "--out", str(tmp_path)])
     assert [r["val_loss_mean"] for r in again] == [r["val_loss_mean"] for r in summary]
