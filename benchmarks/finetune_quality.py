@@ -22,6 +22,8 @@ Methods (rank 8 everywhere, library defaults otherwise):
     full_ft             every parameter, torch.optim.AdamW
     lora_pre_adam       every parameter, LoRAPreAdamW rank 8 (block matrices factored, the rest AdamW), scale 1,
                         its defaults (debiased second moment, update_bound="v_floor")
+    lora_pre_adam_no_residual   the same with residual_step=False: LoRA-Pre Adam's default until 2026-12-07 (the
+                        paper's first moment), kept so that the change of default is measured
     lora_pre_adam_paper not run by default (``--methods ... lora_pre_adam_paper``): the same with the paper's
                         formula (debias_second_moment=False, update_bound="none"), unsafe
 
@@ -82,11 +84,12 @@ GRIDS = {  # centred on the choices of the 135-test-paragraph sweep (finetune_qu
     "lora_pro_full": [1e-4, 3e-4, 1e-3],
     "full_ft": [1e-4, 3e-4, 1e-3],
     "lora_pre_adam": [3e-4, 1e-3, 3e-3],
+    "lora_pre_adam_no_residual": [3e-4, 1e-3, 3e-3],
     "lora_pre_adam_paper": [3e-5, 1e-4, 3e-4],
 }
 DEFAULT_METHODS = [method for method in GRIDS if method != "lora_pre_adam_paper"]
 ADAPTER_METHODS = ("lora_adamw", "rslora_adamw", "loraplus_adamw", "lora_pro_efficient", "lora_pro_full")
-PAPER_LITERAL = {"debias_second_moment": False, "update_bound": "none"}
+PAPER_LITERAL = {"debias_second_moment": False, "update_bound": "none", "residual_step": False}
 #: The differences the report judges (first minus second): the papers' claims and the LoRA variants' baselines.
 COMPARISONS = [
     ("lora_pro_efficient", "lora_adamw"),
@@ -97,6 +100,7 @@ COMPARISONS = [
     ("loraplus_adamw", "lora_adamw"),
     ("lora_pre_adam", "lora_adamw"),
     ("lora_pre_adam_paper", "lora_pre_adam"),
+    ("lora_pre_adam", "lora_pre_adam_no_residual"),
 ]
 
 
@@ -115,6 +119,8 @@ def label(method: str, rank: int) -> str:
         "lora_pro_full": f"LoRA-Pro full r={rank}",
         "full_ft": "Full fine-tuning (AdamW)",
         "lora_pre_adam": f"LoRA-Pre Adam r={rank} (all weights)",
+        "lora_pre_adam_no_residual": f"LoRA-Pre Adam r={rank} (all weights), no residual step (default until "
+                                     "2026-12-07)",
         "lora_pre_adam_paper": f"LoRA-Pre Adam r={rank} (all weights), paper-literal (unsafe)",
     }[method]
 
@@ -194,6 +200,7 @@ def optimizer_factory(method: str, lr: float, rank: int):
         "lora_pro_efficient": functools.partial(LoRAPro, lr=lr, mode="efficient", weight_decay=WEIGHT_DECAY),
         "lora_pro_full": functools.partial(LoRAPro, lr=lr, mode="full", weight_decay=WEIGHT_DECAY),
         "lora_pre_adam": lora_pre,
+        "lora_pre_adam_no_residual": functools.partial(lora_pre, residual_step=False),
         "lora_pre_adam_paper": functools.partial(lora_pre, **PAPER_LITERAL),
     }[method]
 
