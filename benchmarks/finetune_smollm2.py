@@ -141,39 +141,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-@functools.cache
-def data_module_class() -> type:
-    """``DocstringInstructionDataModule`` with chosen train/validation/test shares. The library's module takes
-    no ``fractions`` (``DocstringClassificationDataModule`` does), so this rebuilds its messages from the same
-    paragraphs with them; a test checks that, at the library's shares, the examples are the library's own.
-    Built on first use so that ``--help`` needs no torch."""
-    from lit_lowrank.data import DocstringInstructionDataModule
-    from lit_lowrank.data.corpus import docstring_classification
-    from lit_lowrank.data.instruction import PACKAGE_QUESTION
-    from lit_lowrank.data.instruction_rows import InstructionExample, Message
-
-    class SplitDocstringInstructions(DocstringInstructionDataModule):
-        def __init__(self, fractions=(0.7, 0.15, 0.15), **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.fractions = tuple(fractions)
-
-        def read_examples(self) -> dict:
-            task = docstring_classification(self.packages, self.cap_per_class, self.min_words, self.fractions)
-            system = [Message("system", self.fields.system_prompt)] if self.fields.system_prompt else []
-            return {split: [InstructionExample(
-                        (*system, Message("user", f"{PACKAGE_QUESTION}\n\n{ex.text}"),
-                         Message("assistant", f"#### {self.packages[ex.label]}")), f"stdlib:{ex.source}")
-                            for ex in examples]
-                    for split, examples in task.splits().items()}
-
-    return SplitDocstringInstructions
-
-
 def data_module(smoke: bool, seed: int):
+    """The recipe's chats (``DocstringInstructionDataModule``), every distinct paragraph, at FRACTIONS."""
+    from lit_lowrank.data import DocstringInstructionDataModule
+
     if smoke:
-        return data_module_class()(packages=SMOKE_PACKAGES, cap_per_class=20, batch_size=4, max_length=64, seed=seed)
-    return data_module_class()(cap_per_class=UNCAPPED, fractions=FRACTIONS, batch_size=BATCH_SIZE,
-                               max_length=MAX_LENGTH, seed=seed)
+        return DocstringInstructionDataModule(packages=SMOKE_PACKAGES, cap_per_class=20, batch_size=4, max_length=64,
+                                              seed=seed)
+    return DocstringInstructionDataModule(cap_per_class=UNCAPPED, fractions=FRACTIONS, batch_size=BATCH_SIZE,
+                                          max_length=MAX_LENGTH, seed=seed)
 
 
 def backbone(smoke: bool):

@@ -300,8 +300,11 @@ class DocstringInstructionDataModule(InstructionDataModule):
 
     Args:
         packages: standard-library packages, the possible answers.
-        cap_per_class: most paragraphs per package over the three splits (70% train, 15% validation, 15% test).
+        cap_per_class: most paragraphs per package over the three splits.
         min_words: shortest paragraph kept, in words.
+        fractions: train, validation and test shares (sum to 1; default 70/15/15), as in
+            :class:`~lit_lowrank.data.DocstringClassificationDataModule`: each paragraph's split is fixed by a hash
+            of its text, so a larger test share never moves a paragraph from test to train.
         tokenizer: ``None`` (default): the tokenizer of the model's backbone (without a model, or when the backbone
             has none: the bundled MiniLM). A transformers tokenizer, hub name or local folder, given here must give
             the backbone tokenizer's ids (see :class:`~lit_lowrank.data.common.LazyTokenizer`).
@@ -328,6 +331,7 @@ class DocstringInstructionDataModule(InstructionDataModule):
         packages: Sequence[str] = DEFAULT_PACKAGES,
         cap_per_class: int = 100,
         min_words: int = 8,
+        fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         tokenizer: str | None = None,
         vocabulary: str | None = None,
         max_length: int = 128,
@@ -343,10 +347,10 @@ class DocstringInstructionDataModule(InstructionDataModule):
                          seed=seed)
         self.save_hyperparameters()
         self.packages = tuple(packages)
-        self.cap_per_class, self.min_words = cap_per_class, min_words
+        self.cap_per_class, self.min_words, self.fractions = cap_per_class, min_words, tuple(fractions)
 
     def read_examples(self) -> dict[str, list[InstructionExample]]:
-        task = docstring_classification(self.packages, self.cap_per_class, self.min_words)
+        task = docstring_classification(self.packages, self.cap_per_class, self.min_words, self.fractions)
         system = [Message("system", self.fields.system_prompt)] if self.fields.system_prompt else []
         return {split: [InstructionExample(
                     (*system, Message("user", f"{PACKAGE_QUESTION}\n\n{ex.text}"),

@@ -216,3 +216,22 @@ def test_a_huggingface_dataset_folder_is_read_with_row_locations(tmp_path):
     with pytest.warns(UserWarning, match=rf"{folder}/test row 0: 'answer' is empty"):
         dm.setup("fit")
     assert len(dm.examples["train"]) + len(dm.examples["validation"]) == 30 and len(dm.examples["test"]) == 1
+
+
+def test_docstring_instructions_take_the_classification_tasks_fractions():
+    """``fractions`` as in DocstringClassificationDataModule: the same paragraphs in the same splits, and a larger
+    test share only adds test paragraphs (a paragraph's split is fixed by its text)."""
+    from lit_lowrank.data import DocstringInstructionDataModule
+    from lit_lowrank.data.corpus import docstring_classification
+
+    def questions(examples):
+        return [example.messages[-2].content.split("\n\n", 1)[1] for example in examples]
+
+    fractions = (0.5, 0.08, 0.42)
+    chats = DocstringInstructionDataModule(cap_per_class=10**9, fractions=fractions).read_examples()
+    task = docstring_classification(cap_per_class=10**9, fractions=fractions)
+    assert questions(chats["test"]) == [example.text for example in task.test] and len(chats["test"]) >= 1000
+    default = DocstringInstructionDataModule(cap_per_class=10**9).read_examples()
+    assert set(questions(default["test"])) <= set(questions(chats["test"]))
+    with pytest.raises(ValueError, match="fractions"):
+        DocstringInstructionDataModule(fractions=(0.5, 0.5, 0.5)).read_examples()
