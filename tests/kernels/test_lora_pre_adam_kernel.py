@@ -173,6 +173,21 @@ def test_rms_clip_is_not_fused_and_falls_back_with_one_warning(kernel_calls):
     assert kernel_calls == []
 
 
+def test_the_residual_step_is_not_fused_and_falls_back_with_one_warning(kernel_calls, monkeypatch):
+    """The default residual step needs g A_pinv^T of whole rows before m_t: the torch path runs it, and says so where
+    the kernel was asked for; it equals the torch path's step exactly (it is that step)."""
+    monkeypatch.setattr(dispatch, "_warned", set())  # whatever ran before in this process
+    W0, grad = torch.randn(40, 36), torch.randn(40, 36)
+    asked, plain = Matrix(W0, 4), Matrix(W0, 4)
+    with pytest.warns(KernelFallbackWarning, match="residual_step"):
+        asked.step(grad, 1, True, residual_step=True)
+    plain.step(grad, 1, False, residual_step=True)
+    asked.step(grad, 2, True, residual_step=True)  # no second warning: one per process and cause
+    plain.step(grad, 2, False, residual_step=True)
+    assert kernel_calls == []
+    assert torch.equal(asked.W, plain.W) and all(map(torch.equal, asked.factors(), plain.factors()))
+
+
 def test_strided_parameter_and_gradient(kernel_calls):
     """A column-major weight and gradient (views of transposes): the kernel takes any strides, like torch."""
     gen = torch.Generator().manual_seed(5)

@@ -26,6 +26,7 @@ CONFIGS = {  # name: (optimizer class, keyword arguments, parameter dtype)
     "adam_rms_clip_chunked": (LoRAPreAdamW, dict(lr=1e-2, rank=2, update_bound="rms_clip", chunk_rows=5),
                               torch.float32),
     "adam_no_debias": (LoRAPreAdamW, dict(lr=1e-2, rank=2, debias_second_moment=False), torch.float32),
+    "adam_no_residual": (LoRAPreAdamW, dict(lr=1e-2, rank=2, residual_step=False), torch.float32),
     "adam_bf16": (LoRAPreAdamW, dict(lr=1e-2, rank=2, weight_decay=0.1), torch.bfloat16),
     "adam_float64": (LoRAPreAdamW, dict(lr=1e-2, rank=2), torch.float64),
     "adam_dense_fallback": (LoRAPreAdamW, dict(lr=1e-2, rank=6, full_rank="dense"), torch.float32),
