@@ -2,8 +2,9 @@
 with the first and second moments switchable. Benchmark code, not a library option: it exists to measure where
 LoRA-Pre Adam's loss against full-rank Adam goes (issue 26) before anything earns a place in ``lit_lowrank``.
 
-The default variant (``m=factored, v=factored_abs``) is the library's default ``LoRAPreAdamW`` step written out,
-for each ``p x q`` block matrix with gradient ``g`` at step ``t`` (``docs/lora-pre.md``):
+The spec's variant (``m=factored, v=factored_abs``) is ``LoRAPreAdamW(residual_step=False)``'s step written out (its
+default until 2026-12-07; ``m=factored_residual_rows`` is the residual step, the default since), for each ``p x q``
+block matrix with gradient ``g`` at step ``t`` (``docs/lora-pre.md``):
 
     m_t = beta1 B A + (1 - beta1) g                                   (B, A from step t-1)
     v_t = beta2 (D_t V_B V_A)^2 + (1 - beta2) g^2                     D_t: the warm-up correction of the debiasing
