@@ -21,8 +21,8 @@ and the norms get AdamW inside each optimizer, except in Adam-mini):
     galore                 GaLoreAdamW (galore-torch) rank r, scale 0.25, projection refreshed every 200 steps
     lora_pre_adam          LoRAPreAdamW rank r with its defaults, scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
     lora_pre_adam_low      the same at rank r / 8
-    lora_pre_adam_no_residual, lora_pre_adam_low_no_residual   the default until 2026-12-07: residual_step=False
-                           (the paper's first moment, debiased, v_floor), rank r and r / 8
+    lora_pre_adam_no_residual, lora_pre_adam_low_no_residual, lora_pre_muon_no_residual   the defaults until
+                           2026-12-07: residual_step=False (the paper's first moment / momentum), rank r and r / 8
     lora_pre_muon          LoRAPreMuon rank r, scale_rule "adamw_rms" so one lr serves Muon and AdamW tensors
     muon                   full-rank reference of lora_pre_muon: torch.optim.Muon (momentum 0.95, Nesterov, 5
                            Newton-Schulz steps, run in float32 here) on the block matrices with
@@ -153,6 +153,7 @@ GRIDS = {
     "lora_pre_adam_low_paper": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_no_residual": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_low_no_residual": [9e-4, 3e-3, 1e-2],
+    "lora_pre_muon_no_residual": [3e-3, 1e-2, 3e-2],
     # AdamW with the block matrices at scale x lr: 3e-3 (matrices at 7.5e-4, near AdamW's best 9e-4) reached 1.475
     # at seed 0 outside the protocol, so the grid is centred there
     "adamw_scaled": [9e-4, 3e-3, 1e-2],
@@ -162,7 +163,7 @@ PAPER_METHODS = ["adamw", "galore", "lora_pre_adam", "lora_pre_adam_low", "lora_
 REFERENCE_METHODS = ["muon", "apollo", "apollo_mini", "adam_mini"]
 # LoRA-Pre Adam's default until 2026-12-07 (the paper's first moment: no residual step), kept in the table so that
 # the change of default is measured, not asserted
-PREVIOUS_DEFAULT_METHODS = ["lora_pre_adam_no_residual", "lora_pre_adam_low_no_residual"]
+PREVIOUS_DEFAULT_METHODS = ["lora_pre_adam_no_residual", "lora_pre_adam_low_no_residual", "lora_pre_muon_no_residual"]
 # LoRA-Pre Adam's options against its default (the bound candidates of the 2026-11-30 amendment, the paper's formula)
 EXTRA_METHODS = ["lora_pre_adam_adam_floor", "lora_pre_adam_rms_clip", "lora_pre_adam_debias", "lora_pre_adam_paper",
                  "lora_pre_adam_low_paper"]
@@ -323,7 +324,8 @@ def label(method: str, rank: int) -> str:
         "galore": f"GaLore r={rank}",
         "lora_pre_adam": f"LoRA-Pre Adam r={rank} (default: residual step, debiased, v_floor)",
         "lora_pre_adam_low": f"LoRA-Pre Adam r={max(1, rank // 8)} (default)",
-        "lora_pre_muon": f"LoRA-Pre Muon r={rank}",
+        "lora_pre_muon": f"LoRA-Pre Muon r={rank} (default: residual step)",
+        "lora_pre_muon_no_residual": f"LoRA-Pre Muon r={rank}, no residual step (default until 2026-12-07)",
         "muon": "Muon (full rank, torch.optim.Muon + AdamW)",
         "apollo": f"APOLLO r={rank} (channel-wise)",
         "apollo_mini": "APOLLO-Mini r=1 (tensor-wise)",
@@ -547,9 +549,9 @@ def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galor
         groups = [{"params": matrices, "rank": rank, "update_proj_gap": galore_gap, "scale": scale,
                    "proj_type": "std"}, {"params": others}]
         return GaLoreAdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, no_deprecation_warning=True)
-    if method == "lora_pre_muon":
+    if method in ("lora_pre_muon", "lora_pre_muon_no_residual"):
         return LoRAPreMuon(model, lr=lr, rank=rank, adamw_lr=lr, adamw_betas=BETAS, adamw_eps=EPS,
-                           scale_rule="adamw_rms")
+                           scale_rule="adamw_rms", residual_step=method == "lora_pre_muon")
     return LoRAPreAdamW(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, scale=scale,
                         rank=max(1, rank // 8) if method.startswith("lora_pre_adam_low") else rank,
                         **LORA_PRE_ADAM_OPTIONS[method])

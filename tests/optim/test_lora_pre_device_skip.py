@@ -34,6 +34,7 @@ CONFIGS = {  # name: (optimizer class, keyword arguments, parameter dtype)
     "muon_jacobi_bf16": (LoRAPreMuon, dict(lr=1e-2, rank=2, factor_update="jacobi", nesterov=False, adamw_lr=1e-2),
                          torch.bfloat16),
     "muon_dense_fallback": (LoRAPreMuon, dict(lr=1e-2, rank=6, full_rank="dense"), torch.float32),
+    "muon_no_residual": (LoRAPreMuon, dict(lr=1e-2, rank=2, residual_step=False), torch.float32),
 }
 
 

@@ -203,3 +203,57 @@ def test_newton_schulz_matches_the_reference_and_nearly_orthogonalises(shape):
 def test_update_scale_rules():
     assert muon_update_scale((64, 16), "muon") == 2.0 and muon_update_scale((16, 64), "muon") == 1.0
     assert muon_update_scale((16, 64), "adamw_rms") == pytest.approx(0.2 * 8)
+
+
+def spec_muon_step(W, g, B, A, *, t, lr, mu, nesterov, weight_decay, damping, residual):
+    """One LoRA-Pre Muon step transcribed literally in float64 (alternating factor update); ``residual``: the part of
+    g outside the rows of A enters M with weight (1 - mu^t) / (1 - mu) instead of 1."""
+    def damped_inverse(M):
+        r = M.shape[0]
+        return torch.linalg.inv(M + damping * (torch.trace(M) / r + 1e-60) * torch.eye(r, dtype=M.dtype))
+
+    M = mu * B @ A + g
+    if residual:
+        M = M + ((1 - mu**t) / (1 - mu) - 1) * (g - g @ A.T @ damped_inverse(A @ A.T) @ A)
+    direction = g + mu * M if nesterov else M
+    p, q = W.shape
+    W = W * (1 - lr * weight_decay) - lr * math.sqrt(max(1.0, p / q)) * reference_newton_schulz(direction)
+    gamma = 1 - math.sqrt(mu)
+    target = g / (1 - mu)
+    B = (1 - gamma) * B + gamma * target @ A.T @ damped_inverse(A @ A.T)
+    A = (1 - gamma) * A + gamma * damped_inverse(B.T @ B) @ B.T @ target
+    return W, B, A
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper_momentum"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_step_matches_its_literal_transcription(residual, nesterov):
+    from lit_lowrank.optim.lora_pre.factors import Workspace
+    from lit_lowrank.optim.lora_pre.muon_update import lora_pre_muon_update_
+
+    gen = torch.Generator().manual_seed(4)
+    W, g = torch.randn(13, 9, generator=gen, dtype=F64), torch.randn(13, 9, generator=gen, dtype=F64)
+    B, A = torch.randn(13, 3, generator=gen, dtype=F64), torch.randn(3, 9, generator=gen, dtype=F64)
+    options = dict(lr=0.03, nesterov=nesterov, weight_decay=0.1, damping=1e-6)
+    expected = spec_muon_step(W, g, B, A, t=4, mu=0.9, residual=residual, **options)
+    got = [W.clone(), B.clone(), A.clone()]
+    lora_pre_muon_update_(got[0], g, got[1], got[2], momentum=0.9, ns_steps=5, scale=math.sqrt(13 / 9),
+                          factor_update="alternating", workspace=Workspace(), step=4, residual_step=residual, **options)
+    for name, a, b in zip(("W", "B", "A"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    if residual:  # the residual term was not negligible, or this would not test it
+        plain = spec_muon_step(W, g, B, A, t=4, mu=0.9, residual=False, **options)
+        assert (plain[0] - expected[0]).abs().max() > 1e-4
+
+
+def test_the_per_matrix_step_asks_for_the_count_the_residual_step_needs():
+    from lit_lowrank.optim.lora_pre.factors import Workspace
+    from lit_lowrank.optim.lora_pre.muon_update import lora_pre_muon_update_
+
+    W, g, B, A = torch.zeros(6, 4), torch.ones(6, 4), torch.zeros(6, 2), torch.ones(2, 4)
+    options = dict(lr=0.1, momentum=0.95, nesterov=False, weight_decay=0.0, ns_steps=5, scale=1.0, damping=1e-6,
+                   factor_update="alternating", workspace=Workspace())
+    with pytest.raises(ValueError, match="step=t"):
+        lora_pre_muon_update_(W, g, B, A, **options)
+    lora_pre_muon_update_(W, g, B, A, residual_step=False, **options)  # the paper's momentum needs no count
+    assert W.abs().max() > 0

@@ -151,13 +151,14 @@ def test_state_dict_round_trip_in_a_fresh_process_gives_a_bitwise_identical_next
                 assert same is not False and (same or value == resumed["state"][param_id][key]), (name, key)
 
 
-def test_a_state_dict_from_before_residual_step_resumes_without_it():
+@pytest.mark.parametrize("optimizer_class", [LoRAPreAdamW, LoRAPreMuon])
+def test_a_state_dict_from_before_residual_step_resumes_without_it(optimizer_class):
     """Checkpoints written before ``residual_step`` existed were trained with the paper's first moment: they load
     with ``residual_step=False`` and step exactly like an optimizer built with it, while a current state dict
     keeps its own value (the option is saved in every param group)."""
     def trained(**options):
         model, groups = model_and_groups(torch.float32)
-        optimizer = LoRAPreAdamW(groups, lr=1e-2, rank=RANK, seed=0, **options)
+        optimizer = optimizer_class(groups, lr=1e-2, rank=RANK, seed=0, **options)
         torch.manual_seed(1)
         one_step(model, optimizer)
         return model, optimizer

@@ -138,21 +138,6 @@ class LoRAPreAdamW(LowRankOptimizerBase):
                   and triton_available())
         return KERNEL_BATCH_ELEMENTS if kernel else None
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``; a checkpoint written before ``residual_step`` existed resumes
-        with ``residual_step=False``, the first moment it was trained with (its next step is the one it would have
-        taken)."""
-        super().load_state_dict(state_dict)
-        self._default_missing_residual_step()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:  # an optimizer pickled before the option: the same
-        super().__setstate__(state)
-        self._default_missing_residual_step()
-
-    def _default_missing_residual_step(self) -> None:
-        for group in self.param_groups:
-            group.setdefault("residual_step", False)
-
     def _step_group(self, group: dict[str, Any], params: list, ok: dict | None) -> None:
         factored, dense = self._split_factored(group, params)
         hyper = AdamHyper.of(group)

@@ -322,6 +322,18 @@ class LowRankOptimizerBase(SkipDecisions, TorchContractOptimizer):
         super().__setstate__(state)
         self._workspace = Workspace()  # scratch buffers, not state
         self._grad_absmax = {}
+        self._default_missing_residual_step()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; a checkpoint written before ``residual_step`` existed resumes
+        with ``residual_step=False``, the first moment it was trained with (its next step is the one it would have
+        taken)."""
+        super().load_state_dict(state_dict)
+        self._default_missing_residual_step()
+
+    def _default_missing_residual_step(self) -> None:
+        for group in self.param_groups:
+            group.setdefault("residual_step", False)
 
     def state_bytes(self) -> StateBytes:
         """Exact bytes of all state tensors, per group and split into low-rank factors vs dense state.

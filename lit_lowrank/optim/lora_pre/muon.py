@@ -33,7 +33,8 @@ class LoRAPreMuon(LowRankOptimizerBase):
     r"""Muon with each weight matrix's momentum buffer stored as low-rank factors (LoRA-Pre Muon).
 
     The buffer ``M_t = mu M_{t-1} + g`` of a ``p x q`` matrix is kept as ``B A`` (``(p + q) r`` float32 elements
-    instead of ``p q``). Each step orthogonalises ``mu B A + g`` (or its Nesterov form ``g + mu (mu B A + g)``)
+    instead of ``p q``). Each step orthogonalises ``M = mu B A + g`` (or its Nesterov form ``g + mu M``), ``M``
+    with the residual step's term by default (below)
     with five quintic Newton-Schulz iterations in float32, updates ``W <- W - lr (scale O + weight_decay W)``,
     then moves the factors by one damped least-squares step each towards ``g / (1 - mu)`` with
     ``1 - gamma = sqrt(mu)`` (see :mod:`lit_lowrank.optim.lora_pre.muon_update`). A matrix or tensor whose gradient
@@ -69,6 +70,11 @@ class LoRAPreMuon(LowRankOptimizerBase):
         use_triton: accepted for symmetry; LoRA-Pre Muon has no kernel (:mod:`lit_lowrank.kernels.dispatch`).
         full_rank: ``"error"`` (default) | ``"dense"`` (plain Muon with a dense momentum buffer for that tensor,
             logged) | ``"factored"`` (keep factors, logged), for matrices with ``rank >= min(p, q)``.
+        residual_step: the part of each gradient outside the rows of ``A``, which ``B A`` cannot hold, enters ``M``
+            with the weight ``(1 - mu^t) / (1 - mu)`` that a steady direction has in an exact buffer, instead of 1
+            (default; as :class:`~lit_lowrank.optim.LoRAPreAdamW`'s, ``docs/lora-pre.md``). No extra state or
+            ``p x q x r`` product. ``False``: the paper's momentum; checkpoints written before the option resume
+            with it.
         seed: base of the per-parameter seeds of the initial ``A ~ N(0, 0.02^2)`` (``torch.initial_seed()``
             when ``None``); seeds are kept in the state.
         maximize: step along ``+gradient`` (per group ``maximize``, AdamW groups too).
@@ -108,6 +114,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
         full_rank: Literal["error", "dense", "factored"] = "error",
         seed: int | None = None,
         maximize: bool = False,
+        residual_step: bool = True,
     ) -> None:
         validate_use_triton(use_triton, type(self).__name__, missing_kernel="lora_pre_muon")
         self.use_triton = use_triton
@@ -134,6 +141,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             "betas": as_tuple(adamw_betas),
             "eps": adamw_eps,
             "maximize": maximize,
+            "residual_step": residual_step,
         }
         super().__init__(params, defaults, seed=seed)
 
@@ -162,6 +170,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
         check_flag(owner, "nesterov", group["nesterov"])
         check_integer(owner, "ns_steps", group["ns_steps"], 1, example=5)
         check_choice(owner, "scale_rule", group["scale_rule"], SCALE_RULES)
+        check_flag(owner, "residual_step", group["residual_step"])
         if group["lowrank"]:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"]):
@@ -182,7 +191,7 @@ class LoRAPreMuon(LowRankOptimizerBase):
             scale = muon_update_scale(tuple(batch.shape), group["scale_rule"])
             lora_pre_muon_step_(batch, MuonHyper(group["lr"], group["momentum"], group["nesterov"],
                                                  group["weight_decay"], group["ns_steps"], scale, group["damping"],
-                                                 group["factor_update"]), self._workspace)
+                                                 group["factor_update"], group["residual_step"]), self._workspace)
             batch.write_back()
         for param in dense:
             self._dense_step(group, param, None if ok is None else ok[param])

@@ -2,13 +2,16 @@
 
 Muon's momentum buffer ``M_t = mu M_{t-1} + g`` is kept as ``B A``. One step (``docs/lora-pre.md``):
 
-    O  = NewtonSchulz5(mu B A + g)                  (Nesterov: NewtonSchulz5(g + mu (mu B A + g)))
+    M  = mu B A + g + c_t (g - g A_pinv^T A)        c_t = (1 - mu^t) / (1 - mu) - 1: the residual step (default)
+    O  = NewtonSchulz5(M)                           (Nesterov: NewtonSchulz5(g + mu M))
     W <- W - lr * (scale(p, q) * O + weight_decay * W)
     B <- (1 - gamma) B + gamma * (g / (1 - mu)) A^T (A A^T)^-1        1 - gamma = sqrt(mu)
     A <- (1 - gamma) A + gamma * (B^T B)^-1 B^T (g / (1 - mu))       with the new B ("alternating") or the old
 
 Writing ``M_t = mu M_{t-1} + (1 - mu) (g / (1 - mu))`` shows the buffer is an EMA of ``g / (1 - mu)``, which the
 factors track like LoRA-Pre Adam's first moment; the gradient enters with weight gamma / (1 - mu) = 1 / (1 + sqrt(mu)).
+The residual step gives the part of ``g`` outside the rows of ``A``, which ``B A`` cannot hold, the weight a steady
+direction has in an exact buffer after ``t`` steps, ``(1 - mu^t) / (1 - mu)``, instead of 1 (as LoRA-Pre Adam's).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lit_lowrank.optim.lora_pre.adam_scalars import residual_weight
 from lit_lowrank.optim.lora_pre.batch import MatrixBatch, blend_, stacked_pinvs, update_params_
 from lit_lowrank.optim.lora_pre.factors import Workspace, masked_copy_
 from lit_lowrank.optim.sharding import RowShards
@@ -118,6 +122,7 @@ class MuonHyper(NamedTuple):
     scale: float
     damping: float = 1e-6
     factor_update: str = "alternating"
+    residual_step: bool = True
 
 
 def lora_pre_muon_step_(batch: MatrixBatch, hyper: MuonHyper, workspace: Workspace) -> None:
@@ -135,7 +140,9 @@ def lora_pre_muon_step_(batch: MatrixBatch, hyper: MuonHyper, workspace: Workspa
     ok, shards, mu = batch.ok3, batch.shards, hyper.momentum
     B, A = batch.left[0], batch.right[0]
     g = batch.stacked_grads(workspace)
-    momentum = torch.baddbmm(g, B, A, alpha=mu, out=workspace.get("momentum", tuple(g.shape), g.dtype, g.device))
+    A_pinv = stacked_pinvs(batch.right, "right_pinv", hyper.damping, workspace)[0]
+    projected = torch.bmm(g, A_pinv.mT) if hyper.residual_step else None  # B's regression product, formed anyway
+    momentum = _momentum(batch, g, projected, mu, workspace.get("momentum", tuple(g.shape), g.dtype, g.device))
     if hyper.nesterov:
         momentum.mul_(mu).add_(g)  # g + mu * M_t
     update = _orthogonalize(momentum, hyper.ns_steps, shards, read_on_host=ok is None and g.device.type == "cpu")
@@ -144,13 +151,12 @@ def lora_pre_muon_step_(batch: MatrixBatch, hyper: MuonHyper, workspace: Workspa
 
     gamma = 1.0 - math.sqrt(mu)
     gain = gamma / (1.0 - mu)  # the target is g / (1 - mu)
-    A_pinv = stacked_pinvs(batch.right, "right_pinv", hyper.damping, workspace)[0]
     if hyper.factor_update == "jacobi":
         B_pinv = stacked_pinvs(batch.left.mT, "left_pinv", hyper.damping, workspace, shards)[0]
-    if ok is None:
+    if ok is None and projected is None:
         B.baddbmm_(g, A_pinv.mT, beta=1.0 - gamma, alpha=gain)
     else:
-        blend_(B, 1.0 - gamma, torch.bmm(g, A_pinv.mT), gain, ok)
+        blend_(B, 1.0 - gamma, torch.bmm(g, A_pinv.mT) if projected is None else projected, gain, ok)
     if hyper.factor_update != "jacobi":
         B_pinv = stacked_pinvs(batch.left.mT, "left_pinv", hyper.damping, workspace, shards)[0]
     if shards is None and ok is None:
@@ -158,6 +164,21 @@ def lora_pre_muon_step_(batch: MatrixBatch, hyper: MuonHyper, workspace: Workspa
         return
     product = torch.bmm(B_pinv, g)  # sharded: each rank holds B^+ g for its rows only, summed before A moves
     blend_(A, 1.0 - gamma, product if shards is None else shards.sum_(product), gain, ok)
+
+
+def _momentum(batch: MatrixBatch, g: Tensor, projected: Tensor | None, mu: float, out: Tensor) -> Tensor:
+    """``mu B A + g``, plus the residual step's ``c_t (g - S A)`` with ``S = g A_pinv^T`` (``projected``) when given:
+    ``(1 + c_t) g + (mu B - c_t S) A``, one product either way. ``c_t`` is a float shared by the batch on the host, an
+    ``L x 1 x 1`` tensor from the step counts on the device-side skip (nothing read on the host)."""
+    B, A = batch.left[0], batch.right[0]
+    if projected is None:
+        return torch.baddbmm(g, B, A, alpha=mu, out=out)
+    c = residual_weight(batch.step, mu)
+    if isinstance(c, Tensor):
+        c = (c - 1.0).to(g.dtype).view(-1, 1, 1)
+        return torch.baddbmm(g * (1.0 + c), B * mu - projected * c, A, out=out)
+    c -= 1.0
+    return torch.baddbmm(g, torch.mul(B, mu).sub_(projected, alpha=c), A, beta=1.0 + c, out=out)
 
 
 def _orthogonalize(momentum: Tensor, steps: int, shards: RowShards | None, read_on_host: bool) -> Tensor:
@@ -185,9 +206,14 @@ def lora_pre_muon_update_(
     workspace: Workspace,
     shards: RowShards | None = None,
     ok: Tensor | None = None,
+    step: int | Tensor | None = None,
+    residual_step: bool = True,
 ) -> None:
     """Apply one LoRA-Pre Muon step to a ``p x q`` ``param`` and its factors ``B`` (``p x r``), ``A`` (``r x q``): the
     step of :func:`lora_pre_muon_step_` for a batch of one.
+
+    ``step``: this step's count (>= 1; with ``ok``, a 0-d tensor counting this step where ``ok`` holds), which the
+    residual step's weight needs; ``residual_step=False``: the paper's momentum, which needs no count.
 
     ``scale`` is the update scale of :func:`muon_update_scale`. The factors' dtype is the compute dtype
     (float32, or float64 for float64 parameters); ``param`` and ``grad`` may be bf16. ``ok`` (a 0-d bool tensor:
@@ -198,14 +224,18 @@ def lora_pre_muon_update_(
         >>> W, g = torch.zeros(6, 4), torch.randn(6, 4)
         >>> ((B, A),) = init_factor_pairs((6, 4), 2, 0, 1, torch.float32, W.device)
         >>> lora_pre_muon_update_(W, g, B, A, lr=0.1, momentum=0.95, nesterov=False, weight_decay=0.0,
-        ...     ns_steps=5, scale=1.0, damping=1e-6, factor_update="alternating", workspace=Workspace())
+        ...     ns_steps=5, scale=1.0, damping=1e-6, factor_update="alternating", workspace=Workspace(), step=1)
         >>> torch.linalg.svdvals(W).round(decimals=1)  # lr times an (almost) orthogonal matrix
         tensor([0.1000, 0.1000, 0.1000, 0.1000])
     """
-    batch = MatrixBatch.gather([param], [grad], [[B, A]], step=0, workspace=workspace,
+    if residual_step and step is None:
+        raise ValueError("lora_pre_muon_update_: the residual step weighs the gradient by the step count: pass "
+                         "step=t (this step's count, from 1), or residual_step=False for the paper's momentum.")
+    steps = 0 if step is None else step if ok is None else step.reshape(1)
+    batch = MatrixBatch.gather([param], [grad], [[B, A]], step=steps, workspace=workspace,
                                ok=None if ok is None else ok.reshape(1), shards=shards)
     lora_pre_muon_step_(batch, MuonHyper(lr, momentum, nesterov, weight_decay, ns_steps, scale, damping,
-                                         factor_update), workspace)
+                                         factor_update, residual_step), workspace)
     batch.write_back()
 
 
