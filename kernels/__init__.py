@@ -6,7 +6,9 @@
   projections of the Adam direction, tile by tile). Imports triton; load it through the dispatcher.
 - :mod:`~lit_lowrank.kernels.lora_pre_adam`: the LoRA-Pre Adam step's p x q work in two passes (the factors'
   regression products and the parameter update from the reconstructed moments, then the second moment's
-  products); the r x r pseudo-inverses stay in torch. Imports triton; load it through the dispatcher.
+  products); the r x r pseudo-inverses stay in torch. Imports triton; load it through the dispatcher. Its
+  autotuning glue and launchers live there, the ``triton.jit`` kernels and their tilings in
+  :mod:`~lit_lowrank.kernels.lora_pre_adam_jit` (which it imports).
 - :mod:`~lit_lowrank.kernels.batched_launch`: the host-side glue of a launch over L same-shape tensors (pointer
   tables of their addresses, the checks that they share one layout, scratch buffers), imported by
   ``lora_pre_adam``. Not a kernel module and does not import triton.

@@ -1,15 +1,17 @@
-"""Shared by the LoRA-Pre Adam kernel tests (``tests/kernels/test_lora_pre_adam_launchers.py`` and
-``tests/kernels/test_lora_pre_adam_kernel.py``): where they run, the dispatcher reset before each test, the
-tolerances, launch counting, float64 formulas of what the two passes write and return, and random batches.
+"""Shared by the LoRA-Pre Adam kernel tests (``tests/kernels/test_lora_pre_adam_*.py``): where they run, the
+dispatcher reset before each test, the tolerances, launch counting, float64 formulas of what the two passes write
+and return, random batches, and (below the formulas) one matrix's steps through the optimizer's update function on
+either path, with the first passes counted.
 
 Import it after ``pytest.importorskip("triton")``: it imports the kernel module, which needs triton and
 ``TRITON_INTERPRET`` set first (``tests/kernels/conftest.py``). Natively (``TRITON_INTERPRET=0``) without a GPU,
-importing it skips the importing test module. The fixtures (``fresh_dispatch``, autouse, and ``launches``) take
-effect in a test module that binds them to a name of its own.
+importing it skips the importing test module. The fixtures (``fresh_dispatch``, autouse, ``launches`` and
+``kernel_calls``) take effect in a test module that binds them to a name of its own.
 
-The float64 formulas are those of the kernel module's docstring, layer by layer (nothing of the optimizer's code):
-the kernels sum and round in fp32, in another order, so values agree to fp32 rounding relative to each tensor's
-magnitude (:func:`close`), and bf16 / fp16 parameters by one ulp at most in a few entries (:func:`close_param`).
+The float64 formulas are those of the kernels' docstring (``kernels/lora_pre_adam_jit.py``), layer by layer
+(nothing of the optimizer's code): the kernels sum and round in fp32, in another order, so values agree to fp32
+rounding relative to each tensor's magnitude (:func:`close`), and bf16 / fp16 parameters by one ulp at most in a few
+entries (:func:`close_param`).
 """
 import os
 from collections import Counter
@@ -18,6 +20,8 @@ import pytest
 import torch
 
 from lit_lowrank.kernels import dispatch, lora_pre_adam
+from lit_lowrank.optim.lora_pre.adam_update import lora_pre_adam_update_
+from lit_lowrank.optim.lora_pre.factors import Workspace, init_factor_pairs
 
 KERNEL_MODULE = "lit_lowrank.kernels.lora_pre_adam"
 # benchmarks/gpu_acceptance.sh runs the kernel tests natively (TRITON_INTERPRET=0): the same comparisons on CUDA
@@ -131,3 +135,78 @@ def stacks(L, p, q, r, gen):
     right_pinvs = torch.randn(2, L, r, q, generator=gen) / q**0.5
     left_pinvs = torch.randn(2, L, r, p, generator=gen) / p**0.5
     return (t.to(DEVICE) for t in (left, right, right_pinvs, left_pinvs))
+
+
+# ---------------------------------------------------------------------------- one matrix's steps, either path
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the Triton backend's first passes as (L, shape), so a test cannot pass by silently running torch."""
+    calls = []
+    original = lora_pre_adam.first_pass
+
+    def counted(params, *args, **kwargs):
+        calls.append((len(params), tuple(params[0].shape)))
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(lora_pre_adam, "first_pass", counted)
+    return calls
+
+
+# The kernel forms m_t without the residual step (it falls back to torch for it): pinned off here.
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, damping=1e-6, residual_step=False)
+
+
+def verify_kernel():
+    """One small kernel step, so the dispatcher counts the kernel as verified: a process's first launch also
+    compiles what it needs up front (the adapter's business), which tests counting steady-state launches skip."""
+    gen = torch.Generator().manual_seed(99)
+    Matrix(torch.randn(20, 24, generator=gen), 2).step(torch.randn(20, 24, generator=gen), 1, True)
+    assert dispatch.verified("lora_pre_adam")
+
+
+class Matrix:
+    """A weight, its four factors (as the optimizer initialises them) and a workspace: one path's state."""
+
+    def __init__(self, W, r, seed=0, device=DEVICE):
+        self.W = W.to(device, copy=True)  # keeps W's strides
+        (self.B, self.A), (self.V_B, self.V_A) = init_factor_pairs(tuple(W.shape), r, seed, 2, torch.float32, W.device)
+        self.workspace = Workspace()
+
+    def step(self, grad, step, use_triton, device_side=False, ok=True, **options):
+        """Step ``step``; ``device_side``: as a device-side skip (the count a 0-d tensor, ``ok`` a 0-d flag)."""
+        options = {**HYPER, "weight_decay": 0.0, "scale": 1.0, "factor_update": "alternating", **options}
+        if device_side:
+            device = self.W.device
+            options.update(ok=torch.tensor(ok, device=device), step=torch.tensor(float(step), device=device))
+        else:
+            options.update(step=step)
+        lora_pre_adam_update_(self.W, grad.to(self.W.device), self.B, self.A, self.V_B, self.V_A, chunk_rows=16,
+                              workspace=self.workspace, use_triton=use_triton, **options)
+
+    def factors(self):
+        return [self.B, self.A, self.V_B, self.V_A]
+
+
+def run_both(W, grads, r, **options):
+    """The kernel and torch paths from the same start over the same gradients: (kernel, torch) Matrix pair."""
+    kernel, torch_path = Matrix(W, r), Matrix(W, r)
+    for step, grad in enumerate(grads, start=1):
+        kernel.step(grad, step, True, **options)
+        torch_path.step(grad, step, False, **options)
+    return kernel, torch_path
+
+
+def assert_paths_agree(kernel, torch_path, W0, factor_rtol=2e-5):
+    assert kernel.W.dtype == W0.dtype and all(f.dtype == torch.float32 for f in kernel.factors())
+    close_param(kernel.W, torch_path.W, W0)
+    for got, want in zip(kernel.factors(), torch_path.factors(), strict=True):
+        close(got, want, rtol=factor_rtol)
+
+
+CASES = [  # p, q, r, dtype, factor_update, weight_decay, debias_second_moment, scale, update_bound
+    (37, 53, 3, torch.float32, "alternating", 0.0, False, 2.0, "none"),
+    (37, 53, 3, torch.float32, "jacobi", 0.1, True, 0.25, "v_floor"),
+    (37, 53, 3, torch.bfloat16, "alternating", 0.1, True, 0.25, "adam_floor"),
+    (70, 45, 18, torch.float32, "alternating", 0.1, True, 0.5, "adam_floor"),  # r = 18: two rank chunks, R_PAD = 32
+    (33, 40, 5, torch.float16, "alternating", 0.1, True, 1.0, "v_floor"),
+]

@@ -1,10 +1,10 @@
 """The batched LoRA-Pre Adam launchers (``first_pass``, ``second_pass`` of ``lit_lowrank.kernels.lora_pre_adam``),
 under Triton's interpreter on CPU: what each pass returns and writes against float64 torch arithmetic of the
-formulas in the kernel module's docstring (``tests/lora_pre_kernel_cases.py``), launch counts, the pointer tables
-and scratch buffers of ``lit_lowrank.kernels.batched_launch``, the refusal of mixed inputs, and that both modules
-are leaves. The interpreter runs small tiles (32 x 32, two tiles per slot, rank chunks of 16), so the shapes below
-span several tiles, slots and rank chunks, with ragged edges in every dimension. Whole steps through the Triton
-backend: ``test_lora_pre_adam_kernel.py``.
+formulas in the kernels' docstring (``lit_lowrank.kernels.lora_pre_adam_jit``; ``tests/lora_pre_kernel_cases.py``),
+launch counts, the pointer tables and scratch buffers of ``lit_lowrank.kernels.batched_launch``, the refusal of
+mixed inputs, and that these modules are leaves. The interpreter runs small tiles (32 x 32, two tiles per slot, rank
+chunks of 16), so the shapes below span several tiles, slots and rank chunks, with ragged edges in every dimension.
+Whole steps through the Triton backend: ``test_lora_pre_adam_kernel.py`` (and ``_device_side``, ``_gpu_build``).
 """
 import ast
 import sys
@@ -198,12 +198,16 @@ def imported_outside(file: str, allowed: set[str]) -> set[str]:
 
 
 def test_the_kernel_module_is_a_leaf():
-    """It imports torch, triton, the standard library, the dispatcher and the batching glue only, and nothing it
-    imports reaches the optimizer (which loads it through the dispatcher), so the two cannot form a cycle. The
-    glue, ``lit_lowrank.kernels.batched_launch``, imports torch and the standard library only (not even triton)."""
+    """It imports torch, triton, the standard library, the dispatcher, the batching glue and its kernels only, and
+    nothing it imports reaches the optimizer (which loads it through the dispatcher), so the two cannot form a
+    cycle. The kernels, ``lit_lowrank.kernels.lora_pre_adam_jit``, import torch, triton and the standard library
+    only; the glue, ``lit_lowrank.kernels.batched_launch``, torch and the standard library only (not even triton)."""
     outside = imported_outside("lora_pre_adam.py", {*sys.stdlib_module_names, "torch", "triton"})
-    assert outside == {"lit_lowrank.kernels.dispatch", "lit_lowrank.kernels.batched_launch"}, outside
+    assert outside == {"lit_lowrank.kernels.dispatch", "lit_lowrank.kernels.batched_launch",
+                       "lit_lowrank.kernels.lora_pre_adam_jit"}, outside
+    assert imported_outside("lora_pre_adam_jit.py", {*sys.stdlib_module_names, "torch", "triton"}) == set()
     assert imported_outside("batched_launch.py", {*sys.stdlib_module_names, "torch"}) == set()
     reached = first_party_imports(KERNEL_MODULE)
-    assert {"lit_lowrank.kernels.dispatch", "lit_lowrank.kernels.batched_launch"} <= reached
+    assert {"lit_lowrank.kernels.dispatch", "lit_lowrank.kernels.batched_launch",
+            "lit_lowrank.kernels.lora_pre_adam_jit"} <= reached
     assert not [name for name in reached if name.startswith("lit_lowrank.optim")], sorted(reached)

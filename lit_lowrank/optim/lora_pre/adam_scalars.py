@@ -131,7 +131,7 @@ def adam_step_tensors(step: Tensor, inputs: DeviceStepInputs) -> tuple[Tensor, T
     0-d tensors on its device, so nothing is read on the host. ``floor`` is 0 without a floor.
 
     The count is clamped at 1: a matrix whose first step is skipped still counts 0, and its update is discarded
-    anyway. The fused kernel's ``_step_scalars`` (``lit_lowrank.kernels.lora_pre_adam``) is this, line by line.
+    anyway. The fused kernel's ``_step_scalars`` (``lit_lowrank.kernels.lora_pre_adam_jit``) is this, line by line.
 
     Example:
         >>> inputs = device_step_inputs(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, scale=1.0)
