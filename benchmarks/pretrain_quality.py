@@ -21,6 +21,8 @@ and the norms get AdamW inside each optimizer, except in Adam-mini):
     galore                 GaLoreAdamW (galore-torch) rank r, scale 0.25, projection refreshed every 200 steps
     lora_pre_adam          LoRAPreAdamW rank r with its defaults, scale 0.25 (GaLore's alpha, as the LoRA-Pre paper)
     lora_pre_adam_low      the same at rank r / 8
+    lora_pre_adam_no_first_moment   control, not run by default: the default with beta1 = 0 on the block matrices
+                           (m_t = g; the embedding and norms keep AdamW's betas): what the low-rank momentum adds
     lora_pre_adam_no_residual, lora_pre_adam_low_no_residual, lora_pre_muon_no_residual   the defaults until
                            2026-12-07: residual_step=False (the paper's first moment / momentum), rank r and r / 8
     lora_pre_muon          LoRAPreMuon rank r, scale_rule "adamw_rms" so one lr serves Muon and AdamW tensors
@@ -153,6 +155,7 @@ GRIDS = {
     "lora_pre_adam_low_paper": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_no_residual": [9e-4, 3e-3, 1e-2],
     "lora_pre_adam_low_no_residual": [9e-4, 3e-3, 1e-2],
+    "lora_pre_adam_no_first_moment": [9e-4, 3e-3, 1e-2],
     "lora_pre_muon_no_residual": [3e-3, 1e-2, 3e-2],
     # AdamW with the block matrices at scale x lr: 3e-3 (matrices at 7.5e-4, near AdamW's best 9e-4) reached 1.475
     # at seed 0 outside the protocol, so the grid is centred there
@@ -337,6 +340,7 @@ def label(method: str, rank: int) -> str:
         "lora_pre_adam_low_paper": f"LoRA-Pre Adam r={max(1, rank // 8)}, paper-literal (unsafe)",
         "lora_pre_adam_no_residual": f"LoRA-Pre Adam r={rank}, no residual step (default until 2026-12-07)",
         "lora_pre_adam_low_no_residual": f"LoRA-Pre Adam r={max(1, rank // 8)}, no residual step (previous default)",
+        "lora_pre_adam_no_first_moment": f"LoRA-Pre Adam r={rank}, no first moment on the matrices (control)",
         "adamw_scaled": "AdamW, block matrices at lr x scale (fair reference)",
     }[method]
 
@@ -527,6 +531,9 @@ def make_optimizer(method: str, model, lr: float, rank: int, scale: float, galor
     parsed = parse_method(method)  # a research row: its base method (or the variant) at its own rank
     method, rank = parsed.base, parsed.rank or rank
     matrices, others = (group["params"] for group in lowrank_param_groups(model, rank=rank))
+    if method == "lora_pre_adam_no_first_moment":  # beta1 = 0 on the block matrices: m_t = g, v factored as usual
+        return LoRAPreAdamW([{"params": matrices, "betas": (0.0, BETAS[1])}, {"params": others, "lowrank": False}],
+                            lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, scale=scale, rank=rank)
     if parsed.variant is not None:
         # the same parameter split as LoRAPreAdamW's: block matrices at scale x lr, the rest plain Adam at lr
         return lora_pre_variants.LoRAPreVariant([{"params": matrices, "lowrank": True}, {"params": others}], lr=lr,
