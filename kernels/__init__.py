@@ -1,7 +1,9 @@
 """Triton kernels for the LoRA-Pre and LoRA-Pro optimizer steps (importable as ``lit_lowrank.kernels``).
 
 - :mod:`~lit_lowrank.kernels.dispatch`: ``use_triton`` semantics ("auto" / True / False) and the torch
-  fallback with one warning when Triton is missing or broken. Importing it does not import triton.
+  fallback with one warning when Triton is missing or broken, and the kernels' self-check against the torch
+  reference. Importing it does not import triton. The self-check's comparison (tolerances, the worst output) is
+  :mod:`~lit_lowrank.kernels.output_check`.
 - :mod:`~lit_lowrank.kernels.lora_pro_full`: the fused LoRA-Pro full-mode step (moments of ``g~`` and the
   projections of the Adam direction, tile by tile). Imports triton; load it through the dispatcher.
 - :mod:`~lit_lowrank.kernels.lora_pre_adam`: the LoRA-Pre Adam step's p x q work in two passes (the factors'

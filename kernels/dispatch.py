@@ -50,11 +50,9 @@ the state and syncs with the host once.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
-import threading
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -62,9 +60,21 @@ from typing import TypeVar
 
 import torch
 
+from lit_lowrank.kernels.output_check import (
+    CHECK_RTOL,
+    CHECK_ULPS,
+    finite_max,
+    fp32_matmuls,
+    output_error,
+    restore,
+    tensors,
+    worst_output,
+)
+
 __all__ = [
     "CHECK_ENV",
     "CHECK_RTOL",
+    "CHECK_ULPS",
     "GPU_DOT_PRECISION",
     "KernelFallbackWarning",
     "SelfCheck",
@@ -103,15 +113,6 @@ _check_override: UseTriton | None = None
 #: r ~ 40-66 on an H100 (see each kernel's ``dot_precision``). ``ieee`` (fp32 FMAs) elsewhere: the interpreter,
 #: AMD (HIP has no tf32x3).
 GPU_DOT_PRECISION = "tf32x3"
-#: Self-check tolerance per dot precision the dispatcher runs: the largest error of an output, relative to its
-#: magnitude (to its displacement for state updated in place), that still counts as rounding. With fp32 products
-#: (``ieee``) the kernel tests, run with the check forced, stay below 1e-4 (LoRA-Pre's W after a few steps: its
-#: update divides by sqrt(v), which rounding in nearly cancelling entries of m and v reaches); ``tf32x3`` products
-#: are ~8x less precise than fp32 FMAs (2^-21 against 2^-24), hence 10x margin for both. An indexing or masking
-#: bug is off by far more. Plain tf32 (benchmarks only, never dispatched) would need ~1e-2.
-CHECK_RTOL = {"ieee": 1e-3, "tf32x3": 1e-3}
-#: bf16 / fp16 outputs are rounded last, so an fp32 rounding difference can flip them by one ulp: allowed, no more.
-CHECK_ULPS = 1.0
 #: Environment variable of the self-check: "auto" (default), "1" or "0"; see the module docstring.
 CHECK_ENV = "LIT_LOWRANK_KERNEL_CHECK"
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -272,70 +273,15 @@ def _check_enabled(interpreted: bool) -> bool:
     return not interpreted
 
 
-def output_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | None = None,
-                 rtol: float = CHECK_RTOL["ieee"]) -> tuple[float, float, str]:
-    """``(error, tolerance, unit)`` of one kernel output against the reference's; it passes if error <= tolerance.
-
-    fp32: the largest difference over ``scale`` (default ``max |want|``: entries near 0 carry absolute error, as in
-    the tests' ``close``), tolerance ``rtol``. bf16 / fp16: the largest difference in ulps of ``want``, tolerance
-    :data:`CHECK_ULPS`. Equal entries (the same NaN or inf included) count 0, any other non-finite difference inf.
-    """
-    got, want = got.detach(), want.detach()
-    same = (got == want) | (got.isnan() & want.isnan())
-    if want.dtype in (torch.bfloat16, torch.float16):
-        ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
-        diff, tolerance, unit = (got.float() - want.float()).abs() / ulp, CHECK_ULPS, "ulps"
-    else:
-        scale = _finite_max(want) if scale is None else scale
-        diff, tolerance, unit = (got - want).abs() / scale.clamp_min(torch.finfo(want.dtype).tiny), rtol, "relative"
-    diff = torch.nan_to_num(torch.where(same, 0.0, diff), nan=float("inf"))
-    return (float(diff.max()) if diff.numel() else 0.0), tolerance, unit
-
-
-def _finite_max(values: torch.Tensor) -> torch.Tensor:
-    magnitude = values.detach().abs()
-    return torch.where(magnitude.isfinite(), magnitude, 0.0).max() if magnitude.numel() else magnitude.new_zeros(())
-
-
-_precision_lock = threading.Lock()
-_precision_users = [0, "highest"]  # threads inside _fp32_matmuls, the precision to restore after the last one
-
-
-@contextlib.contextmanager
-def _fp32_matmuls():
-    """torch's fp32 matmuls in fp32 (not TF32 / bf16, which ``set_float32_matmul_precision`` may allow): the
-    reference of the self-check must be more precise than the kernel's tf32x3. Counted, for threads (test ranks)."""
-    with _precision_lock:
-        if _precision_users[0] == 0:
-            _precision_users[1] = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("highest")
-        _precision_users[0] += 1
-    try:
-        yield
-    finally:
-        with _precision_lock:
-            _precision_users[0] -= 1
-            if _precision_users[0] == 0:
-                torch.set_float32_matmul_precision(_precision_users[1])
-
-
-def _tensors(result: object) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, (tuple, list)):
-        return [t for t in result if isinstance(t, torch.Tensor)]
-    return []
-
-
 def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: SelfCheck, key: Hashable,
                     precision: str) -> T:
     """The first call for ``key``: the reference on copies (which then hold its result), then the kernel, compared."""
     copies = [t.detach().clone() for t in check.state]
-    with torch.no_grad(), _fp32_matmuls():
+    with torch.no_grad(), fp32_matmuls():
         expected = check.reference(copies)
         # In-place state is compared by its displacement: a weight hardly moves in a step, so relative to its
         # magnitude a wrong update would look like rounding. Taken now, before the kernel overwrites the state.
-        scales = [_finite_max(after - before) for after, before in zip(copies, check.state)]
+        scales = [finite_max(after - before) for after, before in zip(copies, check.state)]
     try:
         result = launch(module)
     except Exception as error:
@@ -343,38 +289,27 @@ def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: S
             raise  # a bug, not a missing toolchain (see run_with_fallback)
         _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
         fallback_warning(kernel, "broken", _broken[kernel])
-        _restore(check.state, copies)
+        restore(check.state, copies)
         return expected  # type: ignore[return-value]
     _verified.add(kernel)
     rtol = CHECK_RTOL.get(precision, CHECK_RTOL["ieee"])
-    outputs = list(zip(_tensors(result), _tensors(expected)))
+    outputs = list(zip(tensors(result), tensors(expected)))
     n, named = len(copies), list(check.names)
     names = named[:n] + [f"state[{i}]" for i in range(len(named), n)]
     names += named[n:] + [f"output[{i}]" for i in range(len(named[n:]), len(outputs))]
-    pairs = zip(names, [*check.state, *(g for g, _ in outputs)], [*copies, *(w for _, w in outputs)],
-                [*scales, *(None for _ in outputs)])
-    worst = None  # (excess over the tolerance, name, error, tolerance, unit)
-    for name, got, want, scale in pairs:
-        error, tolerance, unit = output_error(got, want, scale, rtol)
-        if not error <= tolerance and (worst is None or error / tolerance > worst[0]):
-            worst = (error / tolerance, name, error, tolerance, unit)
+    worst = worst_output(names, [*check.state, *(g for g, _ in outputs)], [*copies, *(w for _, w in outputs)],
+                         [*scales, *(None for _ in outputs)], rtol)
     _checked[key] = worst is None
     if worst is None:
         return result
-    _, name, error, tolerance, unit = worst
+    name, error, tolerance, unit = worst
     fallback_warning(kernel, f"check {key}", (
         f"its first call for {', '.join(map(str, key[1:-1]))} differs from the torch reference: {name} is off by "
         f"{error:.1e} {unit} (tolerance {tolerance:.0e}, {precision} dots). This call keeps the torch result and "
         f"torch runs for this key from now on (other shapes keep the kernel). HINT: please report this message; "
         f"use_triton=False skips the kernel, {CHECK_ENV}=0 skips this check and keeps the kernel."))
-    _restore(check.state, copies)
+    restore(check.state, copies)
     return expected  # type: ignore[return-value]
-
-
-def _restore(state: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for tensor, value in zip(state, values):
-            tensor.copy_(value)
 
 
 def run_with_fallback(kernel: str, launch: Callable[[object], T],
