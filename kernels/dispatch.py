@@ -287,8 +287,7 @@ def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: S
     except Exception as error:
         if kernel in _verified:
             raise  # a bug, not a missing toolchain (see run_with_fallback)
-        _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
-        fallback_warning(kernel, "broken", _broken[kernel])
+        _mark_broken(kernel, error)
         restore(check.state, copies)
         return expected  # type: ignore[return-value]
     _verified.add(kernel)
@@ -310,6 +309,12 @@ def _checked_launch(kernel: str, module, launch: Callable[[object], T], check: S
         f"use_triton=False skips the kernel, {CHECK_ENV}=0 skips this check and keeps the kernel."))
     restore(check.state, copies)
     return expected  # type: ignore[return-value]
+
+
+def _mark_broken(kernel: str, error: Exception) -> None:
+    """A kernel's first launch raised: torch from now on, with one warning."""
+    _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
+    fallback_warning(kernel, "broken", _broken[kernel])
 
 
 def run_with_fallback(kernel: str, launch: Callable[[object], T],
@@ -346,11 +351,8 @@ def run_with_fallback(kernel: str, launch: Callable[[object], T],
     try:
         result = launch(module)
     except Exception as error:
-        with torch.no_grad():
-            for tensor, copy in zip(undo, saved):
-                tensor.copy_(copy)
-        _broken[kernel] = f"its first launch failed ({type(error).__name__}: {error})"
-        fallback_warning(kernel, "broken", _broken[kernel])
+        restore(undo, saved)
+        _mark_broken(kernel, error)
         return None
     _verified.add(kernel)
     return result
